@@ -1,0 +1,478 @@
+"""Run the study's notebooks headlessly with papermill (`usfmae run`, `usfmae reproduce`).
+
+Notebooks live in `notebooks/` as jupytext `py:percent` files (the source of truth) paired with
+`.ipynb` copies that carry no outputs. Each has one cell tagged `parameters` holding literal
+defaults; `params/<profile>/<notebook>.yaml` overrides them per profile.
+
+What papermill leaves loose, this module makes strict:
+- an unknown parameter name is an error listing the valid names (papermill only warns);
+- a value whose type differs from the default's is an error (an int where a float is expected
+  is widened, nothing else is converted);
+- the kernel is always the Python running this code (no "kernel not found", no other env);
+- a failing cell is named: its index and first line in the source notebook, and the error.
+
+Layout of an output folder DIR (default `outputs/<profile>/`):
+    DIR/<notebook>/<notebook>.ipynb   executed copy
+    DIR/<notebook>/...                everything that notebook makes (figures, tables, data)
+    DIR/index.md                      written by `reproduce`: every figure and table, with times
+    DIR/.usfmae/                      bookkeeping (fingerprints of finished steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import logging
+
+import nbformat
+import yaml
+
+from usfmae_lib import UsfmaeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+PARAMS_DIR = REPO_ROOT / "params"
+PROFILES = ("smoke", "quick", "paper")
+DEFAULT_PROFILE = "quick"  # what `usfmae reproduce` runs: a laptop CPU, under an hour
+STEPS = (  # notebooks in the order data flows through them
+    "01_curation",
+    "02_preprocessing",
+    "03_mae_pretraining",
+    "04_reconstruction",
+    "05_finetuning",
+    "06_results",
+)
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+TABLE_SUFFIXES = (".csv", ".md", ".tex")
+KERNEL_NAME = "usfmae-python"
+
+
+class _DropPapermillParameterWarnings(logging.Filter):
+    """Papermill's own parameter parsing warns about comments it cannot read and names it does
+    not know; check_params has already validated every name and type, so those lines are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Unable to parse line", "Passed unknown parameter"))
+
+
+for _name in ("papermill", "papermill.translators"):
+    logging.getLogger(_name).addFilter(_DropPapermillParameterWarnings())
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+
+def read_notebook(path: str | Path) -> nbformat.NotebookNode:
+    """Read a study notebook from its `.py` twin (source of truth) or its `.ipynb`.
+
+    When both twins exist they must hold the same cells; otherwise the error says how to sync.
+    """
+    import jupytext
+
+    path = Path(path)
+    if not path.exists():
+        raise UsfmaeError(f"{path}: no such notebook")
+    if path.suffix not in (".py", ".ipynb"):
+        raise UsfmaeError(f"{path}: expected a .ipynb notebook or its jupytext .py twin")
+    py_twin, ipynb_twin = path.with_suffix(".py"), path.with_suffix(".ipynb")
+    nb = jupytext.read(py_twin if py_twin.exists() else path)
+    if py_twin.exists() and ipynb_twin.exists():
+        difference = notebook_difference(nb, jupytext.read(ipynb_twin))
+        if difference:
+            raise UsfmaeError(
+                f"{ipynb_twin} is out of sync with its source {py_twin} ({difference}). "
+                f"Fix: jupytext --sync {py_twin}"
+            )
+    return nb
+
+
+def notebook_difference(a: nbformat.NotebookNode, b: nbformat.NotebookNode) -> str:
+    """Describe the first difference in cell types, sources or tags ('' when in sync)."""
+    if len(a.cells) != len(b.cells):
+        return f"{len(a.cells)} cells vs {len(b.cells)}"
+    for i, (ca, cb) in enumerate(zip(a.cells, b.cells)):
+        if ca.cell_type != cb.cell_type or ca.source.strip() != cb.source.strip():
+            return f"cell {i} differs"
+        if ("parameters" in _tags(ca)) != ("parameters" in _tags(cb)):
+            return f"cell {i}: 'parameters' tag differs"
+    return ""
+
+
+def _tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def parameters_cell(nb: nbformat.NotebookNode, name: str = "notebook") -> int:
+    """Index of the single cell tagged `parameters`."""
+    found = [i for i, c in enumerate(nb.cells) if "parameters" in _tags(c)]
+    if len(found) != 1:
+        raise UsfmaeError(f"{name}: expected exactly one cell tagged 'parameters', found {len(found)}")
+    return found[0]
+
+
+def notebook_parameters(nb: nbformat.NotebookNode, name: str = "notebook") -> dict:
+    """The parameters cell's defaults, as {name: value}. Each must be `name = <literal>`."""
+    source = nb.cells[parameters_cell(nb, name)].source
+    defaults = {}
+    for node in ast.parse(source).body:
+        if not (isinstance(node, (ast.Assign, ast.AnnAssign))):
+            raise UsfmaeError(f"{name}: the parameters cell may hold only assignments (line {node.lineno})")
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            raise UsfmaeError(f"{name}: parameters must be plain `name = value` (line {node.lineno})")
+        try:
+            defaults[targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UsfmaeError(
+                f"{name}: parameter {targets[0].id!r} must have a literal default (line {node.lineno})"
+            ) from None
+    return defaults
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def parse_value(text: str):
+    """`-p key=value` value: YAML scalar/list/dict (`3`, `0.5`, `true`, `[1, 2]`), `1e-3` as float."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads '1e-3' as a string; users mean a number
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_params(files=(), overrides=()) -> tuple[dict, dict]:
+    """Merge YAML files in order, then `key=value` overrides. Returns (params, where each came from)."""
+    params, origin = {}, {}
+    for f in files:
+        f = Path(f)
+        if not f.exists():
+            raise UsfmaeError(f"{f}: parameter file not found")
+        data = yaml.safe_load(f.read_text()) or {}
+        if not isinstance(data, dict):
+            raise UsfmaeError(f"{f}: a parameter file must be a YAML mapping of name: value")
+        params.update(data)
+        origin.update({k: str(f) for k in data})
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UsfmaeError(f"-p {item!r}: expected key=value")
+        params[key.strip()] = parse_value(text)
+        origin[key.strip()] = "-p"
+    return params, origin
+
+
+def check_params(params: dict, defaults: dict, notebook: str, origin: dict | None = None) -> dict:
+    """Refuse unknown names and wrong types; return params with ints widened where floats are due."""
+    origin = origin or {}
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        where = ", ".join(f"{k} (from {origin.get(k, '?')})" for k in unknown)
+        raise UsfmaeError(
+            f"{notebook}: unknown parameter(s) {where}. Valid parameters: {', '.join(sorted(defaults))}"
+        )
+    checked = {}
+    for key, value in params.items():
+        expected = defaults[key]
+        ok, value = _fits(value, expected)
+        if not ok:
+            raise UsfmaeError(
+                f"{notebook}: parameter {key!r} (from {origin.get(key, '?')}) must be "
+                f"{type(expected).__name__} like its default {expected!r}, got {type(value).__name__} {value!r}"
+            )
+        checked[key] = value
+    return checked
+
+
+def _fits(value, expected) -> tuple[bool, object]:
+    if expected is None:  # a None default accepts anything (e.g. an optional path)
+        return True, value
+    if value is None:  # optional values can always be switched off
+        return True, value
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool), value
+    if isinstance(expected, float) and isinstance(value, int):
+        return True, float(value)
+    return isinstance(value, type(expected)), value
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+@dataclass
+class RunResult:
+    notebook: Path
+    executed: Path  # the executed copy
+    step_dir: Path  # DIR/<notebook>/: everything the notebook made
+    seconds: float
+    params: dict = field(default_factory=dict)
+
+
+def _kernelspec(root: Path) -> Path:
+    """A kernelspec for this very interpreter, so papermill never picks another environment."""
+    spec_dir = root / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        # log level ERROR: hide ipykernel's start-up chatter (e.g. its TCP transport notice)
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"],
+        "display_name": f"usfmae ({sys.executable})",
+        "language": "python",
+        "env": {"PYTHONUNBUFFERED": "1"},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return root
+
+
+def run_notebook(
+    notebook: str | Path,
+    param_files=(),
+    overrides=(),
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    log_output: bool = False,
+) -> RunResult:
+    """Execute one notebook with parameters; the executed copy lands in DIR/<notebook>/.
+
+    `out_dir` (DIR) defaults to `outputs/<profile>/` under the current folder; it is passed to
+    the notebook as its `out_dir` parameter, so everything the notebook makes lands there too.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook = Path(notebook)
+    nb = read_notebook(notebook)
+    stem = notebook.stem
+    defaults = notebook_parameters(nb, str(notebook))
+    params, origin = load_params(param_files, overrides)
+    if "out_dir" in params:
+        raise UsfmaeError(f"{notebook}: set the output folder with --out DIR, not as the parameter out_dir")
+    params = check_params(params, defaults, str(notebook), origin)
+    profile = params.get("profile", defaults.get("profile", DEFAULT_PROFILE))
+    out_dir = Path(out_dir) if out_dir is not None else Path("outputs") / str(profile)
+    out_dir = out_dir.resolve()
+    if "out_dir" in defaults:
+        params["out_dir"] = str(out_dir)
+    step_dir = out_dir / stem
+    step_dir.mkdir(parents=True, exist_ok=True)
+    executed = step_dir / f"{stem}.ipynb"
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="usfmae-run-") as tmp:
+        source = Path(tmp) / f"{stem}.ipynb"
+        nbformat.write(nb, source)
+        old_path = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(_kernelspec(Path(tmp))), old_path]))
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(executed),
+                parameters=params,
+                kernel_name=KERNEL_NAME,
+                language="python",
+                progress_bar=progress,
+                log_output=log_output,
+            )
+        except PapermillExecutionError as err:
+            raise UsfmaeError(_describe_failure(nb, notebook, err, executed)) from None
+        finally:
+            if old_path is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old_path
+    return RunResult(notebook, executed, step_dir, time.perf_counter() - start, params)
+
+
+def _describe_failure(nb, notebook: Path, err, executed: Path) -> str:
+    """Name the failing cell by its index in the source notebook, its first line and the error."""
+    failing = (err.source or "").strip()
+    index = next((i for i, c in enumerate(nb.cells) if c.source.strip() == failing), None)
+    first_line = failing.splitlines()[0] if failing else ""
+    where = f"cell {index}" if index is not None else f"execution count {err.exec_count}"
+    return (
+        f"{notebook}: {where} failed ({first_line!r}): {err.ename}: {err.evalue}\n"
+        f"Executed copy with the full traceback: {executed}"
+    )
+
+
+# ----------------------------------------------------------------------------- reproduce
+
+
+def _code_fingerprint() -> str:
+    """Hash of the library's source: a code change redoes every step."""
+    h = hashlib.sha256()
+    for f in sorted((REPO_ROOT / "usfmae_lib").rglob("*.py")):
+        h.update(f.relative_to(REPO_ROOT).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _step_fingerprint(notebook: Path, params_file: Path, overrides, upstream: str, code: str) -> str:
+    h = hashlib.sha256()
+    cells = [(c.cell_type, c.source, _tags(c)) for c in read_notebook(notebook).cells]  # not ids: random
+    for part in (cells, params_file.read_text(), list(overrides), upstream, code):
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def step_outputs(step_dir: Path) -> tuple[list[Path], list[Path]]:
+    """Figures and tables a step wrote (any depth under its folder)."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts)
+    figures = [p for p in files if p.suffix.lower() in FIGURE_SUFFIXES]
+    tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
+    return figures, tables
+
+
+def reproduce(
+    profile: str = DEFAULT_PROFILE,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    steps=STEPS,
+    overrides=(),
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    params_dir: Path = PARAMS_DIR,
+    progress: bool = True,
+) -> Path:
+    """Run every notebook of the study in order with `params/<profile>/<notebook>.yaml`.
+
+    A step is skipped when its notebook, parameter file, overrides, the library's code and every
+    step before it are unchanged since it last succeeded (`force=True` redoes it). Writes
+    `DIR/index.md` and returns its path.
+    """
+    if profile not in PROFILES:
+        raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    out_dir = (Path(out_dir) if out_dir is not None else Path("outputs") / profile).resolve()
+    state_dir = out_dir / ".usfmae" / "reproduce"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    _check_overrides_known(overrides, steps, notebooks_dir)
+    code = _code_fingerprint()
+    upstream, records = "", []
+    for step in steps:
+        notebook = notebooks_dir / f"{step}.py"
+        if not notebook.exists():
+            notebook = notebook.with_suffix(".ipynb")
+        params_file = params_dir / profile / f"{step}.yaml"
+        if not params_file.exists():
+            raise UsfmaeError(f"{params_file}: missing parameter file for profile {profile!r}, step {step}")
+        names = notebook_parameters(read_notebook(notebook), str(notebook))
+        step_overrides = [o for o in overrides if o.partition("=")[0].strip() in names]
+        fingerprint = _step_fingerprint(notebook, params_file, step_overrides, upstream, code)
+        state_file = state_dir / f"{step}.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        executed = out_dir / step / f"{step}.ipynb"
+        if not force and state.get("fingerprint") == fingerprint and executed.exists():
+            print(f"[{step}] unchanged, skipped (last run took {state['seconds']:.1f} s)", flush=True)
+            records.append((step, "skipped (unchanged)", state["seconds"]))
+        else:
+            print(f"[{step}] running with {params_file}", flush=True)
+            state_file.unlink(missing_ok=True)  # a failed or interrupted step must run again
+            try:
+                result = run_notebook(notebook, [params_file], step_overrides, out_dir, progress=progress)
+            except UsfmaeError as err:
+                records.append((step, f"FAILED: {str(err).splitlines()[0]}", None))
+                write_index(out_dir, profile, records)
+                raise
+            state = {"fingerprint": fingerprint, "seconds": result.seconds, "params": result.params}
+            _write_json_atomic(state_file, state)
+            records.append((step, "ran", result.seconds))
+        upstream = fingerprint
+    return write_index(out_dir, profile, records)
+
+
+def _check_overrides_known(overrides, steps, notebooks_dir: Path) -> None:
+    """A -p name that no step has is a typo: refuse it before anything runs."""
+    valid = set()
+    for step in steps:
+        notebook = notebooks_dir / f"{step}.py"
+        valid |= set(notebook_parameters(read_notebook(notebook), str(notebook)))
+    unknown = sorted({o.partition("=")[0].strip() for o in overrides} - valid)
+    if unknown:
+        raise UsfmaeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def write_index(out_dir: Path, profile: str, records) -> Path:
+    """DIR/index.md: per step, its status and time, then every figure and table it made."""
+    lines = [
+        f"# usfmae outputs: profile `{profile}`",
+        "",
+        "Written by `usfmae reproduce`. Paths are relative to this folder.",
+        "",
+        "| step | status | time (s) | figures | tables |",
+        "|---|---|---|---|---|",
+    ]
+    details = []
+    for step, status, seconds in records:
+        figures, tables = step_outputs(out_dir / step)
+        took = f"{seconds:.1f}" if seconds is not None else "-"
+        lines.append(f"| [{step}]({step}/{step}.ipynb) | {status} | {took} | {len(figures)} | {len(tables)} |")
+        details += ["", f"## {step}", ""]
+        details += [f"- figure: [{p.relative_to(out_dir)}]({p.relative_to(out_dir)})" for p in figures]
+        details += [f"- table: [{p.relative_to(out_dir)}]({p.relative_to(out_dir)})" for p in tables]
+        if not figures and not tables:
+            details.append("- (no figures or tables)")
+    total = sum(s for _, _, s in records if s is not None)
+    lines += ["", f"Total time of the steps listed: {total:.1f} s", *details, ""]
+    index = out_dir / "index.md"
+    index.write_text("\n".join(lines))
+    return index
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_cli(subparsers) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="execute one notebook headlessly with papermill",
+        description="Execute one notebook headlessly. Parameters come from YAML files (-f, in order) "
+        "then -p key=value; unknown names and wrong types are refused.",
+    )
+    run.add_argument("notebook", help="notebooks/NN_name.ipynb or its .py twin")
+    run.add_argument("-f", "--file", dest="param_files", action="append", default=[], metavar="PARAMS.yaml")
+    run.add_argument("-p", "--param", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--out", default=None, metavar="DIR", help="output folder (default outputs/<profile>/)")
+    run.add_argument("--log-output", action="store_true", help="stream the notebook's output to the terminal")
+    run.set_defaults(func=_run_cli)
+
+    rep = subparsers.add_parser(
+        "reproduce",
+        help="run every notebook in order for a profile and write index.md",
+        description="Regenerate every figure and table of the study for one profile. Steps whose "
+        "notebook, parameters, code and upstream steps did not change are skipped.",
+    )
+    rep.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
+    rep.add_argument("--out", default=None, metavar="DIR", help="output folder (default outputs/<profile>/)")
+    rep.add_argument("--force", action="store_true", help="redo every step even if unchanged")
+    rep.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    rep.add_argument("-p", "--param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a parameter in every step that has it")
+    rep.set_defaults(func=_reproduce_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    result = run_notebook(args.notebook, args.param_files, args.overrides, args.out, log_output=args.log_output)
+    print(f"executed {result.notebook} in {result.seconds:.1f} s -> {result.executed}")
+    return 0
+
+
+def _reproduce_cli(args: argparse.Namespace) -> int:
+    index = reproduce(args.profile, args.out, args.force, args.steps, args.overrides)
+    print(f"index of figures and tables: {index}")
+    return 0
