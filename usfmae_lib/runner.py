@@ -318,9 +318,9 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _step_fingerprint(notebook: Path, params_file: Path, overrides, upstream: str, code: str) -> str:
+def _step_fingerprint(nb: nbformat.NotebookNode, params_file: Path, overrides, upstream: str, code: str) -> str:
     h = hashlib.sha256()
-    cells = [(c.cell_type, c.source, _tags(c)) for c in read_notebook(notebook).cells]  # not ids: random
+    cells = [(c.cell_type, c.source, _tags(c)) for c in nb.cells]  # not cell ids: jupytext makes them up
     for part in (cells, params_file.read_text(), list(overrides), upstream, code):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -355,19 +355,25 @@ def reproduce(
     out_dir = (Path(out_dir) if out_dir is not None else Path("outputs") / profile).resolve()
     state_dir = out_dir / ".usfmae" / "reproduce"
     state_dir.mkdir(parents=True, exist_ok=True)
-    _check_overrides_known(overrides, steps, notebooks_dir)
-    code = _code_fingerprint()
-    upstream, records = "", []
+    plan = []  # (step, notebook path, notebook, parameter file, its parameter names); all read up front
     for step in steps:
-        notebook = notebooks_dir / f"{step}.py"
-        if not notebook.exists():
-            notebook = notebook.with_suffix(".ipynb")
+        notebook = notebooks_dir / f"{step}.py"  # the source of truth; .ipynb when there is no twin
+        notebook = notebook if notebook.exists() else notebook.with_suffix(".ipynb")
+        nb = read_notebook(notebook)
         params_file = params_dir / profile / f"{step}.yaml"
         if not params_file.exists():
             raise UsfmaeError(f"{params_file}: missing parameter file for profile {profile!r}, step {step}")
-        names = notebook_parameters(read_notebook(notebook), str(notebook))
+        plan.append((step, notebook, nb, params_file, set(notebook_parameters(nb, str(notebook)))))
+    valid = set().union(*(names for *_, names in plan))
+    unknown = sorted({o.partition("=")[0].strip() for o in overrides} - valid)
+    if unknown:  # a name no step has is a typo: refuse it before anything runs
+        raise UsfmaeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+
+    code = _code_fingerprint()
+    upstream, records = "", []
+    for step, notebook, nb, params_file, names in plan:
         step_overrides = [o for o in overrides if o.partition("=")[0].strip() in names]
-        fingerprint = _step_fingerprint(notebook, params_file, step_overrides, upstream, code)
+        fingerprint = _step_fingerprint(nb, params_file, step_overrides, upstream, code)
         state_file = state_dir / f"{step}.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         executed = out_dir / step / f"{step}.ipynb"
@@ -388,17 +394,6 @@ def reproduce(
             records.append((step, "ran", result.seconds))
         upstream = fingerprint
     return write_index(out_dir, profile, records)
-
-
-def _check_overrides_known(overrides, steps, notebooks_dir: Path) -> None:
-    """A -p name that no step has is a typo: refuse it before anything runs."""
-    valid = set()
-    for step in steps:
-        notebook = notebooks_dir / f"{step}.py"
-        valid |= set(notebook_parameters(read_notebook(notebook), str(notebook)))
-    unknown = sorted({o.partition("=")[0].strip() for o in overrides} - valid)
-    if unknown:
-        raise UsfmaeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
