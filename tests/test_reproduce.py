@@ -20,6 +20,8 @@ step_dir = Path(out_dir) / "{step}"
 step_dir.mkdir(parents=True, exist_ok=True)
 (step_dir / "plot.png").write_bytes(b"png")
 (step_dir / "numbers.csv").write_text(f"value\\n{{value}}\\n")
+(step_dir / "data").mkdir(exist_ok=True)
+(step_dir / "data" / "image_0001.png").write_bytes(b"data, not a figure")
 assert not fail, "asked to fail"
 '''
 STEPS = ("a_first", "b_second")
@@ -59,6 +61,7 @@ def test_index_lists_figures_tables_and_times(study):
     for step in STEPS:
         assert f"figure: [{step}/plot.png]" in text
         assert f"table: [{step}/numbers.csv]" in text
+    assert "image_0001.png" not in text  # data in subfolders is not a figure of the study
     assert re.search(r"\| ran \| \d+\.\d \|", text)  # time in seconds
 
 

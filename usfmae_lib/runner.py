@@ -13,7 +13,8 @@ What papermill leaves loose, this module makes strict:
 
 Layout of an output folder DIR (default `outputs/<profile>/`):
     DIR/<notebook>/<notebook>.ipynb   executed copy
-    DIR/<notebook>/...                everything that notebook makes (figures, tables, data)
+    DIR/<notebook>/*.png|pdf|svg      its figures, and *.csv|md|tex its tables (listed in index.md)
+    DIR/<notebook>/<subfolder>/       data it makes (not listed)
     DIR/index.md                      written by `reproduce`: every figure and table, with times
     DIR/.usfmae/                      bookkeeping (fingerprints of finished steps)
 """
@@ -327,8 +328,9 @@ def _step_fingerprint(nb: nbformat.NotebookNode, params_file: Path, overrides, u
 
 
 def step_outputs(step_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Figures and tables a step wrote (any depth under its folder)."""
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts)
+    """Figures and tables a step wrote: the files at the top of its folder. Subfolders hold data
+    (e.g. the synthetic tree's PNGs and CSVs), which are not figures or tables of the study."""
+    files = sorted(p for p in step_dir.glob("*") if p.is_file())
     figures = [p for p in files if p.suffix.lower() in FIGURE_SUFFIXES]
     tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
     return figures, tables
