@@ -18,39 +18,78 @@
 #
 # The paper pretrains on OpenUS-46: about 374k images from 46 public ultrasound datasets, with
 # videos sampled at 3 frames/s, 3D volumes sliced, duplicates and evaluation images kept out.
-# This notebook will:
+# This notebook:
 #
-# 1. print the OpenUS-46 registry (46 datasets, anatomy, the paper's Table 1 counts, licences);
-# 2. generate the synthetic ultrasound tree when no real data root is given (`usfmae synth`);
-# 3. read every image, video and volume under the roots into one manifest of 2D frames
+# 1. prints the OpenUS-46 registry (46 datasets, anatomy, the paper's Table 1 counts, links,
+#    licences) and the paper's own disagreement about how many evaluation images it held out;
+# 2. generates the synthetic ultrasound tree when no real data root is given (`usfmae synth`);
+# 3. reads every image, video and volume under the roots into one manifest of 2D frames
 #    (`usfmae curate`), with rejects, exact and near duplicates recorded;
-# 4. audit leakage: drop every pretraining frame whose near-duplicate is an evaluation image;
-# 5. regenerate Table 1 (found vs paper counts), Fig. 1 (one image per dataset) and a bar chart
+# 4. audits leakage: drops every pretraining frame whose near-duplicate is an evaluation image;
+# 5. regenerates Table 1 (found vs paper counts), Fig. 1 (one image per dataset) and a bar chart
 #    of images per anatomy.
 #
-# *Status: step 2 (the synthetic tree and its gallery) is in; curation proper (steps 1, 3-5)
-# arrives with issue 4.*
-#
 # Run headless: `usfmae run notebooks/01_curation.ipynb -f params/smoke/01_curation.yaml`.
-# Outputs land in `<out_dir>/01_curation/`.
+# Outputs land in `<out_dir>/01_curation/`; `docs/curation.md` explains every rule.
 
 # %% tags=["parameters"]
 profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 data_roots = []  # real dataset folders; empty = the synthetic tree made by `usfmae synth`
-video_fps = 3.0  # frames sampled per second of video time (paper: 3)
+video_fps = 3.0  # frames sampled per second of video time (paper: 3); 0 = every frame
+slice_axis = 0  # volume axis to slice, of the (z, y, x) array
 slice_step = 1  # keep every n-th slice of a 3D volume
-phash_threshold = 6  # Hamming distance under which two frames count as near duplicates
+phash_threshold = 20  # near duplicates: 256-bit perceptual hashes at most this many bits apart
 workers = 0  # 0 = all cores
 
 # %%
 from pathlib import Path
 
+from IPython.display import Markdown, display
+
+from usfmae_lib import curation
+
 STEP = "01_curation"
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {step_dir}")
+
+# %% [markdown]
+# ## The OpenUS-46 registry
+#
+# The 46 datasets of the paper's Table 1 with their anatomy and image count, the access link
+# from the official README, the licence where a source states it (`unknown` otherwise: check
+# the link), the file kinds of the public release where known, and the three evaluation sets.
+# The registry is data, `usfmae_lib/data/openus46.csv`; folder aliases (`BUSBRA`, `OTU_2d`,
+# `usd514_jpeg_roi`, ...) let `usfmae curate` recognise a downloaded dataset by its folder name.
+
+# %%
+registry = curation.load_registry()
+display(registry[["name", "anatomy", "paper_count", "file_kinds", "licence", "is_eval", "aliases", "link"]])
+
+# %% [markdown]
+# **The paper's counts do not add up the way its text says.** Table 1 sums to exactly the
+# 374,192 images the text calls the pretraining corpus, but Table 1 includes the three
+# evaluation sets, and the text says 10,578 evaluation images were held out *in addition*
+# to about 370,000 pretraining images. The official README says "360K unlabeled ultrasound
+# images from 43 datasets (10k from 3 datasets were used in evaluation)". The numbers below are
+# computed from the registry, not typed in.
+
+# %%
+s = curation.registry_summary(registry)
+evals = registry[registry["is_eval"]]
+print(f"Table 1: {s['datasets']} datasets, {s['table1_sum']:,} images "
+      f"(paper text: 'consisting of {s['paper_total']:,} images exactly')")
+print("  the three evaluation sets inside that sum: "
+      + " + ".join(f"{r.name} {r.paper_count:,}" for r in evals.itertuples()) + f" = {s['eval_sets_in_table1']:,}")
+print(f"  Table 1 without them: {s['table1_sum_without_eval']:,} images from {s['datasets'] - len(evals)} datasets")
+print(f"paper text: {s['paper_text_eval_held_out']:,} evaluation images held out, "
+      f"{s['text_minus_table1_eval']:,} more than the three sets hold in Table 1")
+print(f"  Table 1 datasets whose count equals that difference: {s['datasets_with_that_count'] or 'none'} "
+      "(a coincidence or not: the paper does not say)")
+print("this study follows Table 1: the three evaluation sets are registry rows, kept out of the manifest, "
+      "and audited for leakage")
 
 # %% [markdown]
 # ## The synthetic ultrasound tree
@@ -82,3 +121,103 @@ if not data_roots:
 if not data_roots:
     fig = synthetic.plot_gallery(synth_dir)
     fig.savefig(step_dir / "fig_synthetic_gallery.png", dpi=120, bbox_inches="tight")
+
+# %% [markdown]
+# ## Curation
+#
+# Each first-level folder of a data root is a dataset, matched to the registry by name or
+# alias; unmatched folders are curated under their own name with anatomy "unknown" and
+# reported. In the synthetic tree, `pretrain/<anatomy>/` are the pretraining datasets
+# (`synth_<anatomy>`), `annotated/` is left to notebook 02, and `BUSBRA/`, `OTU_2d/`,
+# `usd514_jpeg_roi/` are the evaluation sets: read and hashed for the leakage audit, never in
+# the manifest. Masks and annotation files are skipped.
+#
+# Videos are sampled at `video_fps` frames per second of video time: sample k is the frame on
+# screen at k / video_fps seconds, so a clip of d seconds gives ceil(d x video_fps) frames (4 s ->
+# 12, 2.5 s -> 8). Volumes are sliced along `slice_axis` every `slice_step` slices. Every frame
+# becomes 8-bit RGB (16-bit and float data scaled as `docs/curation.md` says) and gets an exact
+# content hash and two perceptual hashes (pHash, 64 and 256 bits). The run uses all cores, shows
+# a progress bar, and resumes: a file read once is cached in `01_curation/cache/` and is not
+# read again.
+
+# %%
+roots = [Path(r) for r in data_roots] or [synth_dir]
+cur = curation.curate(roots, step_dir, video_fps=video_fps, slice_axis=slice_axis, slice_step=slice_step,
+                      phash_threshold=phash_threshold, workers=workers, progress=True)
+print(curation.describe(cur))
+display(cur.datasets.drop(columns=["folder", "root"]))
+
+# %% [markdown]
+# ## Rejects and duplicates
+#
+# A file that cannot be read is listed in `rejects.csv` with its reason (zero bytes, truncated,
+# not an image, unsupported codec, ...) and the run goes on. Exact duplicates share a content
+# hash; near duplicates (the same frame resized or re-encoded) have 64-bit pHashes at most 6
+# bits apart and 256-bit pHashes at most `phash_threshold` bits apart. The 64-bit hash alone
+# is not enough: it sees mostly the outline of the image, so distinct scans of one standard
+# view (a fetal head, an apical four-chamber heart in the same sector) collide, even at 0 bits.
+# The first frame in manifest order is kept, the others are listed in `duplicates.csv` beside
+# it. Frames of one video or volume are not compared with each other: the sampling rate and the
+# slice step already control redundancy inside a file.
+
+# %%
+print(f"rejects: {len(cur.rejects)}")
+if len(cur.rejects):
+    display(cur.rejects.groupby(["dataset", "reason"]).size().rename("files").reset_index())
+print(f"duplicates: {len(cur.duplicates)}")
+if len(cur.duplicates):
+    display(cur.duplicates.groupby(["dataset", "duplicate"]).size().rename("frames").reset_index())
+    display(cur.duplicates.head(10))
+print(f"skipped (masks, annotations, non-image files): {len(cur.skipped)}")
+if len(cur.skipped):
+    display(cur.skipped.groupby(["dataset", "reason"]).size().rename("files").reset_index())
+
+# %% [markdown]
+# ## Leakage audit
+#
+# Every pretraining frame that is a near duplicate (same rule) of an image of an evaluation set
+# is dropped from the manifest and listed in `leakage.csv` with its nearest
+# evaluation image; the counts per (pretraining dataset, evaluation set) pair are below and in
+# `leakage_pairs.csv`. The synthetic tree plants no copies, so 0 is the expected count there;
+# `tests/test_curation.py` plants a resized, re-encoded evaluation image and checks it is caught.
+
+# %%
+print(f"evaluation sets audited against: {', '.join(cur.summary['eval_datasets']) or 'none'}")
+print(f"pretraining frames dropped for leakage: {len(cur.leakage)}")
+if len(cur.leakage_pairs):
+    display(cur.leakage_pairs)
+else:
+    print("frames per (pretraining dataset, evaluation set) pair: none")
+for w in cur.summary["warnings"]:
+    print("warning:", w)
+
+# %% [markdown]
+# ## Table 1, regenerated
+#
+# The paper's count for every OpenUS-46 dataset beside the frames this run found and kept
+# (`table1.csv`, `table1.md`, `table1.tex`). Datasets found under the roots that are not in
+# OpenUS-46 are appended (marked `*`). **On the synthetic tree the found counts are tiny and
+# belong to synthetic datasets (`synth_*`), not to the paper's: only the three evaluation sets
+# match registry rows, with a few dozen images each instead of thousands.** With real data
+# roots, the two columns can be compared dataset by dataset.
+
+# %%
+display(Markdown((step_dir / "table1.md").read_text()))
+
+# %% [markdown]
+# ## Fig. 1: one frame per dataset
+
+# %%
+fig = curation.plot_montage(cur)
+fig.savefig(step_dir / "fig1_montage.png", dpi=120, bbox_inches="tight")
+
+# %% [markdown]
+# ## Images per anatomy
+#
+# Frames kept in this run per anatomy, beside the paper's pretraining images per anatomy
+# (Table 1 without the evaluation sets; the paper's anatomy labels, which overlap: "Heart" and
+# "Echocardiography", "Fetal Head" and "Fetal Head Circumference").
+
+# %%
+fig = curation.plot_images_per_anatomy(cur, registry)
+fig.savefig(step_dir / "fig_images_per_anatomy.png", dpi=120, bbox_inches="tight")

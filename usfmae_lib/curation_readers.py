@@ -1,0 +1,504 @@
+"""Readers for curation: every file a scanner or a lab exports, as 2D uint8 RGB frames.
+
+    kind     extensions                                   library
+    image    .png .jpg .jpeg .bmp .tif .tiff               OpenCV (8/16-bit, grey, RGB, RGBA, palette)
+    video    .avi .mp4 .mov .mkv .m4v .mpg .mpeg .wmv .webm OpenCV (FFmpeg)
+    volume   .nii .nii.gz                                  nibabel
+             .mhd (+ .raw) .mha .nrrd                      SimpleITK
+             .dcm .dicom, or no extension with 'DICM'      pydicom (single and multi-frame)
+
+Frames of a file (`iter_frames`):
+  * image: one frame, `frame` 0, `axis` -1.
+  * video: sampled uniformly at `video_fps` frames per second of video time: sample k is taken
+    at t_k = k / video_fps seconds (t_0 = 0) and is the frame on screen then, floor(t_k * fps)
+    where fps is the file's frame rate; samples run while t_k < duration = n_frames / fps. So a
+    video gives ceil(duration * video_fps) frames: 4 s at any frame rate -> 12 frames at 3 fps;
+    2.5 s -> ceil(7.5) = 8. At most one sample per frame (a 2 fps video sampled at 3 fps gives
+    every frame once). `video_fps` 0 keeps every frame. `frame` is the frame number in the file.
+  * volume: the array is put in (slice, row, column) = (z, y, x) order (SimpleITK and pydicom
+    order; nibabel's (x, y, z) is transposed), then sliced along `slice_axis` (0 = z) keeping
+    every `slice_step`-th slice from slice 0: ceil(n / step) frames, `frame` = slice index.
+    A file holding a single 2D image (2D MetaImage, single-frame DICOM) is kind "image".
+    DICOM series are not assembled: each file is read on its own.
+
+8-bit RGB conversion (`to_rgb8`, used for hashing, by `load_frame` and so by preprocessing):
+  * uint8 is kept; grey is replicated to 3 channels; grey+alpha and RGBA drop the alpha
+    channel; palette images are expanded by the decoder.
+  * other unsigned or non-negative integer data (16-bit PNG/TIFF, 12-bit DICOM, ...) are scaled
+    linearly by the range of the smallest bit depth that holds their maximum:
+    x * 255 / (2^b - 1), b = max(8, bit_length(max)); a 16-bit PNG using the full range is x/257.
+  * float data and integers with negative values are min-max scaled to 0..255 (NaN -> 0).
+  * statistics (max, min) are taken over the whole file: one image, or the whole volume, so
+    every slice of a volume shares one scale. Video frames are 8-bit already.
+
+`read_file` (what curation's worker processes run) reads one file's frames and hashes each:
+content_hash = BLAKE2b-128 of the RGB frame's shape and bytes; phash and phash256 =
+imagehash.phash with 64 and 256 bits.
+
+A file that cannot be read raises `Reject(reason, detail)`; reasons:
+  zero bytes | truncated | not an image | not a video | not a volume | unsupported codec |
+  unsupported layout | corrupt.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VIDEO_EXTS = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm")
+VOLUME_EXTS = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".dcm", ".dicom")
+
+# magic bytes at the start of a file -> format (the decoders sniff content, not extensions)
+IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"BM": "bmp",
+               b"II*\x00": "tiff", b"MM\x00*": "tiff", b"II+\x00": "tiff", b"MM\x00+": "tiff"}
+VIDEO_MAGIC_AT = ((0, b"RIFF"), (4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"),
+                  (0, b"\x1aE\xdf\xa3"), (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),
+                  (0, b"0&\xb2u\x8ef\xcf\x11"), (0, b"FLV"))
+
+
+class Reject(Exception):
+    """A file curation cannot read; `reason` is one of the reasons in the module docstring."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+# ============================================================================ file kinds
+def is_dicom(path: Path) -> bool:
+    """'DICM' at byte 128: how DICOM files without an extension are recognised."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM"
+
+
+def file_kind(path: Path) -> str | None:
+    """'image' | 'video' | 'volume' by extension (DICOM also by content); None: not a frame file."""
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return "volume"
+    ext = path.suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in VIDEO_EXTS:
+        return "video"
+    if ext in VOLUME_EXTS:
+        return "volume"
+    if ext == "" and name != "dicomdir" and is_dicom(path):
+        return "volume"
+    return None
+
+
+# ============================================================================ 8-bit RGB
+def intensity_stats(a: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the data, ignoring NaN: what `to_rgb8` scales by."""
+    if a.dtype == np.uint8 or a.size == 0:
+        return 0.0, 255.0
+    if a.dtype.kind == "f":
+        finite = a[np.isfinite(a)]
+        return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    return float(a.min()), float(a.max())
+
+
+def to_uint8(a: np.ndarray, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale any numeric array to uint8 by the rules of the module docstring."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    lo, hi = stats if stats is not None else intensity_stats(a)
+    if a.dtype.kind in "iu" and lo >= 0:
+        bits = max(8, int(hi).bit_length())
+        scaled = a.astype(np.float64) * (255.0 / (2**bits - 1))
+    else:
+        scaled = (a.astype(np.float64) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(a.shape)
+    return np.clip(np.nan_to_num(np.rint(scaled), nan=0.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb8(a: np.ndarray, bgr: bool, stats: tuple[float, float] | None = None) -> np.ndarray:
+    """Any decoded 2D frame [H, W] / [H, W, C] -> contiguous uint8 RGB [H, W, 3]."""
+    a = to_uint8(a, stats)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 2:
+        return cv2.cvtColor(a, cv2.COLOR_GRAY2RGB)
+    if a.shape[2] == 2:  # grey + alpha
+        return cv2.cvtColor(np.ascontiguousarray(a[..., 0]), cv2.COLOR_GRAY2RGB)
+    rgb = a[..., :3]
+    return np.ascontiguousarray(rgb[..., ::-1] if bgr else rgb)
+
+
+def _frame_info(native: np.ndarray) -> dict:
+    h, w = native.shape[:2]
+    return {"width": int(w), "height": int(h), "channels": int(native.shape[2]) if native.ndim == 3 else 1,
+            "bit_depth": int(native.dtype.itemsize * 8) if native.dtype != bool else 1}
+
+
+# ============================================================================ images
+def decode_image(data: bytes, name: str = "") -> np.ndarray:
+    """Bytes of a PNG/JPEG/BMP/TIFF -> the decoder's array (BGR order, native bit depth)."""
+    if len(data) == 0:
+        raise Reject("zero bytes")
+    fmt = next((f for magic, f in IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    if fmt is None:
+        raise Reject("not an image", f"starts with {data[:8]!r}")
+    # Decoders often return a grey-filled image for a cut file: check the end marker first.
+    if fmt == "png" and b"IEND" not in data[-4096:]:
+        raise Reject("truncated", "PNG without its IEND chunk")
+    if fmt == "jpeg" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise Reject("truncated", "JPEG without an end-of-image marker after its last scan")
+    if fmt == "bmp" and len(data) >= 6 and int.from_bytes(data[2:6], "little") > len(data):
+        raise Reject("truncated", f"BMP header says {int.from_bytes(data[2:6], 'little')} bytes, file has {len(data)}")
+    if fmt == "tiff" and data[2:4] in (b"*\x00", b"\x00*") and len(data) >= 8:  # classic TIFF: first IFD offset
+        ifd = int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big")
+        if ifd + 2 > len(data):
+            raise Reject("truncated", f"TIFF directory at byte {ifd}, file has {len(data)}")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        reason = "unsupported codec" if fmt == "tiff" else "corrupt"
+        raise Reject(reason, f"OpenCV could not decode this {fmt.upper()} {name}".rstrip())
+    return img
+
+
+# ============================================================================ videos
+def video_sample_indices(fps: float, video_fps: float):
+    """Frame numbers of samples k = 0, 1, ...: floor(k * fps / video_fps), repeats skipped.
+    An endless generator; the caller stops at the end of the video."""
+    if video_fps <= 0:  # every frame
+        yield from itertools.count()
+        return
+    last, k = -1, 0
+    while True:
+        i = math.floor(k * fps / video_fps + 1e-9)
+        if i > last:
+            yield i
+            last = i
+        k += 1
+
+
+def _check_video_header(path: Path):
+    size = path.stat().st_size
+    if size == 0:
+        raise Reject("zero bytes")
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if not any(head[o:o + len(m)] == m for o, m in VIDEO_MAGIC_AT):
+        raise Reject("not a video", f"starts with {head[:8]!r}")
+    if head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") + 8 > size:
+        raise Reject("truncated", f"AVI header says {int.from_bytes(head[4:8], 'little') + 8} bytes, file has {size}")
+
+
+def iter_video(path: Path, video_fps: float):
+    """Yield (frame number, BGR uint8 frame) of the sampled frames, decoding sequentially
+    (grab every frame, retrieve only the samples: exact, no seeking). Returns the frame count
+    and rate as the generator's value (StopIteration.value): (n_frames, fps)."""
+    _check_video_header(path)
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise Reject("unsupported codec", "OpenCV/FFmpeg cannot open this video")
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS))
+        declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if not fps > 0 or not math.isfinite(fps):
+            raise Reject("unsupported codec", "no frame rate in the container")
+        wanted = video_sample_indices(fps, video_fps)
+        want, i = next(wanted), 0
+        while cap.grab():
+            if i == want:
+                ok, frame = cap.retrieve()
+                if not ok or frame is None:
+                    break
+                yield i, frame
+                want = next(wanted)
+            i += 1
+    finally:
+        cap.release()
+    if i == 0:
+        raise Reject("unsupported codec", "no frame could be decoded")
+    if declared > 0 and i < declared - 1:
+        raise Reject("truncated", f"decoded {i} of the {declared} frames the container declares")
+    return i, fps
+
+
+# ============================================================================ volumes
+def _reject_from(err: Exception, what: str) -> Reject:
+    msg = str(err)
+    low = msg.lower()
+    if any(s in low for s in ("truncat", "eof", "end of file", "ended before", "too short", "less than expected",
+                              "match the expected length", "buffer is smaller", "size mismatch", "damaged")):
+        return Reject("truncated", msg[:200])
+    if any(s in low for s in ("decompress", "plugin", "handler", "transfer syntax", "codec", "not supported")):
+        return Reject("unsupported codec", msg[:200])
+    return Reject("corrupt", f"{what}: {msg[:200]}")
+
+
+META_BYTES = {"MET_UCHAR": 1, "MET_CHAR": 1, "MET_USHORT": 2, "MET_SHORT": 2, "MET_UINT": 4, "MET_INT": 4,
+              "MET_ULONG": 8, "MET_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage(path: Path):
+    """MetaImage header sanity and, for uncompressed data, the data size (ITK would print and fail)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not any(k in head for k in (b"NDims", b"ObjectType", b"DimSize")):
+        raise Reject("not a volume", "no MetaImage header")
+    fields = {}
+    for line in head.split(b"\n"):
+        key, sep, value = line.decode("latin-1").partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        item = META_BYTES[fields["ElementType"]] * int(fields.get("ElementNumberOfChannels", 1))
+        data_file = fields["ElementDataFile"]
+    except (KeyError, ValueError):
+        return  # unusual header: let SimpleITK decide
+    if fields.get("CompressedData", "False").lower() == "true" or data_file.upper() == "LIST" or "%" in data_file:
+        return  # compressed or multi-file data: let SimpleITK check it
+    expected = int(np.prod(dims)) * item
+    if data_file.upper() == "LOCAL":  # .mha: voxels follow the header line ElementDataFile = LOCAL
+        key = head.find(b"ElementDataFile")
+        have = path.stat().st_size - (key + head[key:].find(b"\n") + 1)
+    else:
+        raw = path.parent / data_file
+        if not raw.exists():
+            raise Reject("truncated", f"its data file {data_file} is missing")
+        have = raw.stat().st_size
+    if have < expected:
+        raise Reject("truncated", f"{expected} bytes of voxels expected, {have} found")
+
+
+def _nifti(path: Path) -> tuple[np.ndarray, bool]:
+    import nibabel as nib
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.name.lower().endswith(".gz"):
+        if head[:2] != b"\x1f\x8b":
+            raise Reject("not a volume", "not gzip-compressed")
+    elif not {int.from_bytes(head, "little"), int.from_bytes(head, "big")} & {348, 540}:  # sizeof_hdr, NIfTI-1/2
+        raise Reject("not a volume", "no NIfTI header")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for bad files
+        if "not a nifti" in str(err).lower() or "cannot work out file type" in str(err).lower():
+            raise Reject("not a volume", str(err)[:200]) from None
+        raise _reject_from(err, "nibabel") from None
+    if data.dtype.names:  # RGB24 / RGBA32 NIfTI: structured dtype -> trailing channel axis
+        data = np.stack([data[n] for n in data.dtype.names[:3]], axis=-1)
+        data = np.transpose(data, (2, 1, 0, 3)) if data.ndim == 4 else np.transpose(data, (1, 0, 2))[None]
+        return np.ascontiguousarray(data), False
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise Reject("unsupported layout", f"{data.ndim}-D NIfTI {data.shape}: only 2D and 3D are sliced")
+    data = data.T if data.ndim == 3 else data.T[None]  # (x, y, z) -> (z, y, x)
+    return np.ascontiguousarray(data), False
+
+
+def _sitk(path: Path) -> tuple[np.ndarray, bool]:
+    import SimpleITK as sitk
+
+    if path.suffix.lower() in (".mhd", ".mha"):
+        _check_metaimage(path)
+    try:
+        img = sitk.ReadImage(str(path))
+        data = sitk.GetArrayFromImage(img)  # (z, y, x[, c]) or (y, x[, c])
+    except Exception as err:
+        raise _reject_from(err, "SimpleITK") from None
+    vector = img.GetNumberOfComponentsPerPixel() > 1
+    spatial = data.ndim - int(vector)
+    if spatial == 2:
+        data = data[None]
+    elif spatial > 3:
+        raise Reject("unsupported layout", f"{spatial}-D image {data.shape}: only 2D and 3D are sliced")
+    return np.ascontiguousarray(data), False
+
+
+def _dicom(path: Path) -> tuple[np.ndarray, bool]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except Exception as err:
+        raise Reject("not a volume", f"pydicom: {str(err)[:200]}") from None
+    if "PixelData" not in ds:
+        raise Reject("not an image", "DICOM file without pixel data")
+    try:
+        data = ds.pixel_array
+    except Exception as err:
+        raise _reject_from(err, "pydicom") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames == 1:
+        data = data[None]
+    return np.ascontiguousarray(data), False
+
+
+def read_volume(path: Path) -> tuple[np.ndarray, bool]:
+    """A volume file -> (array [Z, Y, X] or [Z, Y, X, C], bgr=False); a 2D file has Z = 1."""
+    if path.stat().st_size == 0:
+        raise Reject("zero bytes")
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return _nifti(path)
+    if name.endswith((".mhd", ".mha", ".nrrd")):
+        return _sitk(path)
+    return _dicom(path)
+
+
+def volume_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    return np.take(vol, index, axis=axis)
+
+
+# ============================================================================ all kinds
+def iter_frames(path: Path, video_fps: float = 3.0, slice_axis: int = 0, slice_step: int = 1):
+    """Yield (info, rgb) for every frame curation keeps from one file; info has kind, frame,
+    axis, width, height, channels, bit_depth (of the decoded data); rgb is uint8 [H, W, 3].
+    The generator's return value is the number of frames (or slices) in the file.
+    Raises Reject. Every file is opened and read once."""
+    kind = file_kind(path)
+    if kind == "image":
+        with open(path, "rb") as f:
+            data = f.read()
+        native = decode_image(data, path.name)
+        yield {"kind": "image", "frame": 0, "axis": -1, **_frame_info(native)}, to_rgb8(native, bgr=True)
+        return 1
+    if kind == "video":
+        gen = iter_video(path, video_fps)
+        while True:
+            try:
+                i, frame = next(gen)
+            except StopIteration as stop:
+                return stop.value[0]
+            yield {"kind": "video", "frame": int(i), "axis": -1, **_frame_info(frame)}, to_rgb8(frame, bgr=True)
+    if kind == "volume":
+        vol, bgr = read_volume(path)
+        stats = intensity_stats(vol)
+        if vol.shape[0] == 1:  # one 2D image in a volume format
+            native = vol[0]
+            yield {"kind": "image", "frame": 0, "axis": -1, **_frame_info(native)}, to_rgb8(native, bgr, stats)
+            return 1
+        n = vol.shape[slice_axis]
+        for i in range(0, n, slice_step):
+            native = volume_slice(vol, slice_axis, i)
+            yield ({"kind": "volume", "frame": i, "axis": slice_axis, **_frame_info(native)},
+                   to_rgb8(native, bgr, stats))
+        return n
+    raise Reject("not an image", f"unknown file type {path.suffix!r}")
+
+
+# ============================================================================ load_frame
+_cache = threading.local()  # per thread: the last volume read, the last video opened
+
+
+def _cached_volume(path: str):
+    hit = getattr(_cache, "volume", None)
+    if hit is None or hit[0] != path:
+        vol, bgr = read_volume(Path(path))
+        hit = (path, vol, bgr, intensity_stats(vol))
+        _cache.volume = hit
+    return hit[1:]
+
+
+def _video_frame(path: str, frame: int) -> np.ndarray:
+    st = getattr(_cache, "video", None)
+    if st is None or st["path"] != path or st["pos"] > frame:  # (re)open; forward reads reuse it
+        if st is not None:
+            st["cap"].release()
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            raise Reject("unsupported codec", f"OpenCV/FFmpeg cannot open {path}")
+        st = _cache.video = {"path": path, "cap": cap, "pos": 0}
+    cap = st["cap"]
+    while st["pos"] < frame:
+        if not cap.grab():
+            raise Reject("truncated", f"{path} has fewer than {frame + 1} frames")
+        st["pos"] += 1
+    ok, img = cap.read()
+    if not ok:
+        raise Reject("truncated", f"{path} has no frame {frame}")
+    st["pos"] += 1
+    return img
+
+
+def load_frame(source, kind: str, frame: int = 0, axis: int = -1) -> np.ndarray:
+    """One frame of a manifest row as uint8 RGB [H, W, 3], exactly as curation hashed it
+    (conversion rules in the module docstring).
+
+    kind "image": the file's image (any format: PNG/JPEG/..., 2D MetaImage, single-frame DICOM);
+    "video": frame number `frame` (decoded sequentially; reading a video's frames in increasing
+    order reuses one open decoder per thread); "volume": slice `frame` along `axis` of the
+    (z, y, x) array (the last volume read is kept in memory per thread).
+    """
+    path = str(source)
+    if kind == "video":
+        return to_rgb8(_video_frame(path, int(frame)), bgr=True)
+    if kind == "volume" or (kind == "image" and file_kind(Path(path)) == "volume"):
+        vol, bgr, stats = _cached_volume(path)
+        native = vol[0] if kind == "image" else volume_slice(vol, int(axis), int(frame))
+        return to_rgb8(native, bgr, stats)
+    if kind == "image":
+        return to_rgb8(decode_image(Path(path).read_bytes(), Path(path).name), bgr=True)
+    raise ValueError(f"kind must be 'image', 'video' or 'volume', got {kind!r}")
+
+
+# ============================================================================ one file, hashed (a worker)
+def content_hash(rgb: np.ndarray) -> str:
+    """BLAKE2b-128 of a uint8 RGB frame's shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{rgb.shape}".encode())
+    h.update(np.ascontiguousarray(rgb).tobytes())
+    return h.hexdigest()
+
+
+def perceptual_hash(rgb: np.ndarray) -> tuple[str, str]:
+    """imagehash.phash twice: 64-bit (8x8 DCT of the 32x32 grey thumbnail, 16 hex digits) and
+    256-bit (16x16 DCT of the 64x64 thumbnail, 64 hex digits). The short one indexes, the long
+    one decides (see curation: the 64-bit hash cannot tell apart scans of one standard view)."""
+    import imagehash
+    from PIL import Image
+
+    img = Image.fromarray(rgb)
+    return str(imagehash.phash(img)), str(imagehash.phash(img, hash_size=16))
+
+
+def read_file(task: tuple) -> tuple[str, dict]:
+    """Worker: (path, video_fps, slice_axis, slice_step) -> (path, result). The result holds
+    the frames' [kind, frame, axis, width, height, channels, bit_depth, content_hash, phash, phash256]
+    or the reject reason; nothing raised (a long run records rejects and goes on)."""
+    path, video_fps, slice_axis, slice_step = task
+    p = Path(path)
+    try:
+        if p.stat().st_size == 0:
+            raise Reject("zero bytes")
+        frames, gen = [], iter_frames(p, video_fps, slice_axis, slice_step)
+        while True:
+            try:
+                info, rgb = next(gen)
+            except StopIteration as stop:
+                n_in_file = stop.value
+                break
+            frames.append([info["kind"], info["frame"], info["axis"], info["width"], info["height"],
+                           info["channels"], info["bit_depth"], content_hash(rgb), *perceptual_hash(rgb)])
+        return path, {"status": "ok", "frames": frames, "frames_in_file": int(n_in_file)}
+    except Reject as rej:
+        return path, {"status": "reject", "reason": rej.reason, "detail": rej.detail}
+    except Exception as err:  # an unexpected decoder error must not stop a 400k-file run
+        return path, {"status": "reject", "reason": "corrupt", "detail": f"{type(err).__name__}: {str(err)[:200]}"}
+
+
+def init_worker():
+    cv2.setNumThreads(1)  # one process per core; OpenCV threads would oversubscribe
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # decoder chatter: rejects.csv says it
