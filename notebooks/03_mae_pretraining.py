@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -16,16 +18,19 @@
 #
 # USF-MAE is a ViT-B/16 masked autoencoder (decoder 8 layers, 512 wide) trained to reconstruct
 # masked patches of ultrasound images. The paper masks 25% of patches (its code: 75%) and trains
-# 100 epochs with AdamW (lr 1e-3, wd 0.01, batch 64, 10% warmup then cosine, clip 1.0).
-# This notebook will:
+# 100 epochs with AdamW (lr 1e-3, wd 0.01, batch 64, 10% warmup then half-cycle cosine, clip 1.0)
+# on images rotated 0-90 deg, flipped, and cropped at 0.5x-2.0x scale. This notebook:
 #
-# 1. build the model from a named configuration (tiny ones for CPU, the paper's for GPU);
-# 2. pretrain on the packed store from notebook 02 (`usfmae pretrain`), resumably;
-# 3. plot the loss and learning-rate curves and export the encoder to safetensors.
+# 1. packs the cleaned PNGs of notebook 02 once into a memory-mapped uint8 store;
+# 2. shows the augmentation, including the zoom-out half of the crop range (scale > 1), which
+#    the official code silently replaces by a centre crop;
+# 3. pretrains with the same function as `usfmae pretrain` (and `torchrun -m usfmae_lib.pretrain`),
+#    resumably: re-running continues from the last checkpoint, or does nothing when finished;
+# 4. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
 #
-# *Status: plan only. The cells that do this arrive with issue 6.*
-#
-# Run headless: `usfmae run notebooks/03_mae_pretraining.ipynb -f params/smoke/03_mae_pretraining.yaml`.
+# Every difference between the paper and the official code is a parameter below; see
+# `docs/pretraining.md`. Run headless:
+# `usfmae run notebooks/03_mae_pretraining.ipynb -f params/smoke/03_mae_pretraining.yaml`.
 # Outputs land in `<out_dir>/03_mae_pretraining/`.
 
 # %% tags=["parameters"]
@@ -35,18 +40,165 @@ seed = 0
 model = "mae_vit_tiny_patch16_dec128d2b"  # named configuration (paper: mae_vit_base_patch16_dec512d8b)
 img_size = 112  # input side in pixels (paper: 224)
 mask_ratio = 0.25  # fraction of patches hidden (paper: 0.25; official code: 0.75)
-epochs = 20  # paper: 100
-batch_size = 64  # paper: 64
-lr = 1e-3  # paper: 1e-3 (AdamW)
+norm_pix_loss = False  # normalise each target patch (paper: False, raw pixels; reference MAE: True)
+epochs = 10  # paper: 100
+batch_size = 64  # per process (paper: 64)
+lr = 1e-3  # peak lr, AdamW (paper: 1e-3)
+blr_scaling = False  # lr x batch / 256 (official code: True with blr_batch 128)
+blr_batch = 0  # batch in that rule; 0 = the global batch
 weight_decay = 0.01  # paper: 0.01
+decay_all = False  # decay biases and norms too (official code: True; reference MAE: False)
+betas = [0.9, 0.95]  # AdamW betas (reference MAE; official code: AdamW default [0.9, 0.999])
 warmup_fraction = 0.1  # linear warmup over the first 10% of steps, then half-cycle cosine
 clip_grad = 1.0  # gradient-norm clipping (paper: 1.0)
+rot_degrees = [0.0, 90.0]  # rotation range (paper: 0-90 deg)
+flip_p = 0.5  # horizontal and vertical flip probability, each (paper: 0.5)
+crop_scale = [0.5, 2.0]  # crop area / image area (paper: 0.5x-2.0x; above 1 zooms out)
 init_checkpoint = None  # optional local MAE checkpoint to start from (official code: ImageNet MAE)
+precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+compile = False  # torch.compile the model
+checkpoint_every = 0  # steps between checkpoints; 0 = every epoch
+log_every = 20  # steps between host syncs (per-step loss rows are written then)
+workers = -1  # DataLoader processes; -1 = auto
+threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
 
 # %%
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from safetensors.torch import load_file
+
+from usfmae_lib import UsfmaeError, mae, pretrain, store
+
 STEP = "03_mae_pretraining"
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
+clean_dir = Path(out_dir) / "02_preprocessing" / "clean"
+if not clean_dir.is_dir():
+    raise UsfmaeError(f"{clean_dir} does not exist: run notebook 02 first "
+                      f"(usfmae run notebooks/02_preprocessing.ipynb -f params/{profile}/02_preprocessing.yaml)")
 print(f"profile={profile}  outputs -> {step_dir}")
+
+# %% [markdown]
+# ## 1. The packed store
+#
+# Decoding PNGs costs more CPU per image than a GPU spends on its training step, so the cleaned
+# images are decoded once into shards of `[n, S, S, 3]` uint8 (`store/shard_*.npy`, read
+# memory-mapped by the loader workers) with an index of path, dataset and anatomy. Packing is
+# skipped when the store is up to date and resumes shard by shard when interrupted.
+
+# %%
+store_dir = store.pack_store(clean_dir, step_dir / "store", img_size, workers=0, progress=False)
+index = pd.read_parquet(store_dir / "index.parquet")
+meta = store.read_store_meta(store_dir)
+print(f"{meta['n_images']} images of {img_size} px in {meta['n_shards']} shard(s); "
+      f"{meta['n_rejected']} unreadable file(s) skipped (store/rejects.csv)")
+index.groupby(["dataset", "anatomy"]).size().rename("images").reset_index()
+
+# %% [markdown]
+# ## 2. Augmentation, zoom-out included
+#
+# Each image gets one affine map: a crop whose area is 0.5x-2.0x the image's (aspect 3:4-4:3),
+# flips (p = 0.5 each) and a rotation of 0-90 deg, resampled bilinearly in one pass
+# (`F.affine_grid` + `F.grid_sample`, on the GPU in batches when there is one). Above 1x the
+# crop window is larger than the image, which shrinks inside the output; the border is black
+# (pixel 0, the background of a scan), as are rotation corners. A sample's transform and mask
+# depend only on (seed, epoch, index): the same on any number of workers or GPUs, and after a
+# resume. Below: four images, then the views of five epochs, then a fixed 2x zoom-out.
+
+# %%
+params = dict(model=model, img_size=img_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
+              epochs=epochs, batch_size=batch_size, lr=lr, blr_scaling=blr_scaling, blr_batch=blr_batch,
+              weight_decay=weight_decay, decay_all=decay_all, betas=betas,
+              warmup_fraction=warmup_fraction, clip_grad=clip_grad, rot_degrees=rot_degrees,
+              flip_p=flip_p, crop_scale=crop_scale, init_checkpoint=init_checkpoint, seed=seed,
+              precision=precision, compile=compile, checkpoint_every=checkpoint_every,
+              log_every=log_every, workers=workers, threads=threads)
+augment = pretrain.augment_config(pretrain.resolve_params(**params))
+dataset = store.StoreDataset(store_dir, seed, num_patches=1)
+shown = np.linspace(0, len(dataset) - 1, 4).astype(int)
+
+
+def show(x):  # normalised [3, H, W] -> displayable [H, W, 3]
+    x = x * torch.tensor(store.IMAGENET_STD).view(3, 1, 1) + torch.tensor(store.IMAGENET_MEAN).view(3, 1, 1)
+    return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+zoom_out = store.AugmentConfig(rot_degrees=(0, 0), flip_p=0, crop_scale=(2, 2), crop_ratio=(1, 1))
+fig, axes = plt.subplots(len(shown), 7, figsize=(14, 2.1 * len(shown)))
+for r, i in enumerate(shown):
+    views = [store.augment_batch(dataset.__getitems__([(0, i)])["images"], torch.zeros(1, store.N_AUG), None, img_size)[0]]
+    for epoch in range(5):
+        batch = dataset.__getitems__([(epoch, i)])
+        views.append(store.augment_batch(batch["images"], batch["aug"], augment, img_size)[0])
+    views.append(store.augment_batch(batch["images"], torch.rand(1, store.N_AUG), zoom_out, img_size)[0])
+    for c, v in enumerate(views):
+        axes[r, c].imshow(show(v))
+        axes[r, c].set_axis_off()
+for c, title in enumerate(["stored image"] + [f"epoch {e}" for e in range(5)] + ["scale 2.0 (zoom-out)"]):
+    axes[0, c].set_title(title, fontsize=9)
+fig.suptitle("Pretraining augmentation: rotation 0-90 deg, flips, crop 0.5x-2.0x (black padding)")
+fig.tight_layout()
+fig.savefig(step_dir / "fig_augmentation.png", dpi=110)
+
+# %% [markdown]
+# ## 3. Pretraining
+#
+# `pretrain.train` is what `usfmae pretrain` and `torchrun -m usfmae_lib.pretrain` run. Per step:
+# augment, forward with the sample's mask noise, backward, clip, AdamW, schedule; losses stay on
+# the device and are written to `log.csv` every `log_every` steps (one host sync), where a NaN or
+# inf stops the run before it could overwrite the last good checkpoint. `checkpoints/checkpoint-last.pth`
+# holds model, optimiser, schedule, scaler, step, RNG states and parameters; re-running this
+# cell continues from it exactly (or does nothing when the run is complete).
+
+# %%
+summary = pretrain.train(store_dir, step_dir, resume=True, progress=False, **params)
+pd.Series(summary).to_frame("value")
+
+# %%
+log = pd.read_csv(step_dir / "log.csv")
+window = max(1, len(log) // 50)
+fig, ax = plt.subplots(figsize=(7, 4))
+ax.plot(log.epoch, log.loss, lw=0.6, alpha=0.4, label="per step")
+ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"mean of {window} steps")
+ax.set_xlabel("epoch")
+ax.set_ylabel("masked-patch MSE (normalised pixels)" if not norm_pix_loss else "masked-patch MSE (per-patch normalised)")
+ax.set_title(f"{model}, {img_size} px, mask {mask_ratio:.0%}: reconstruction loss")
+ax.legend()
+fig.tight_layout()
+fig.savefig(step_dir / "fig_loss_curve.png", dpi=120)
+
+fig, ax = plt.subplots(figsize=(7, 3))
+ax.plot(log.step, log.lr)
+ax.set_xlabel("step")
+ax.set_ylabel("learning rate")
+ax.set_title(f"linear warmup over {warmup_fraction:.0%} of {summary['steps']} steps, then half-cycle cosine")
+fig.tight_layout()
+fig.savefig(step_dir / "fig_lr_schedule.png", dpi=120)
+
+first, last = log.loss.head(window).mean(), log.loss.tail(window).mean()
+print(f"loss: first {window} steps {first:.4f} -> last {window} steps {last:.4f} ({last / first:.0%} of the start)")
+pd.DataFrame([{**summary, "loss_first_steps": first, "loss_last_steps": last}]).to_csv(
+    step_dir / "pretraining_summary.csv", index=False)
+
+# %% [markdown]
+# ## 4. The encoder, for fine-tuning
+#
+# The encoder alone (no decoder, no mask token) is written in timm's `VisionTransformer` key
+# layout; notebook 05 fine-tunes from it. Loading it back into a timm ViT with strict=True checks
+# that nothing is missing or left over.
+
+# %%
+checkpoint = step_dir / "checkpoints" / pretrain.CHECKPOINT
+trained = mae.load_model(checkpoint)
+encoder_file = mae.export_encoder(trained, step_dir / "checkpoints" / "encoder.safetensors")
+cfg = mae.CONFIGS[model]
+vit = timm.models.vision_transformer.VisionTransformer(
+    img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+    num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=0)
+vit.load_state_dict(load_file(encoder_file), strict=True)
+print(f"encoder -> {encoder_file} ({encoder_file.stat().st_size / 1e6:.1f} MB), loads into timm VisionTransformer")
