@@ -1,0 +1,597 @@
+"""What the masked autoencoder learned: reconstructions, a mask-ratio sweep, attention (notebook 04).
+
+Plain functions that notebook 04 and tests/test_plots.py call:
+
+    model, info = load_inspection_model("", out_dir)         # "" = notebook 03's checkpoint-last.pth
+    index = pick_images(read_index(clean_dir), n_per_anatomy=2, seed=0)
+    imgs = normalize_images(load_images(clean_dir, index.path, info["img_size"]))  # [N, 3, S, S]
+    result = reconstruct(model, imgs, 0.25, patch_noise(len(imgs), model.num_patches, seed=0))
+    fig = plot_reconstructions(result, labels=index.anatomy)           # the MAE demo's four panels
+    per_image, table = mask_ratio_sweep(model, imgs, index.anatomy, [0.1, 0.25, 0.5, 0.75, 0.9])
+    maps = cls_attention_maps(last_layer_attention(model, imgs))        # [N, G, G], cls -> patches
+
+Shapes: N images, S side in pixels, p patch side, G = S / p patches per side, L = G * G patches of
+P = p * p * 3 values, K = int(L * (1 - mask_ratio)) visible patches, T = 1 + L encoder tokens.
+Every mask comes from explicit per-patch noise [N, L] drawn from a seeded generator, so a figure
+or a number is the same on every run and every machine; the sweep reuses one noise per image for
+all ratios, so the patches hidden at 25% are a subset of those hidden at 90% (nested masks).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from . import UsfmaeError
+from .mae import MaskedAutoencoderViT, load_model
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+STEP = "04_reconstruction"
+# where notebook 03 leaves its last checkpoint, relative to out_dir
+DEFAULT_CHECKPOINT = Path("03_mae_pretraining") / "checkpoints" / "checkpoint-last.pth"
+DEFAULT_CLEAN_DIR = Path("02_preprocessing") / "clean"
+# a list of images pretraining did not train on (column path, relative to clean/), read when present
+HELDOUT_FILE = Path("03_mae_pretraining") / "heldout.csv"
+PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+ALL = "all"  # the anatomy label of the rows that pool every image
+
+
+# ============================================================================ model
+def resolve_checkpoint(checkpoint, out_dir) -> Path:
+    """The checkpoint file to inspect: `checkpoint`, or notebook 03's when it is "" / None."""
+    if checkpoint in (None, ""):
+        path = Path(out_dir) / DEFAULT_CHECKPOINT
+        if not path.is_file():
+            raise UsfmaeError(f"checkpoint {path} does not exist: run notebook 03 (MAE pretraining) first "
+                              "with the same out_dir, or pass checkpoint=<path to a checkpoint>")
+        return path
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise UsfmaeError(f"checkpoint {path} does not exist; check the path (any file load_checkpoint "
+                          "reads works: ours, a reference MAE {'model': ...} file, the released USF-MAE "
+                          "weights, .safetensors)")
+    return path
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' = the GPU when there is one, else the CPU; otherwise any torch device string."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | None = None,
+                          img_size: int | None = None, norm_pix_loss: bool | None = None,
+                          device: str = "auto") -> tuple[MaskedAutoencoderViT, dict]:
+    """The MAE of a checkpoint in eval mode, and what it is: (model, info).
+
+    config / img_size default to what the checkpoint records (or, for a bare state dict such as
+    the released USF-MAE weights, the named config whose shapes fit, at the size of its position
+    table). norm_pix_loss=None keeps the checkpoint's setting; a bare state dict does not record
+    it, so pass True for a reference checkpoint trained with normalised-pixel targets.
+    """
+    path = resolve_checkpoint(checkpoint, out_dir)
+    model = load_model(path, config=config, img_size=img_size)
+    if norm_pix_loss is not None:
+        model.norm_pix_loss = bool(norm_pix_loss)
+    model = model.to(pick_device(device)).eval()
+    enc = model.blocks[0].attn
+    info = dict(checkpoint=str(path), img_size=model.patch_embed.img_size[0], patch_size=model.patch_size,
+                num_patches=model.num_patches, embed_dim=model.pos_embed.shape[-1], depth=len(model.blocks),
+                heads=enc.num_heads, decoder_depth=len(model.decoder_blocks),
+                norm_pix_loss=bool(model.norm_pix_loss),
+                parameters=sum(p.numel() for p in model.parameters()))
+    return model, info
+
+
+# ============================================================================ images
+def read_index(clean_dir) -> pd.DataFrame:
+    """clean/index.csv of notebook 02 (columns path, dataset, anatomy, ...), rows whose PNG exists."""
+    clean_dir = Path(clean_dir)
+    index_file = clean_dir / "index.csv"
+    if not index_file.is_file():
+        raise UsfmaeError(f"{index_file} does not exist: run notebook 02 (preprocessing) first with the same "
+                          "out_dir, or pass clean_dir=<a folder of PNGs with an index.csv>")
+    index = pd.read_csv(index_file, dtype={"path": str, "dataset": str, "anatomy": str})
+    missing = {"path", "anatomy"} - set(index.columns)
+    if missing:
+        raise UsfmaeError(f"{index_file} lacks column(s) {', '.join(sorted(missing))}; it must list path "
+                          "(relative to its folder) and anatomy per image, as notebook 02 writes it")
+    index["anatomy"] = index["anatomy"].fillna("unknown")
+    index = index[[(clean_dir / p).is_file() for p in index["path"]]].reset_index(drop=True)
+    if index.empty:
+        raise UsfmaeError(f"{index_file} lists no image that exists under {clean_dir}; re-run notebook 02")
+    return index
+
+
+def heldout_rows(index: pd.DataFrame, out_dir) -> tuple[pd.DataFrame, bool]:
+    """(rows, held_out): the index rows listed in OUT/03_mae_pretraining/heldout.csv when
+    pretraining recorded such a list, else every row and False (pretraining saw them)."""
+    listing = Path(out_dir) / HELDOUT_FILE
+    if not listing.is_file():
+        return index, False
+    keep = set(pd.read_csv(listing, dtype={"path": str})["path"])
+    rows = index[index["path"].isin(keep)].reset_index(drop=True)
+    if rows.empty:
+        raise UsfmaeError(f"{listing} lists no image of the clean index; re-run notebook 03 or delete {listing}")
+    return rows, True
+
+
+def pick_images(index: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> pd.DataFrame:
+    """A seeded sample of up to n_per_anatomy rows per anatomy, sorted by (anatomy, path).
+
+    The sample depends only on the index rows and the seed (not on row order or on the other
+    anatomies), so the same images come back on every run.
+    """
+    picked = []
+    for anatomy, rows in index.sort_values("path").groupby("anatomy", sort=True):
+        n = min(int(n_per_anatomy), len(rows))
+        picked.append(rows.sample(n=n, random_state=np.random.RandomState(seed)) if n < len(rows) else rows)
+    return pd.concat(picked).sort_values(["anatomy", "path"]).reset_index(drop=True)
+
+
+def load_images(clean_dir, paths, img_size: int) -> np.ndarray:
+    """uint8 RGB [N, S, S, 3]; images of another size are resized (area) to img_size."""
+    out = []
+    for rel in paths:
+        file = Path(clean_dir) / rel
+        bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise UsfmaeError(f"cannot read image {file}; re-run notebook 02 or remove it from index.csv")
+        if bgr.shape[:2] != (img_size, img_size):
+            bgr = cv2.resize(bgr, (img_size, img_size), interpolation=cv2.INTER_AREA)
+        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return np.stack(out)
+
+
+def _stats(device=None):
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize_images(images: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 RGB [N, S, S, 3] -> float [N, 3, S, S] with ImageNet mean/std (as the training loader)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = _stats(x.device)
+    return (x - mean) / std
+
+
+def unnormalize(x: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised [N, 3, S, S] -> displayable float RGB [N, S, S, 3] in [0, 1] (clipped)."""
+    mean, std = _stats(x.device)
+    return (x.detach().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def patch_noise(n: int, num_patches: int, seed: int = 0) -> torch.Tensor:
+    """Uniform noise [N, L] from a seeded generator: image i gets the same noise (so the same mask)
+    whatever the batch; the patches with the smallest noise stay visible."""
+    return torch.rand(n, num_patches, generator=torch.Generator().manual_seed(int(seed)))
+
+
+# ============================================================================ reconstruction
+def patch_stats(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std [N, L, 1] of each target patch exactly as norm_pix_loss normalises it:
+    mean and (unbiased var + 1e-6)^0.5 over the patch's p*p*3 values."""
+    return target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+
+
+def fill_from_visible(stat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A per-patch statistic [N, L, 1] with masked patches' values replaced by an estimate from
+    the visible ones: the mean over the visible patches of its 3x3 neighbourhood, or, where no
+    neighbour is visible, the mean over all visible patches of the image. Visible patches keep
+    their own value. This is what a user of the model can know: hidden patches' stats are not."""
+    n, length, _ = stat.shape
+    g = int(round(length ** 0.5))
+    visible = (1 - mask).view(n, 1, g, g)                                   # [N, 1, G, G]
+    grid = stat.view(n, 1, g, g) * visible
+    ones = torch.ones(1, 1, 3, 3, device=stat.device, dtype=stat.dtype)
+    local_sum = F.conv2d(grid, ones, padding=1)
+    local_count = F.conv2d(visible, ones, padding=1)
+    image_mean = grid.sum(dim=(2, 3), keepdim=True) / visible.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    estimate = torch.where(local_count > 0, local_sum / local_count.clamp(min=1), image_mean)
+    filled = torch.where(visible > 0, stat.view(n, 1, g, g), estimate)
+    return filled.view(n, length, 1)
+
+
+@torch.no_grad()
+def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor,
+                norm_pix_stats: str = "visible") -> dict:
+    """Run the MAE on ImageNet-normalised images with a given mask and return every piece.
+
+    imgs [N, 3, S, S]; noise [N, L] (see patch_noise). For a norm_pix_loss model the prediction
+    is in per-patch normalised units and is mapped back to pixels with per-patch mean/std:
+    norm_pix_stats="visible" (default) restores visible patches with their own statistics and
+    masked ones with statistics estimated from visible neighbours (fill_from_visible);
+    "oracle" uses every patch's true statistics, which leak the hidden patch's brightness and
+    contrast, as most published MAE visualisations do.
+
+    Returns tensors on the CPU: mask [N, L] (1 = hidden), target [N, L, P], pred (raw model
+    output) and pred_pixels [N, L, P] (ImageNet-normalised pixel space), recon and pasted
+    [N, 3, S, S] (the prediction; the prediction with the visible patches of the original pasted
+    back), masked_input [N, 3, S, S] (hidden patches set to 0 = the ImageNet mean colour, as the
+    reference demo), ids_keep [N, K] (the encoder's input order), and per image [N]: mse (masked
+    patches, normalised pixel space), objective (the model's training loss) and baseline_mse
+    (filling hidden patches with the mean colour of the visible pixels).
+    """
+    if norm_pix_stats not in ("visible", "oracle"):
+        raise UsfmaeError(f"norm_pix_stats must be 'visible' or 'oracle', got {norm_pix_stats!r}")
+    device = next(model.parameters()).device
+    imgs, noise = imgs.to(device).float(), noise.to(device)
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)       # [N, L, P], [N, L]
+    target = model.patchify(imgs)                                          # [N, L, P]
+    hidden = mask.unsqueeze(-1)                                            # [N, L, 1]
+    n_hidden = mask.sum(dim=1).clamp(min=1)                                # [N]
+
+    def masked_mean(per_patch):  # [N, L] -> [N], mean over the hidden patches of each image
+        return (per_patch * mask).sum(dim=1) / n_hidden
+
+    if model.norm_pix_loss:
+        mean, std = patch_stats(target)                                    # [N, L, 1] each
+        objective = masked_mean(((pred - (target - mean) / std) ** 2).mean(dim=-1))
+        if norm_pix_stats == "visible":
+            mean, std = fill_from_visible(mean, mask), fill_from_visible(std, mask)
+        pred_pixels = pred * std + mean
+    else:
+        pred_pixels = pred
+        objective = masked_mean(((pred - target) ** 2).mean(dim=-1))
+    mse = masked_mean(((pred_pixels - target) ** 2).mean(dim=-1))
+
+    # baseline: every hidden pixel gets the mean colour of the image's visible pixels
+    n, length, values = target.shape
+    by_channel = target.view(n, length, values // 3, 3)                    # [N, L, p*p, 3]
+    visible = (1 - mask).view(n, length, 1, 1)
+    colour = (by_channel * visible).sum(dim=(1, 2)) / (visible.sum(dim=(1, 2)) * values // 3).clamp(min=1)
+    baseline_mse = masked_mean(((by_channel - colour.view(n, 1, 1, 3)) ** 2).mean(dim=(2, 3)))
+
+    ids_keep = torch.argsort(noise, dim=1)[:, :int(length * (1 - mask_ratio))]  # as random_masking
+    out = dict(
+        mask_ratio=float(mask_ratio), norm_pix_loss=bool(model.norm_pix_loss), norm_pix_stats=norm_pix_stats,
+        mask=mask, target=target, pred=pred, pred_pixels=pred_pixels, ids_keep=ids_keep,
+        original=imgs,
+        masked_input=model.unpatchify(target * (1 - hidden)),
+        recon=model.unpatchify(pred_pixels),
+        pasted=model.unpatchify(target * (1 - hidden) + pred_pixels * hidden),
+        mse=mse, objective=objective, baseline_mse=baseline_mse)
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def reconstruct_batched(model, imgs, mask_ratio, noise, batch_size: int = 32, **kwargs) -> dict:
+    """reconstruct() in batches of batch_size images (same results: noise is per image)."""
+    parts = [reconstruct(model, imgs[i:i + batch_size], mask_ratio, noise[i:i + batch_size], **kwargs)
+             for i in range(0, len(imgs), batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) if torch.is_tensor(parts[0][k]) else parts[0][k]
+            for k in parts[0]}
+
+
+# ============================================================================ mask-ratio sweep
+def mask_ratio_sweep(model, imgs: torch.Tensor, anatomies, mask_ratios, seed: int = 0, batch_size: int = 32,
+                     paths=None, norm_pix_stats: str = "visible") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Masked-patch error per image at each ratio, and its summary per (ratio, anatomy).
+
+    One noise per image (seeded) serves every ratio, so masks are nested and the ratios differ
+    only in how much is hidden. Returns (per_image, table): per_image has one row per image and
+    ratio (mask_ratio, image, path, anatomy, mse, objective, baseline_mse); table one row per
+    ratio and anatomy plus one per ratio with anatomy "all" (n_images, mse mean and std,
+    objective, baseline_mse), all errors in ImageNet-normalised pixel units on hidden patches.
+    """
+    anatomies = [str(a) for a in anatomies]
+    if len(anatomies) != len(imgs):
+        raise UsfmaeError(f"{len(imgs)} images but {len(anatomies)} anatomy labels")
+    bad = [r for r in mask_ratios if not 0.0 < float(r) < 1.0]
+    if bad:
+        raise UsfmaeError(f"mask ratios must lie strictly between 0 and 1; got {bad}")
+    noise = patch_noise(len(imgs), model.num_patches, seed)
+    rows = []
+    for ratio in mask_ratios:
+        res = reconstruct_batched(model, imgs, float(ratio), noise, batch_size, norm_pix_stats=norm_pix_stats)
+        for i, anatomy in enumerate(anatomies):
+            rows.append(dict(mask_ratio=float(ratio), image=i, path=None if paths is None else str(list(paths)[i]),
+                             anatomy=anatomy, mse=float(res["mse"][i]), objective=float(res["objective"][i]),
+                             baseline_mse=float(res["baseline_mse"][i])))
+    per_image = pd.DataFrame(rows)
+    return per_image, summarize_sweep(per_image)
+
+
+def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and std of mse) per (mask_ratio, anatomy), then the pooled rows (anatomy "all")."""
+    def summary(df):
+        return df.groupby("mask_ratio").agg(
+            n_images=("mse", "size"), mse=("mse", "mean"), mse_std=("mse", "std"),
+            objective=("objective", "mean"), baseline_mse=("baseline_mse", "mean")).reset_index()
+
+    parts = [summary(rows).assign(anatomy=anatomy) for anatomy, rows in per_image.groupby("anatomy", sort=True)]
+    parts.append(summary(per_image).assign(anatomy=ALL))
+    table = pd.concat(parts, ignore_index=True)
+    table["mse_std"] = table["mse_std"].fillna(0.0)  # one image: no spread
+    cols = ["mask_ratio", "anatomy", "n_images", "mse", "mse_std", "objective", "baseline_mse"]
+    return table[cols].sort_values(["mask_ratio", "anatomy"], key=lambda s: s.map(
+        lambda v: (v == ALL, v) if isinstance(v, str) else v)).reset_index(drop=True)
+
+
+def sweep_verdict(table: pd.DataFrame, low: float = 0.25, high: float = 0.9) -> str:
+    """One sentence comparing the pooled masked-patch error at two ratios (from the table)."""
+    pooled = table[table.anatomy == ALL].set_index("mask_ratio")["mse"]
+    if low not in pooled.index or high not in pooled.index:
+        return f"the sweep lacks {low:.0%} or {high:.0%}; no comparison"
+    a, b = float(pooled[low]), float(pooled[high])
+    relation = "lower than" if a < b else "NOT lower than"
+    return f"masked-patch MSE at {low:.0%} = {a:.4f}, {relation} at {high:.0%} = {b:.4f} (ratio {a / b:.2f})"
+
+
+# ============================================================================ attention
+@torch.no_grad()
+def last_layer_attention(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tensor:
+    """Attention weights [N, heads, T, T] of the encoder's last block on unmasked images.
+
+    timm's attention calls F.scaled_dot_product_attention, which returns no weights, so a forward
+    hook on the last block's attention module recomputes softmax(q k^T * scale) from its input
+    with the module's own qkv (and q/k norms). Tokens in patch order (cls first): the encoder runs
+    with mask_ratio 0 and noise = arange(L), as a fine-tuned encoder sees an image. Each row sums
+    to 1 over the T tokens.
+    """
+    attn = model.blocks[-1].attn
+    captured = {}
+
+    def hook(module, inputs, output):
+        x = inputs[0]                                                      # [N, T, D], after norm1
+        n, t, _ = x.shape
+        qkv = module.qkv(x).reshape(n, t, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = module.q_norm(qkv[0]), module.k_norm(qkv[1])              # [N, H, T, hd]
+        captured["attn"] = ((q * module.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [N, H, T, T]
+
+    device = next(model.parameters()).device
+    imgs = imgs.to(device).float()
+    order = torch.arange(model.num_patches, device=device, dtype=torch.float32).expand(len(imgs), -1)
+    handle = attn.register_forward_hook(hook)
+    try:
+        model.forward_encoder(imgs, mask_ratio=0.0, noise=order)
+    finally:
+        handle.remove()
+    return captured["attn"].cpu()
+
+
+def cls_attention_maps(attn: torch.Tensor) -> torch.Tensor:
+    """[N, H, T, T] -> [N, G, G]: how much the cls token attends to each patch, averaged over heads
+    (the cls token's weight on itself, attn[:, :, 0, 0], is the remainder of the row's 1)."""
+    cls_row = attn[:, :, 0, 1:].mean(dim=1)                                # [N, L]
+    g = int(round(cls_row.shape[1] ** 0.5))
+    return cls_row.reshape(-1, g, g)
+
+
+# ============================================================================ figures
+def _plt():
+    import matplotlib.pyplot as plt  # imported on use: the library itself needs no display
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Write a figure as PNG atomically (temp file + rename): a killed run leaves no half PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.part{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def write_table(df: pd.DataFrame, path) -> Path:
+    """Write a CSV atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return path
+
+
+def _grid_lines(ax, size: int, patch: int, colour="white", width=0.5):
+    for v in range(patch, size, patch):
+        ax.axhline(v - 0.5, color=colour, lw=width)
+        ax.axvline(v - 0.5, color=colour, lw=width)
+
+
+def _off(ax):
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_reconstructions(result: dict, labels=None, title: str | None = None, scale: float = 2.0):
+    """The reference MAE demo's four panels per image (rows): original / masked / reconstruction /
+    reconstruction with the visible patches pasted back, all un-normalised to [0, 1] RGB."""
+    plt = _plt()
+    panels = [unnormalize(result[k]) for k in ("original", "masked_input", "recon", "pasted")]
+    n = len(panels[0])
+    labels = list(labels) if labels is not None else [f"image {i}" for i in range(n)]
+    fig, axes = plt.subplots(n, 4, figsize=(4 * scale, n * scale + 0.3), squeeze=False, layout="constrained")
+    for i in range(n):
+        for j, images in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(images[i], interpolation="nearest")
+            _off(ax)
+            if i == 0:
+                ax.set_title(PANEL_TITLES[j], fontsize=9)
+        axes[i, 0].set_ylabel(f"{labels[i]}\nMSE {float(result['mse'][i]):.3f}", fontsize=8)
+    if title is None:
+        title = f"mask {result['mask_ratio']:.0%}"
+        if result["norm_pix_loss"]:
+            title += f", norm_pix_loss (patch stats: {result['norm_pix_stats']})"
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_walkthrough(result: dict, i: int = 0, patch_size: int = 16, scale: float = 3.0) -> dict:
+    """Five small figures explaining one image's trip through the MAE (keys in order):
+    patches, mask, encoder_input, decoder_output, loss."""
+    plt = _plt()
+    original = unnormalize(result["original"][i:i + 1])[0]                 # [S, S, 3]
+    size = original.shape[0]
+    g = size // patch_size
+    mask = result["mask"][i].numpy().reshape(g, g)                         # 1 = hidden
+    hidden_px = np.kron(mask, np.ones((patch_size, patch_size)))[..., None] > 0
+    figs = {}
+
+    fig, ax = plt.subplots(figsize=(scale, scale))
+    ax.imshow(original)
+    _grid_lines(ax, size, patch_size)
+    ax.set_title(f"{g} x {g} = {g * g} patches of {patch_size}x{patch_size} px", fontsize=9)
+    _off(ax)
+    figs["patches"] = fig
+
+    fig, ax = plt.subplots(figsize=(scale, scale))
+    ax.imshow(np.where(hidden_px, 0.5 * original + 0.25, original))      # hidden patches washed out
+    for r, c in zip(*np.nonzero(mask)):
+        ax.add_patch(plt.Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
+                                   fill=False, ec="tab:red", lw=0.6))
+    ax.set_title(f"random mask: {int(mask.sum())} of {g * g} patches hidden ({result['mask_ratio']:.0%})",
+                 fontsize=9)
+    _off(ax)
+    figs["mask"] = fig
+
+    # what the encoder receives: the visible patches only, as a sequence (in its shuffled order)
+    keep = result["ids_keep"][i].numpy()
+    cols = int(np.ceil(np.sqrt(len(keep))))
+    rows = int(np.ceil(len(keep) / cols))
+    gap = 2
+    strip = np.ones((rows * (patch_size + gap), cols * (patch_size + gap), 3))
+    for t, idx in enumerate(keep):
+        r, c = divmod(int(idx), g)
+        tr, tc = divmod(t, cols)
+        strip[tr * (patch_size + gap):tr * (patch_size + gap) + patch_size,
+              tc * (patch_size + gap):tc * (patch_size + gap) + patch_size] = \
+            original[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]
+    fig, ax = plt.subplots(figsize=(scale, scale * rows / cols))
+    ax.imshow(strip)
+    ax.set_title(f"encoder input: {len(keep)} visible patches + 1 cls token\n(sequence order, no mask tokens)",
+                 fontsize=9)
+    _off(ax)
+    figs["encoder_input"] = fig
+
+    fig, ax = plt.subplots(figsize=(scale, scale))
+    ax.imshow(unnormalize(result["recon"][i:i + 1])[0])
+    _grid_lines(ax, size, patch_size, colour="black", width=0.3)
+    ax.set_title("decoder output: every patch predicted\n(only hidden ones count in the loss)", fontsize=9)
+    _off(ax)
+    figs["decoder_output"] = fig
+
+    per_patch = ((result["pred_pixels"][i] - result["target"][i]) ** 2).mean(dim=-1).numpy().reshape(g, g)
+    shown = np.ma.masked_where(mask == 0, per_patch)
+    fig, ax = plt.subplots(figsize=(scale * 1.2, scale))
+    im = ax.imshow(shown, cmap="magma", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, label="MSE per hidden patch")
+    ax.set_title(f"loss = mean over hidden patches = {float(result['mse'][i]):.3f}\n(visible patches: white)",
+                 fontsize=9)
+    _off(ax)
+    figs["loss"] = fig
+    for fig in figs.values():
+        fig.tight_layout()
+    return figs
+
+
+def plot_sweep(table: pd.DataFrame, title: str = "masked-patch error vs mask ratio"):
+    """Masked-patch MSE against the mask ratio: one line per anatomy, the pooled mean in black,
+    the flat-fill baseline dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    cmap = plt.get_cmap("tab10")
+    for k, (anatomy, rows) in enumerate((a, r) for a, r in table.groupby("anatomy", sort=True) if a != ALL):
+        ax.plot(100 * rows.mask_ratio, rows.mse, "o-", lw=1, ms=3, color=cmap(k % 10), alpha=0.8, label=anatomy)
+    pooled = table[table.anatomy == ALL]
+    ax.errorbar(100 * pooled.mask_ratio, pooled.mse, yerr=pooled.mse_std, fmt="s-", color="black", lw=2.2,
+                capsize=3, label="all (mean ± sd over images)")
+    ax.plot(100 * pooled.mask_ratio, pooled.baseline_mse, "--", color="grey", label="baseline: mean visible colour")
+    ax.set_xlabel("mask ratio (% of patches hidden)")
+    ax.set_ylabel("MSE on hidden patches\n(ImageNet-normalised pixels)")
+    ax.set_xticks(100 * pooled.mask_ratio)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention(images: np.ndarray, maps: torch.Tensor, labels=None, scale: float = 1.8, per_row: int = 5):
+    """Images and, below each, the cls token's last-layer attention over it (upsampled, overlaid;
+    colour scale per image), up to per_row images side by side."""
+    plt = _plt()
+    n = len(images)
+    labels = list(labels) if labels is not None else [f"image {i}" for i in range(n)]
+    cols = min(n, per_row)
+    pairs = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(2 * pairs, cols, figsize=(cols * scale, pairs * (2 * scale + 0.3)), squeeze=False,
+                             layout="constrained")
+    size = images.shape[1]
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        heat = cv2.resize(maps[i].numpy().astype(np.float32), (size, size), interpolation=cv2.INTER_NEAREST)
+        top.imshow(images[i])
+        top.set_title(labels[i], fontsize=8)
+        bottom.imshow(images[i])
+        bottom.imshow(heat, cmap="inferno", alpha=0.6)
+        bottom.set_title(f"cls -> patches (max {float(maps[i].max()):.2f})", fontsize=7)
+    fig.suptitle("encoder last layer: cls-token attention, mean over heads", fontsize=10)
+    return fig
+
+
+# ============================================================================ interactive
+def frontend_available() -> bool:
+    """True inside a Jupyter kernel (JupyterLab / Notebook), False in a plain Python process.
+    A papermill run is also a kernel but has no one looking: the notebook's `interactive`
+    parameter (False in every profile) covers that case."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def interactive_view(model, clean_dir, index: pd.DataFrame, mask_ratio: float = 0.25, seed: int = 0,
+                     interactive: bool = False, norm_pix_stats: str = "visible"):
+    """Image picker, mask-ratio slider and seed box redrawing the four panels (ipywidgets).
+
+    Headless (interactive=False, no Jupyter frontend, or no ipywidgets) it returns the static
+    figure for the first image at mask_ratio/seed instead, so a papermill run shows the same view.
+    """
+    img_size = model.patch_embed.img_size[0]
+
+    def draw(row: int, ratio: float, mask_seed: int):
+        imgs = normalize_images(load_images(clean_dir, [index.path.iloc[row]], img_size))
+        res = reconstruct(model, imgs, ratio, patch_noise(1, model.num_patches, mask_seed), norm_pix_stats)
+        return plot_reconstructions(res, labels=[f"{index.anatomy.iloc[row]}: {Path(index.path.iloc[row]).name}"],
+                                    scale=2.6)
+
+    if not (interactive and frontend_available()):
+        return draw(0, mask_ratio, seed)
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return draw(0, mask_ratio, seed)
+    from IPython.display import display
+
+    picker = widgets.Dropdown(options=[(f"{a}: {Path(p).name}", i) for i, (a, p) in
+                                       enumerate(zip(index.anatomy, index.path))], description="image")
+    ratio = widgets.FloatSlider(value=mask_ratio, min=0.05, max=0.95, step=0.05, description="mask ratio",
+                                continuous_update=False, readout_format=".0%")
+    seed_box = widgets.IntText(value=seed, description="seed")
+    out = widgets.Output()
+
+    def update(_=None):
+        plt = _plt()
+        with out:
+            out.clear_output(wait=True)
+            fig = draw(picker.value, ratio.value, seed_box.value)
+            display(fig)
+            plt.close(fig)
+
+    for w in (picker, ratio, seed_box):
+        w.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox([picker, ratio, seed_box]), out])
