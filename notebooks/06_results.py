@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -14,12 +16,11 @@
 # %% [markdown]
 # # 06 · Results: Table 2 and what it supports
 #
-# This notebook will gather the fine-tuning metrics into the paper's Table 2 (precision,
-# recall, F1 per benchmark) with the paper's numbers beside ours, mean +/- sd over seeds and
-# bootstrap intervals, the init of every baseline, confusion matrices, the label-efficiency
-# plot, and a discussion of what the run supports and what it does not.
-#
-# *Status: plan only. The cells that do this arrive with issue 8.*
+# This notebook gathers the fine-tuning metrics of notebook 05 into the paper's Table 2
+# (precision, recall, F1 per benchmark) with the paper's numbers beside ours, mean +/- sd over
+# seeds and bootstrap intervals, the init of every model, confusion matrices, the
+# label-efficiency plot, and a discussion computed from the rows: what the run supports and what
+# it does not.
 #
 # Run headless: `usfmae run notebooks/06_results.ipynb -f params/smoke/06_results.yaml`.
 # Outputs land in `<out_dir>/06_results/`.
@@ -28,11 +29,125 @@
 profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
+dpi = 120  # figure resolution
 
 # %%
+import json
 from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from usfmae_lib import UsfmaeError
+from usfmae_lib import results as res
+from usfmae_lib.metrics import confusion
 
 STEP = "06_results"
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {step_dir}")
+
+# %%
+src = Path(out_dir) / "05_finetuning"
+if not (src / "results.csv").exists():
+    raise UsfmaeError(f"{src / 'results.csv'} not found: run notebook 05 (fine-tuning) for this out_dir first")
+results = pd.read_csv(src / "results.csv")
+probe = pd.read_csv(src / "probe.csv") if (src / "probe.csv").stat().st_size > 1 else pd.DataFrame()
+label_curve = pd.read_csv(src / "label_efficiency.csv") if (src / "label_efficiency.csv").stat().st_size > 1 else pd.DataFrame()
+setup = json.loads((src / "setup.json").read_text())
+print(f"{len(results)} fine-tuning rows; {len(probe)} probe rows; {len(label_curve)} label-efficiency rows; "
+      f"data: {'synthetic twins' if setup['synthetic'] else setup['data_root']}")
+
+# %% [markdown]
+# ## Table 2: ours beside the paper's
+# Precision / recall / F1 in %: the positive class on BUS-BRA (malignant) and GIST514-DB (GIST),
+# micro averages on MMOTU-2D (macro averages are in `results.csv`). Ours: mean ± sd over seeds;
+# the best mean per column among our rows is bold. The `init` column says where each model's
+# weights came from.
+
+# %%
+paths = res.write_table2(results, step_dir)
+print((step_dir / "table2.md").read_text())
+
+# %% [markdown]
+# ## All metrics, with intervals
+# Every metric of every cell: mean over seeds and the 95% bootstrap interval (each seed's, averaged).
+
+# %%
+metric_names = [m for m in ("precision", "recall", "f1", "precision_macro", "recall_macro", "f1_macro", "accuracy",
+                            "balanced_accuracy", "roc_auc") if m in results.columns]
+rows = []
+for (d, m, mode), g in pd.concat([results, probe], ignore_index=True).groupby(["dataset", "model", "mode"], sort=False):
+    row = dict(dataset=d, model=m, mode=mode, n_seeds=len(g), init="; ".join(sorted(g["init"].unique())))
+    for k in metric_names:
+        if g[k].notna().any():
+            row[k] = f"{100 * g[k].mean():.1f} [{100 * g[k + '_low'].mean():.1f}, {100 * g[k + '_high'].mean():.1f}]"
+    rows.append(row)
+all_metrics = pd.DataFrame(rows)
+all_metrics.to_csv(step_dir / "all_metrics.csv", index=False)
+all_metrics
+
+# %% [markdown]
+# ## Confusion matrices (seed 0 of each fine-tuned cell, test set)
+
+# %%
+cells = results[results["seed"] == results.groupby(["dataset", "model"])["seed"].transform("min")]
+n = len(cells)
+fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+for ax, (_, row) in zip(axes[0], cells.iterrows()):
+    preds = pd.read_csv(Path(out_dir) / "05_finetuning" / "runs" / row["run"] / "test_predictions.csv")
+    classes = [c[len("prob_"):] for c in preds.columns if c.startswith("prob_")]
+    cm = confusion(preds["label"], preds[[f"prob_{c}" for c in classes]].to_numpy(), classes)
+    ax.imshow(cm.to_numpy(), cmap="Blues")
+    for (i, j), v in pd.DataFrame(cm.to_numpy()).stack().items():
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
+    short = [c[:6] for c in classes]
+    ax.set_xticks(range(len(classes)), short, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(classes)), short, fontsize=6)
+    ax.set_title(f"{row['dataset']}\n{row['model']}", fontsize=8)
+fig.tight_layout()
+fig.savefig(step_dir / "confusion_matrices.png", dpi=dpi)
+
+# %% [markdown]
+# ## Label efficiency
+# Test F1 against the fraction of training labels, mean over seeds with the seeds' range.
+
+# %%
+if len(label_curve):
+    ds = list(dict.fromkeys(label_curve["dataset"]))
+    fig, axes = plt.subplots(1, len(ds), figsize=(4 * len(ds), 3.2), squeeze=False)
+    for ax, d in zip(axes[0], ds):
+        for m, g in label_curve[label_curve["dataset"] == d].groupby("model"):
+            s = g.groupby("fraction")["f1"].agg(["mean", "min", "max"])
+            ax.plot(s.index, 100 * s["mean"], marker="o", label=res.MODEL_TITLES.get(m, m))
+            ax.fill_between(s.index, 100 * s["min"], 100 * s["max"], alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of training labels")
+        ax.set_ylabel("test F1 (%)")
+        ax.set_title(res.DATASET_TITLES.get(d, d))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(step_dir / "label_efficiency.png", dpi=dpi)
+    label_curve.groupby(["dataset", "model", "fraction"])["f1"].agg(["mean", "std", "count"]).round(3).to_csv(
+        step_dir / "label_efficiency.csv")
+
+# %% [markdown]
+# ## Discussion
+# Each statement below is computed from the rows above, for this run's data and settings.
+
+# %%
+statements = res.discussion(results, label_curve, synthetic=setup["synthetic"])
+statements.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
+                  f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples.")
+text = "\n".join(f"- {s}" for s in statements)
+(step_dir / "discussion.md").write_text(text + "\n")
+print(text)
+
+# %%
+index = ["# 06 · Results", ""] + [f"- [{p.name}]({p.name})" for p in sorted(step_dir.iterdir())
+                                   if p.suffix in (".png", ".csv", ".md", ".tex") and p.name != "index.md"]
+(step_dir / "index.md").write_text("\n".join(index) + "\n")
+print("\n".join(index))

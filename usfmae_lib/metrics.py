@@ -83,8 +83,16 @@ def bootstrap_intervals(y_true, y_prob, positive: int | None = None, n_resamples
         warnings.simplefilter("ignore")
         res = bootstrap((np.arange(len(y_true)),), statistic, vectorized=False, n_resamples=n_resamples,
                         confidence_level=confidence, method="percentile", random_state=seed)
-    return pd.DataFrame({"value": [point[k] for k in names], "low": res.confidence_interval.low,
-                         "high": res.confidence_interval.high}, index=pd.Index(names, name="metric"))
+    low, high = np.array(res.confidence_interval.low), np.array(res.confidence_interval.high)
+    # ROC-AUC is undefined on a resample that lacks a class (small test sets): scipy's percentile
+    # then gives NaN; take the percentiles over the resamples where it is defined instead
+    dist = np.asarray(res.bootstrap_distribution)  # [len(names), n_resamples]
+    alpha = 100 * (1 - confidence) / 2
+    for i in np.flatnonzero(np.isnan(low) | np.isnan(high)):
+        if np.isfinite(dist[i]).any():
+            low[i], high[i] = np.nanpercentile(dist[i], [alpha, 100 - alpha])
+    return pd.DataFrame({"value": [point[k] for k in names], "low": low, "high": high},
+                        index=pd.Index(names, name="metric"))
 
 
 def summarise_seeds(runs: pd.DataFrame, by: list[str], metrics=HEADLINE) -> pd.DataFrame:

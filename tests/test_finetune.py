@@ -1,0 +1,179 @@
+"""Fine-tuning and Table 2: weights really loaded, honest init, resumable runs, CLI end to end."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from usfmae_lib import UsfmaeError, cli, mae
+from usfmae_lib import finetune as ft
+from usfmae_lib import results as res
+from usfmae_lib.datasets import load_split
+
+BUSI = Path(__file__).resolve().parents[1].parent / "shared/data/real/busi_sample"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny MAE checkpoint as notebook 03 writes it (untrained: the weights only need to be known)."""
+    torch.manual_seed(0)
+    model = mae.build_model(mae.CPU_CONFIG, img_size=32, depth=2)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint-last.pth"
+    state = {k: v for k, v in model.state_dict().items()}
+    torch.save({"model": state, "params": {"model": mae.CPU_CONFIG, "img_size": 32, "model_overrides": {"depth": 2}}},
+               path)
+    return path, state
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    split = load_split("folder", BUSI, positive="malignant", seed=0)
+    return ft.prepare_data(split, 32)
+
+
+def test_usf_mae_model_receives_the_mae_encoder_weights(checkpoint):
+    path, state = checkpoint
+    model, init, _ = ft.build_classifier("usf-mae", 3, 32, checkpoint=path)
+    got = model.state_dict()
+    for key in ("blocks.1.attn.qkv.weight", "pos_embed", "cls_token", "patch_embed.proj.weight", "norm.weight"):
+        assert torch.equal(got[key], state[key]), key
+    assert init == f"usf-mae: {path}"
+    # global average pooling: the encoder's final norm becomes fc_norm
+    avg, _, _ = ft.build_classifier("usf-mae", 3, 32, checkpoint=path, pool="avg")
+    assert torch.equal(avg.state_dict()["fc_norm.weight"], state["norm.weight"])
+    # another input size: position table resized, blocks unchanged
+    big, _, _ = ft.build_classifier("usf-mae", 3, 64, checkpoint=path)
+    assert big.pos_embed.shape[1] == 1 + 16 and torch.equal(big.state_dict()["blocks.0.mlp.fc1.weight"],
+                                                            state["blocks.0.mlp.fc1.weight"])
+    # the control: same architecture, not the MAE weights
+    scratch, init, _ = ft.build_classifier("scratch", 3, 32, checkpoint=path)
+    assert init.startswith("random (scratch control")
+    assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
+
+
+def test_missing_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(UsfmaeError, match="needs --checkpoint"):
+        ft.build_classifier("usf-mae", 2, 32)
+    with pytest.raises(UsfmaeError, match="ultrasam needs --checkpoint"):
+        ft.build_classifier("ultrasam", 2, 32)
+    with pytest.raises(UsfmaeError, match="does not exist"):
+        ft.build_classifier("resnet-50", 2, 32, weights=tmp_path / "nope.pth")
+
+
+def test_init_column_is_honest_about_imagenet_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ft, "find_imagenet_weights", lambda name: None)  # an empty cache
+    model, init, _ = ft.build_classifier("resnet-50", 2, 32)
+    assert init == "random: no ImageNet weights found"
+    assert "WARNING" in capsys.readouterr().out
+    # a local file of weights is used, and said so
+    torch.manual_seed(1)
+    reference = model.state_dict()
+    path = tmp_path / "resnet-50.pth"
+    torch.save({k: v for k, v in reference.items() if not k.startswith("fc.")}, path)
+    loaded, init, _ = ft.build_classifier("resnet-50", 2, 32, weights=path)
+    assert init == f"imagenet (file: {path})"
+    assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
+
+
+def test_sam_encoder_from_an_mmdet_layout_checkpoint(tmp_path):
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+    kw = dict(patch_size=16, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=[1], window_size=2,
+              use_rel_pos=True, neck_chans=16, num_classes=2)
+    source = VisionTransformerSAM(img_size=64, **kw)
+    mm = {}
+    for k, v in source.state_dict().items():  # timm -> mmdet/UltraSam names
+        if k.startswith("head."):
+            continue
+        k = (k.replace("patch_embed.proj", "patch_embed.projection").replace("blocks.", "layers.")
+             .replace(".norm1.", ".ln1.").replace(".norm2.", ".ln2.").replace(".mlp.fc1.", ".ffn.layers.0.0.")
+             .replace(".mlp.fc2.", ".ffn.layers.1."))
+        mm["backbone." + k] = v
+    mm["decoder.layers.0.norm1.weight"] = torch.zeros(3)  # mask decoder: ignored
+    path = tmp_path / "UltraSam.pth"
+    torch.save({"state_dict": mm}, path)
+    target = ft.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)  # another size: tables resized
+    assert torch.equal(target.state_dict()["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
+    assert target.pos_embed.shape[1:3] == (2, 2)
+    torch.save({"state_dict": {"something.else": torch.zeros(1)}}, path)
+    with pytest.raises(UsfmaeError, match="not a SAM ViT-B image encoder"):
+        ft.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)
+
+
+def test_label_subsample_is_stratified_with_one_per_class():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 3)
+    idx = ft.subsample_labels(labels, 0.1, seed=0)
+    counts = np.bincount(labels[idx].numpy(), minlength=3)
+    assert counts.tolist() == [5, 3, 1]
+    assert len(set(idx)) == len(idx)
+    assert (ft.subsample_labels(labels, 1.0, 0) == np.arange(len(labels))).all()
+
+
+def test_runs_resume_and_rerun_when_the_config_changes(tiny_data, checkpoint, tmp_path, monkeypatch):
+    path, _ = checkpoint
+    cfg = ft.TrainConfig(epochs=1, batch_size=16, img_size=32)
+    kw = dict(checkpoint=path, n_bootstrap=20, log=None)
+    row = ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)
+    run = tmp_path / row["run"]  # relative to the runs folder, so outputs can move
+    assert (run / "metrics.json").exists() and (run / "test_predictions.csv").exists()
+    preds = pd.read_csv(run / "test_predictions.csv")
+    assert len(preds) == len(tiny_data.split.test) and {"label", "pred", "prob_malignant"} <= set(preds.columns)
+    for key in ("precision", "recall", "f1", "accuracy", "balanced_accuracy", "roc_auc"):
+        assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"] or np.isnan(row[key])
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(ft, "train", must_not_train)
+    again = ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)
+    assert again == row
+    with pytest.raises(AssertionError, match="trained again"):  # another config is another run
+        ft.finetune_run(tiny_data, "usf-mae", ft.TrainConfig(epochs=1, batch_size=16, img_size=32, lr=3e-4),
+                        0, tmp_path, **kw)
+
+
+def test_cli_runs_end_to_end_on_a_real_folder(tmp_path, capsys):
+    rc = cli.main(["finetune", "--dataset", "folder", "--root", str(BUSI), "--model", "scratch", "--img-size", "32",
+                   "--epochs", "1", "--lr", "1e-3", "--weight-decay", "0.01", "--batch-size", "16", "--seeds", "1",
+                   "--bootstrap", "30", "--positive", "malignant", "--probe", "--out", str(tmp_path)])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "results.csv")
+    assert list(table["mode"]) == ["finetune", "probe"]
+    for m in ("precision", "recall", "f1", "accuracy", "balanced_accuracy", "roc_auc"):
+        assert table[[m, f"{m}_low", f"{m}_high"]].notna().all().all(), m
+    out = capsys.readouterr().out
+    assert "init: random (scratch control" in out and "roc_auc" in out
+    assert cli.main(["finetune", "--dataset", "bus-bra", "--root", str(tmp_path / "nowhere"), "--model", "scratch"]) == 2
+
+
+def _fake_results(models=("scratch", "usf-mae", "resnet-50")):
+    rng = np.random.default_rng(0)
+    rows = []
+    for d in ("bus-bra", "mmotu-2d", "gist514"):
+        for i, m in enumerate(models):
+            for s in range(2):
+                r = dict(dataset=d, model=m, mode="finetune", fraction=1.0, seed=s,
+                         init="random: no ImageNet weights found" if m == "resnet-50" else f"{m} init")
+                for k in res.METRICS:
+                    v = 0.5 + 0.1 * i + 0.01 * rng.random()
+                    r.update({k: v, f"{k}_low": v - 0.1, f"{k}_high": v + 0.1})
+                rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
+    results = _fake_results()
+    paths = res.write_table2(results, tmp_path)
+    md, tex = paths["md"].read_text(), paths["tex"].read_text()
+    long = pd.read_csv(paths["csv"])
+    for text in (md, tex):
+        assert "81.6" in text and "87.5" in text  # the paper's USF-MAE and UltraSam F1 on BUS-BRA
+        assert "random: no ImageNet weights found" in text
+    assert "**" in md and r"\textbf" in tex
+    row = long[(long["model"] == "usf-mae") & (long["dataset"] == "bus-bra") & (long["metric"] == "f1")].iloc[0]
+    assert row["paper"] == 81.6 and row["n_seeds"] == 2
+    assert row["mean"] == pytest.approx(100 * results.query("model == 'usf-mae' and dataset == 'bus-bra'")["f1"].mean(), abs=0.01)
+    best = long[long["best"]]
+    assert set(best["model"]) == {"resnet-50"}  # the highest fake scores
+    lines = res.discussion(results, synthetic=True)
+    assert any("synthetic" in s for s in lines) and any("resnet-50" in s and "random init" in s for s in lines)
+    assert any(s.startswith("BUS-BRA: USF-MAE beats the same architecture") for s in lines)
