@@ -785,25 +785,11 @@ def synthetic_kind_masks(tree_dir, name: str) -> dict[str, np.ndarray]:
             super().pixels(m, colours)
             kinds.setdefault("colour", np.zeros((self.H, self.W), np.uint8))[m] = 255
 
-    # the lines below replay synthetic._task_annot
-    a = syn.ANATOMIES[(i * 3) % len(syn.ANATOMIES)]
-    r = syn._rng(seed, syn.K_ANNOT, i, 2)
-    top, left, right = 16, int(r.integers(6, 24)), 26
-    H, W = SH - top - 4, SW - left - right
-    img, cvs = syn.render(a, seed, syn.K_ANNOT, i, H, W, return_scene=True)
-    screen = np.zeros((SH, SW), np.uint8)
-    screen[top:top + H, left:left + W] = img
-    fan = np.zeros((SH, SW), bool)
-    fan[top:top + H, left:left + W] = cvs.geom.fan
-    bb = cvs.meta.get("lesion_bbox")
-    if not bb or bb[2] < 4:
-        bb = syn._label_bbox(cvs) or None
-    roi = (bb[0] + left, bb[1] + top, bb[2], bb[3]) if bb else None
+    a, r, clean, marks_at = syn.annotated_screen(seed, i, (SH, SW))  # replays synthetic._task_annot
     saved = sa.Painter
     sa.Painter = Recorder
     try:
-        _, union, _ = sa.annotate(cv2.cvtColor(screen, cv2.COLOR_GRAY2BGR), r, a, cvs.geom.probe.depth_mm,
-                                  cvs.geom.px_mm, roi, fan, (left, top, left + W, top + H))
+        _, union, _ = sa.annotate(clean, r, a, *marks_at)
     finally:
         sa.Painter = saved
     stored = cv2.imread(str(root / "annotated" / "masks" / name), cv2.IMREAD_GRAYSCALE)

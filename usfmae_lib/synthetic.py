@@ -198,16 +198,28 @@ def _task_volume(cfg, i):
 
 def _task_annot(cfg, i):
     """A screen capture: the scan on a black screen, with burned-in marks."""
-    a = ANATOMIES[(i * 3) % len(ANATOMIES)]
     name = f"ann_{i:05d}.png"
     paths = [cfg["root"] / "annotated" / d / name for d in ("clean", "masks", "images")]
     if _done(paths):
         return {}
-    SH, SW = cfg["annotated_size"]
-    r = _rng(cfg["seed"], K_ANNOT, i, 2)
+    a, r, clean, marks_at = annotated_screen(cfg["seed"], i, cfg["annotated_size"])
+    ann, mask, kinds = annotate(clean, r, a, *marks_at)
+    _write_img(paths[0], clean)
+    _write_img(paths[1], mask)
+    _write_img(paths[2], ann)
+    return {}
+
+
+def annotated_screen(seed: int, i: int, size) -> tuple:
+    """Annotated scan i before its marks: (anatomy, rng, clean BGR screen, the rest of annotate's
+    arguments). The rng is the one `annotate` must draw from next, so calling this and then
+    `annotate(clean, rng, anatomy, *rest)` replays the generator exactly."""
+    a = ANATOMIES[(i * 3) % len(ANATOMIES)]
+    SH, SW = size
+    r = _rng(seed, K_ANNOT, i, 2)
     top, left, right = 16, int(r.integers(6, 24)), 26
     H, W = SH - top - 4, SW - left - right
-    img, cv = render(a, cfg["seed"], K_ANNOT, i, H, W, return_scene=True)
+    img, cv = render(a, seed, K_ANNOT, i, H, W, return_scene=True)
     screen = np.zeros((SH, SW), np.uint8)
     screen[top:top + H, left:left + W] = img
     fan = np.zeros((SH, SW), bool)
@@ -217,12 +229,7 @@ def _task_annot(cfg, i):
         bb = _label_bbox(cv) or None
     roi = (bb[0] + left, bb[1] + top, bb[2], bb[3]) if bb else None
     clean = cv2.cvtColor(screen, cv2.COLOR_GRAY2BGR)
-    ann, mask, kinds = annotate(clean, r, a, cv.geom.probe.depth_mm, cv.geom.px_mm, roi, fan,
-                                (left, top, left + W, top + H))
-    _write_img(paths[0], clean)
-    _write_img(paths[1], mask)
-    _write_img(paths[2], ann)
-    return {}
+    return a, r, clean, (cv.geom.probe.depth_mm, cv.geom.px_mm, roi, fan, (left, top, left + W, top + H))
 
 
 def _label_bbox(cv: Canvas):
