@@ -60,6 +60,7 @@ compile = False  # torch.compile the model
 checkpoint_every = 0  # steps between checkpoints; 0 = every epoch
 log_every = 20  # steps between host syncs (per-step loss rows are written then)
 workers = -1  # DataLoader processes; -1 = auto
+heldout_per_anatomy = 20  # images per anatomy kept out of pretraining for notebook 04 (paper: 0)
 threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
 
 # %%
@@ -90,13 +91,18 @@ print(f"profile={profile}  outputs -> {step_dir}")
 # images are decoded once into shards of `[n, S, S, 3]` uint8 (`store/shard_*.npy`, read
 # memory-mapped by the loader workers) with an index of path, dataset and anatomy. Packing is
 # skipped when the store is up to date and resumes shard by shard when interrupted.
+# `heldout_per_anatomy` seeded images per anatomy (at most a tenth of each) are left out and
+# listed in `store/heldout.csv`, so that notebook 04 judges reconstructions on images the model
+# never saw. The paper held none out; the paper profile sets 0.
 
 # %%
-store_dir = store.pack_store(clean_dir, step_dir / "store", img_size, workers=0, progress=False)
+store_dir = store.pack_store(clean_dir, step_dir / "store", img_size, workers=0, progress=False,
+                             heldout_per_anatomy=heldout_per_anatomy, seed=seed)
 index = pd.read_parquet(store_dir / "index.parquet")
 meta = store.read_store_meta(store_dir)
 print(f"{meta['n_images']} images of {img_size} px in {meta['n_shards']} shard(s); "
-      f"{meta['n_rejected']} unreadable file(s) skipped (store/rejects.csv)")
+      f"{meta['n_rejected']} unreadable file(s) skipped (store/rejects.csv); "
+      f"{meta['n_heldout']} held out for notebook 04 (store/heldout.csv)")
 index.groupby(["dataset", "anatomy"]).size().rename("images").reset_index()
 
 # %% [markdown]
@@ -117,7 +123,7 @@ params = dict(model=model, img_size=img_size, mask_ratio=mask_ratio, norm_pix_lo
               warmup_fraction=warmup_fraction, clip_grad=clip_grad, rot_degrees=rot_degrees,
               flip_p=flip_p, crop_scale=crop_scale, init_checkpoint=init_checkpoint, seed=seed,
               precision=precision, compile=compile, checkpoint_every=checkpoint_every,
-              log_every=log_every, workers=workers, threads=threads)
+              log_every=log_every, workers=workers, threads=threads, heldout_per_anatomy=heldout_per_anatomy)
 augment = pretrain.augment_config(pretrain.resolve_params(**params))
 dataset = store.StoreDataset(store_dir, seed, num_patches=1)
 shown = np.linspace(0, len(dataset) - 1, 4).astype(int)

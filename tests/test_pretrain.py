@@ -101,6 +101,26 @@ def test_pack_store_is_indexed_idempotent_resumable_and_skips_bad_files(clean_tr
     assert (out / "shard_00001.npy").exists() and store.store_is_current(src, out, 32)
 
 
+def test_heldout_images_are_kept_out_of_the_store_and_listed(clean_tree, tmp_path):
+    # notebook 04 measures reconstruction on these, so none may be packed for pretraining
+    out = store.pack_store(clean_tree, tmp_path / "store", 32, progress=False, heldout_per_anatomy=2, seed=3)
+    held = pd.read_csv(out / "heldout.csv")
+    packed = pd.read_parquet(out / "index.parquet")
+    per_anatomy = held.groupby("anatomy").size().to_dict()
+    assert per_anatomy == {"breast": 2, "heart": 2}  # 24 images each: a tenth allows 2
+    assert not set(held.path) & set(packed.path) and len(held) + len(packed) == N_IMAGES
+    assert store.store_is_current(clean_tree, out, 32, heldout_per_anatomy=2, seed=3)
+    assert not store.store_is_current(clean_tree, out, 32, heldout_per_anatomy=2, seed=4)
+    stamp = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    store.pack_store(clean_tree, out, 32, progress=False, heldout_per_anatomy=2, seed=3)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamp  # same split: untouched
+    # a large request is capped at a tenth of each anatomy, so small anatomies still train
+    _, capped = store.split_heldout(store.list_sources(clean_tree), 50, seed=0)
+    assert capped.groupby("anatomy").size().to_dict() == {"breast": 2, "heart": 2}
+    store.pack_store(clean_tree, out, 32, progress=False)  # 0: nothing held out, no stale list
+    assert not (out / "heldout.csv").exists() and len(pd.read_parquet(out / "index.parquet")) == N_IMAGES
+
+
 def test_missing_source_names_the_folder_and_the_fix(tmp_path):
     with pytest.raises(UsfmaeError, match="run notebook 02"):
         store.pack_store(tmp_path / "nope", tmp_path / "store", 32)
@@ -255,12 +275,14 @@ def test_cli_run_writes_weights_only_checkpoint_that_mae_loads_and_refuses_to_ov
     run_dir = tmp_path / pretrain.STEP
     ckpt = torch.load(run_dir / "checkpoints" / pretrain.CHECKPOINT, weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "step", "rng", "params"} <= set(ckpt)
-    assert ckpt["step"] == 3 and ckpt["params"]["model"] == mae.CPU_CONFIG and ckpt["params"]["img_size"] == 32
+    # 2 images per anatomy held out by default (a tenth of 24): 44 packed, 2 full batches of 16
+    assert len(pd.read_csv(run_dir / "store" / "heldout.csv")) == 4 and ckpt["params"]["heldout_per_anatomy"] == 20
+    assert ckpt["step"] == 2 and ckpt["params"]["model"] == mae.CPU_CONFIG and ckpt["params"]["img_size"] == 32
     assert isinstance(ckpt["rng"][0]["numpy"][1], list)
     model = mae.load_model(run_dir / "checkpoints" / pretrain.CHECKPOINT)
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     log = pd.read_csv(run_dir / "log.csv")
-    assert list(log.columns) == ["step", "epoch", "loss", "lr", "images_per_s"] and log.step.tolist() == [1, 2, 3]
+    assert list(log.columns) == ["step", "epoch", "loss", "lr", "images_per_s"] and log.step.tolist() == [1, 2]
     assert (run_dir / "store" / "store.json").exists()
     assert cli.main(args) == 2 and "--resume" in capsys.readouterr().err  # never silently overwrite
     assert cli.main(args + ["--resume"]) == 0  # complete: nothing to do
@@ -294,7 +316,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(store_
 def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(clean_tree, tmp_path, capsys):
     import multiprocessing
 
-    params = {**RUN, "epochs": 5, "checkpoint_every": 3, "workers": 1}  # 6 steps/epoch, 30 steps
+    params = {**RUN, "epochs": 5, "checkpoint_every": 3, "workers": 1,  # 6 steps/epoch, 30 steps
+              "heldout_per_anatomy": 0}  # the same 48 images as pretrain_store packs
     out = tmp_path / "killed"
     argv = ["--data", str(clean_tree), "--out", str(out), "--no-progress"] + [f"-p{k}={v}" for k, v in params.items()]
     ckpt_file = out / pretrain.STEP / "checkpoints" / pretrain.CHECKPOINT

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import UsfmaeError
+from . import UsfmaeError, store
 from .mae import MaskedAutoencoderViT, load_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -36,7 +36,7 @@ STEP = "04_reconstruction"
 DEFAULT_CHECKPOINT = Path("03_mae_pretraining") / "checkpoints" / "checkpoint-last.pth"
 DEFAULT_CLEAN_DIR = Path("02_preprocessing") / "clean"
 # a list of images pretraining did not train on (column path, relative to clean/), read when present
-HELDOUT_FILE = Path("03_mae_pretraining") / "heldout.csv"
+HELDOUT_FILE = Path("03_mae_pretraining") / "store" / "heldout.csv"  # written by store.pack_store
 PANEL_TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
 ALL = "all"  # the anatomy label of the rows that pool every image
 
@@ -110,8 +110,8 @@ def read_index(clean_dir) -> pd.DataFrame:
 
 
 def heldout_rows(index: pd.DataFrame, out_dir) -> tuple[pd.DataFrame, bool]:
-    """(rows, held_out): the index rows listed in OUT/03_mae_pretraining/heldout.csv when
-    pretraining recorded such a list, else every row and False (pretraining saw them)."""
+    """(rows, held_out): the index rows listed in OUT/03_mae_pretraining/store/heldout.csv (the
+    images pack_store kept out of pretraining), else every row and False (pretraining saw them)."""
     listing = Path(out_dir) / HELDOUT_FILE
     if not listing.is_file():
         return index, False
@@ -123,16 +123,9 @@ def heldout_rows(index: pd.DataFrame, out_dir) -> tuple[pd.DataFrame, bool]:
 
 
 def pick_images(index: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> pd.DataFrame:
-    """A seeded sample of up to n_per_anatomy rows per anatomy, sorted by (anatomy, path).
-
-    The sample depends only on the index rows and the seed (not on row order or on the other
-    anatomies), so the same images come back on every run.
-    """
-    picked = []
-    for anatomy, rows in index.sort_values("path").groupby("anatomy", sort=True):
-        n = min(int(n_per_anatomy), len(rows))
-        picked.append(rows.sample(n=n, random_state=np.random.RandomState(seed)) if n < len(rows) else rows)
-    return pd.concat(picked).sort_values(["anatomy", "path"]).reset_index(drop=True)
+    """A seeded sample of up to n_per_anatomy rows per anatomy (store.sample_per_anatomy), the
+    same images on every run."""
+    return store.sample_per_anatomy(index, n_per_anatomy, seed)
 
 
 def load_images(clean_dir, paths, img_size: int) -> np.ndarray:

@@ -72,6 +72,7 @@ DEFAULTS = dict(
     workers=-1,  # DataLoader processes; -1 = auto, 0 = load in the main process
     threads=0,  # torch CPU threads of the training process; 0 = torch's default (all cores)
     model_overrides={},  # constructor overrides of the named config (e.g. depth=2 for tests)
+    heldout_per_anatomy=20,  # images per anatomy kept out of the store for notebook 04 (paper: 0)
 )
 # parameters that may change when a run is resumed (they do not change what is computed)
 RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads")
@@ -517,7 +518,9 @@ def _run_cli(args) -> int:
     if rank == 0:
         if not data.exists():
             raise UsfmaeError(f"{data}: no preprocessed images; run notebook 02 (usfmae clean) first or pass --data")
-        pack_store(data, store_dir, params.get("img_size", DEFAULTS["img_size"]), progress=not args.no_progress)
+        pack_store(data, store_dir, params.get("img_size", DEFAULTS["img_size"]), progress=not args.no_progress,
+                   heldout_per_anatomy=params.get("heldout_per_anatomy", DEFAULTS["heldout_per_anatomy"]),
+                   seed=params.get("seed", DEFAULTS["seed"]))
     if world > 1:
         dist.barrier()
     summary = train(store_dir, run_dir, resume=args.resume, progress=not args.no_progress, **params)

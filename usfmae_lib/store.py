@@ -7,6 +7,8 @@ Decoding 374k PNGs every epoch costs more CPU than the GPU step, so the cleaned 
     store/index.parquet         one row per image: path, dataset, anatomy, shard, row
     store/store.json            size, count, fingerprint of the source listing
     store/rejects.csv           files that could not be read (skipped, not fatal)
+    store/heldout.csv           images kept out of the store (path, dataset, anatomy), so that
+                                notebook 04 can show reconstructions of images pretraining never saw
 `pack_store` is idempotent: shards whose sources are unchanged are kept, and an up-to-date
 store is not touched. A killed pack resumes at the first shard not yet written.
 
@@ -76,6 +78,30 @@ def list_sources(src) -> pd.DataFrame:
     return table.sort_values("path", kind="stable").reset_index(drop=True)
 
 
+def sample_per_anatomy(table: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> pd.DataFrame:
+    """A seeded sample of up to n_per_anatomy rows per anatomy, sorted by (anatomy, path).
+
+    The sample depends only on the rows and the seed (not on their order or on the other
+    anatomies), so the same images come back on every run.
+    """
+    picked = []
+    for _, rows in table.sort_values("path").groupby("anatomy", sort=True):
+        n = min(int(n_per_anatomy), len(rows))
+        picked.append(rows.sample(n=n, random_state=np.random.RandomState(seed)) if n < len(rows) else rows)
+    return pd.concat(picked).sort_values(["anatomy", "path"]).reset_index(drop=True)
+
+
+def split_heldout(table: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(packed, held_out): n_per_anatomy seeded images per anatomy are kept out of pretraining,
+    but never more than a tenth of an anatomy's images, so that small anatomies still train."""
+    if n_per_anatomy <= 0:
+        return table, table.iloc[:0]
+    held = pd.concat([sample_per_anatomy(rows, min(n_per_anatomy, len(rows) // 10), seed)
+                      for _, rows in table.groupby("anatomy", sort=True)])
+    packed = table[~table["path"].isin(set(held["path"]))].reset_index(drop=True)
+    return packed, held.reset_index(drop=True)
+
+
 def _read_rgb(path: Path, size: int) -> np.ndarray | None:
     """uint8 RGB [size, size, 3], or None when the file cannot be decoded."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey is replicated to 3 channels
@@ -102,29 +128,39 @@ def _write_json(path: Path, obj):
     os.replace(tmp, path)
 
 
-def store_is_current(src, store_dir, img_size: int) -> bool:
-    """True when store_dir holds a complete store of src's current images at img_size."""
+def store_is_current(src, store_dir, img_size: int, heldout_per_anatomy: int = 0, seed: int = 0) -> bool:
+    """True when store_dir holds a complete store of src's current images at img_size (with the
+    same held-out images)."""
     meta_file = Path(store_dir) / "store.json"
     if not meta_file.exists():
         return False
     meta = json.loads(meta_file.read_text())
-    paths = list_sources(src)["path"].tolist()
+    paths = split_heldout(list_sources(src), heldout_per_anatomy, seed)[0]["path"].tolist()
     return meta.get("fingerprint") == _fingerprint(Path(src), paths, img_size) and meta.get("img_size") == img_size
 
 
 def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: int = 0,
-               progress: bool = True) -> Path:
+               progress: bool = True, heldout_per_anatomy: int = 0, seed: int = 0) -> Path:
     """Pack the images under `src` into a uint8 store at store_dir (see module docstring).
 
     img_size: side S of the stored squares (images of another size are resized). workers:
-    decoding threads (0 = all cores; OpenCV releases the GIL). Returns store_dir. Idempotent and
-    resumable: unchanged shards are kept, an up-to-date store returns at once.
+    decoding threads (0 = all cores; OpenCV releases the GIL). heldout_per_anatomy, seed: images
+    per anatomy left out and listed in store_dir/heldout.csv (see split_heldout; 0 = none, as
+    the paper). Returns store_dir. Idempotent and resumable: unchanged shards are kept, an
+    up-to-date store returns at once.
     """
     from tqdm.auto import tqdm
 
     src, store_dir = Path(src), Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
-    table = list_sources(src)
+    table, heldout = split_heldout(list_sources(src), heldout_per_anatomy, seed)
+    heldout_csv = store_dir / "heldout.csv"
+    if heldout.empty:
+        heldout_csv.unlink(missing_ok=True)
+    elif not heldout_csv.exists() or heldout_csv.read_text() != heldout.to_csv(index=False):
+        tmp = store_dir / f".heldout.part{os.getpid()}.csv"
+        heldout.to_csv(tmp, index=False)
+        os.replace(tmp, heldout_csv)
     paths = table["path"].tolist()
     fingerprint = _fingerprint(src, paths, img_size)
     meta_file = store_dir / "store.json"
@@ -174,6 +210,7 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
     pd.DataFrame({"path": rejects, "reason": reasons}).to_csv(store_dir / "rejects.csv", index=False)
     _write_json(meta_file, {"version": STORE_VERSION, "source": str(src.resolve()), "img_size": img_size,
                             "n_images": len(index), "n_rejected": len(rejects), "n_shards": n_shards,
+                            "n_heldout": len(heldout),
                             "fingerprint": fingerprint})
     return store_dir
 
