@@ -1,7 +1,6 @@
 """Tests of annotation removal and the batch cleaner (usfmae_lib.preprocess). ~40 s on 2 cores."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2

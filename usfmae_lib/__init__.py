@@ -12,3 +12,32 @@ class UsfmaeError(Exception):
 
     The command line prints it without a traceback and exits non-zero.
     """
+
+
+def atomic_write(path, write):
+    """Call write(tmp) on a temporary file beside `path`, then rename it onto `path`, so that a
+    killed run never leaves a half-written output. The temporary name is `.<stem>.part<pid><suffix>`:
+    hidden, found by the `.*.part*` clean-ups, and with the suffix that writers such as np.save
+    and savefig read the format from. Returns `path` as a Path."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.part{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path, text: str):
+    """Write text to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write bytes to `path` atomically (see atomic_write)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -10,7 +10,6 @@ CUDA work is asynchronous, so timings synchronise before and after the timed loo
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch

@@ -59,7 +59,6 @@ summary.json, data/frames.parquet (every frame read, with its status), cache/fil
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -75,7 +74,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import UsfmaeError
+from . import UsfmaeError, atomic_write
 from .curation_readers import (content_hash, file_kind, load_frame, perceptual_hash,  # noqa: F401 (public)
                                read_file, init_worker)
 
@@ -419,15 +418,8 @@ def find_duplicates(frames: pd.DataFrame, threshold: int) -> pd.DataFrame:
 
 
 # ============================================================================ outputs
-def _atomic(path: Path, write):
-    """write(tmp_path) then rename: a kill never leaves a half-written output."""
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_csv(df: pd.DataFrame, path: Path):
-    _atomic(path, lambda t: df.to_csv(t, index=False))
+    atomic_write(path, lambda t: df.to_csv(t, index=False))
 
 
 def _fmt(v) -> str:
@@ -481,13 +473,13 @@ def write_table1(t1: pd.DataFrame, out_dir: Path, note: str = "") -> list[Path]:
             "frames read in this run (videos sampled, volumes sliced); kept_frames: frames in the manifest after "
             "the leakage audit and deduplication (evaluation sets are never kept). " + note).strip()
     md = markdown_table(show) + "\n" + foot + "\n"
-    _atomic(out_dir / "table1.md", lambda t: Path(t).write_text(md))
+    atomic_write(out_dir / "table1.md", lambda t: Path(t).write_text(md))
     tex_df = show.map(lambda v: _fmt(v).replace("_", r"\_").replace("&", r"\&").replace("#", r"\#"))
     tex_df.columns = [c.replace("_", r"\_") for c in tex_df.columns]
     tex = tex_df.to_latex(index=False, escape=False, caption="OpenUS-46: the paper's image counts and the frames "
                           "found by usfmae curate. " + foot.replace("\\*", "*").replace("_", r"\_"),
                           label="tab:openus46", column_format="llrrrl")
-    _atomic(out_dir / "table1.tex", lambda t: Path(t).write_text(tex))
+    atomic_write(out_dir / "table1.tex", lambda t: Path(t).write_text(tex))
     return [out_dir / f"table1.{s}" for s in ("csv", "md", "tex")]
 
 
@@ -639,9 +631,9 @@ def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_st
     t1 = table1(registry, per_ds)
 
     # ---- write (each file atomically)
-    _atomic(out / "manifest.parquet", lambda t: manifest.to_parquet(t, index=False))
+    atomic_write(out / "manifest.parquet", lambda t: manifest.to_parquet(t, index=False))
     write_csv(manifest, out / "manifest.csv")
-    _atomic(out / "data" / "frames.parquet", lambda t: frames.to_parquet(t, index=False))
+    atomic_write(out / "data" / "frames.parquet", lambda t: frames.to_parquet(t, index=False))
     for name, df in (("rejects", rejects), ("duplicates", duplicates), ("leakage", leakage),
                      ("leakage_pairs", leakage_pairs), ("datasets", per_ds), ("skipped", skipped)):
         write_csv(df, out / f"{name}.csv")
@@ -669,7 +661,7 @@ def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_st
                                             "the leakage audit compared against nothing"])
         + ([] if len(manifest) else ["the manifest is empty: no pretraining frame was found under the roots"]),
     }
-    _atomic(out / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(out / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2) + "\n"))
     return Curation(out, manifest, frames, rejects, duplicates, leakage, leakage_pairs, per_ds, skipped, t1, summary)
 
 

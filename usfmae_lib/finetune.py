@@ -27,14 +27,11 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
-import argparse
-import copy
 import itertools
 import json
 import math
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import UsfmaeError, mae
+from . import UsfmaeError, atomic_write_text, mae
 from .datasets import SYNTHETIC_FOLDERS, Split, load_split
 from .metrics import bootstrap_intervals, classification_metrics
 from .store import N_AUG, AugmentConfig, augment_batch
@@ -413,12 +410,6 @@ def run_dir(runs, dataset: str, model: str, mode: str, tag: str, seed: int, frac
     return Path(runs) / dataset / model / mode / tag / f"seed{seed}_frac{fraction:g}"
 
 
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _finished(directory: Path, identity: dict) -> dict | None:
     """The stored metrics of a finished run with the same identity, else None."""
     path = directory / "metrics.json"
@@ -443,8 +434,8 @@ def _score_and_save(directory: Path, identity: dict, row: dict, data: Data, prob
     preds = pd.DataFrame({"path": split.test["path"].to_numpy(), "label": y, "pred": prob.argmax(1)})
     for c, name in enumerate(split.classes):
         preds[f"prob_{name}"] = prob[:, c]
-    _write_atomic(directory / "test_predictions.csv", preds.to_csv(index=False))
-    _write_atomic(directory / "metrics.json", json.dumps(dict(identity=identity, row=row), indent=1, default=float))
+    atomic_write_text(directory / "test_predictions.csv", preds.to_csv(index=False))
+    atomic_write_text(directory / "metrics.json", json.dumps(dict(identity=identity, row=row), indent=1, default=float))
     return row
 
 
@@ -637,7 +628,7 @@ def _run_cli(args) -> int:
     if args.probe:
         table = pd.concat([table, pd.DataFrame([linear_probe(data, args.model, 0, runs, pool=args.pool, **kw)])])
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "results.csv", table.to_csv(index=False))
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
     metrics = [m for m in ("precision", "recall", "f1", "precision_macro", "recall_macro", "f1_macro",
                            "accuracy", "balanced_accuracy", "roc_auc") if m in table.columns]
     print(f"\ninit: {'; '.join(table['init'].unique())}")

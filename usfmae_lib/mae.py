@@ -18,7 +18,6 @@ K = int(L * (1 - mask_ratio)) visible patches.
 from __future__ import annotations
 
 import math
-import os
 import pickle
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 
-from . import UsfmaeError
+from . import UsfmaeError, atomic_write
 
 # ============================================================================ named configs
 # name -> constructor kwargs (img_size is chosen per use: 224 for the paper, 32-112 on a CPU).
@@ -419,13 +418,9 @@ def export_encoder(model_or_state, path) -> Path:
                       pretrained_cfg_overlay=dict(file=path)).
     Written atomically (temp file + rename)."""
     import safetensors.torch
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder_state_dict(model_or_state).items()}
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt", "source": "usfmae MAE encoder"})
-    os.replace(tmp, path)
-    return path
+    metadata = {"format": "pt", "source": "usfmae MAE encoder"}
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 
 # ============================================================================ FLOPs

@@ -18,7 +18,6 @@ all ratios, so the patches hidden at 25% are a subset of those hidden at 90% (ne
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -27,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import UsfmaeError, store
+from . import UsfmaeError, atomic_write, store
 from .mae import MaskedAutoencoderViT, load_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -365,22 +364,12 @@ def _plt():
 
 def save_figure(fig, path, dpi: int = 120) -> Path:
     """Write a figure as PNG atomically (temp file + rename): a killed run leaves no half PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.part{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
 
 
 def write_table(df: pd.DataFrame, path) -> Path:
     """Write a CSV atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def _grid_lines(ax, size: int, patch: int, colour="white", width=0.5):

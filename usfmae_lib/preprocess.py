@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import UsfmaeError
+from . import UsfmaeError, atomic_write, atomic_write_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # paper section 2.2, applied by the training loader
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -564,11 +564,7 @@ def write_png(path: Path, img: np.ndarray, compression: int = 3):
                            [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
         raise UsfmaeError(f"{path}: PNG encoding failed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def clean_job(job: dict, cfg: CleanConfig, out_dir, masks_dir=None, compression: int = 3) -> dict:
@@ -626,9 +622,7 @@ def _append_rows(path: Path, rows: list[dict]):
 
 
 def _write_csv_atomic(path: Path, df):
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0, report=None, masks_dir=None,

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import UsfmaeError, mae
+from . import UsfmaeError, atomic_write, mae
 from .store import AugmentConfig, EpochSampler, StoreDataset, augment_batch, make_loader, pack_store
 
 STEP = "03_mae_pretraining"
@@ -173,15 +173,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(obj: dict, path) -> Path:
     """torch.save to a temporary file, then rename: a kill never leaves a partial checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -245,10 +237,10 @@ def _truncate_log(log_file: Path, step: int) -> None:
     with open(log_file) as f:
         rows = list(csv.reader(f))
     kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    tmp = log_file.with_name(f".{log_file.name}.part{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(tmp, log_file)
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+    atomic_write(log_file, write)
 
 
 # ============================================================================ training

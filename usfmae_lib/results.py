@@ -11,11 +11,12 @@ Statements for the discussion are computed from the rows (`discussion`), never w
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from . import atomic_write_text
 
 # Table 2 of the paper (STUDY.md section 5): model -> dataset -> (precision, recall, F1), in %
 PAPER_TABLE2 = {
@@ -29,12 +30,6 @@ DATASET_TITLES = {"bus-bra": "BUS-BRA", "mmotu-2d": "MMOTU-2D", "gist514": "GIST
 MODEL_TITLES = {"vgg-19": "VGG-19", "resnet-50": "ResNet-50", "vit-b": "ViT-Base", "ultrasam": "UltraSam",
                 "usf-mae": "USF-MAE", "scratch": "USF-MAE architecture, from scratch"}
 METRICS = ("precision", "recall", "f1")
-
-
-def _write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def paper_long() -> pd.DataFrame:
@@ -130,9 +125,9 @@ def write_table2(results: pd.DataFrame, out_dir) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     long = table2_long(results)
     paths = {"csv": out_dir / "table2.csv", "md": out_dir / "table2.md", "tex": out_dir / "table2.tex"}
-    _write(paths["csv"], long.to_csv(index=False, float_format="%.2f"))
-    _write(paths["md"], to_markdown(long))
-    _write(paths["tex"], to_latex(long))
+    atomic_write_text(paths["csv"], long.to_csv(index=False, float_format="%.2f"))
+    atomic_write_text(paths["md"], to_markdown(long))
+    atomic_write_text(paths["tex"], to_latex(long))
     return paths
 
 

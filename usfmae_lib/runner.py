@@ -37,7 +37,7 @@ import logging
 import nbformat
 import yaml
 
-from usfmae_lib import UsfmaeError
+from usfmae_lib import UsfmaeError, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -399,9 +399,7 @@ def reproduce(
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def write_index(out_dir: Path, profile: str, records) -> Path:

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import UsfmaeError
+from . import UsfmaeError, atomic_write, atomic_write_text
 
 STORE_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -123,9 +123,7 @@ def _fingerprint(src: Path, paths, size: int) -> str:
 
 
 def _write_json(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def store_is_current(src, store_dir, img_size: int, heldout_per_anatomy: int = 0, seed: int = 0) -> bool:
@@ -158,9 +156,7 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
     if heldout.empty:
         heldout_csv.unlink(missing_ok=True)
     elif not heldout_csv.exists() or heldout_csv.read_text() != heldout.to_csv(index=False):
-        tmp = store_dir / f".heldout.part{os.getpid()}.csv"
-        heldout.to_csv(tmp, index=False)
-        os.replace(tmp, heldout_csv)
+        atomic_write(heldout_csv, lambda tmp: heldout.to_csv(tmp, index=False))
     paths = table["path"].tolist()
     fingerprint = _fingerprint(src, paths, img_size)
     meta_file = store_dir / "store.json"
@@ -185,9 +181,7 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
                     if img is not None:
                         images[len(ok)] = img
                         ok.append(chunk[i])
-                tmp = store_dir / f".shard_{s:05d}.part{os.getpid()}.npy"
-                np.save(tmp, images[:len(ok)])
-                os.replace(tmp, shard_npy)
+                atomic_write(shard_npy, lambda tmp: np.save(tmp, images[:len(ok)]))
                 done = {"fingerprint": shard_fp, "paths": ok,
                         "rejects": sorted(set(chunk) - set(ok))}
                 _write_json(shard_json, done)
@@ -203,9 +197,7 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
     index = index.merge(table, on="path", how="left")[["path", "dataset", "anatomy", "shard", "row"]]
     if index.empty:
         raise UsfmaeError(f"{src}: none of the {len(paths)} images could be read; see {store_dir / 'rejects.csv'}")
-    tmp = store_dir / f".index.part{os.getpid()}.parquet"
-    index.to_parquet(tmp, index=False)
-    os.replace(tmp, store_dir / "index.parquet")
+    atomic_write(store_dir / "index.parquet", lambda tmp: index.to_parquet(tmp, index=False))
     reasons = ["unreadable image" if (src / r).exists() else "missing file" for r in rejects]
     pd.DataFrame({"path": rejects, "reason": reasons}).to_csv(store_dir / "rejects.csv", index=False)
     _write_json(meta_file, {"version": STORE_VERSION, "source": str(src.resolve()), "img_size": img_size,

@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 import cv2
 import numpy as np
 
-from . import UsfmaeError, __version__
+from . import UsfmaeError, __version__, atomic_write, atomic_write_bytes
 from .synth_annotations import annotate
 from .synth_physics import Physics, make_geometry, random_physics, simulate  # noqa: F401 (public)
 from .synth_scenes import (ANATOMIES, OTU_CLASSES, Canvas, build_scene, breast_lesion, gi_tumour,
@@ -51,31 +51,25 @@ def _rng(seed: int, kind: int, index: int, *extra: int) -> np.random.Generator:
 
 
 # ============================================================================ file IO
-def _atomic_bytes(path: pathlib.Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _write_img(path: pathlib.Path, img: np.ndarray, quality: int = 92):
     ext = path.suffix.lower()
     params = [cv2.IMWRITE_JPEG_QUALITY, quality] if ext in (".jpg", ".jpeg") else [cv2.IMWRITE_PNG_COMPRESSION, 3]
     ok, buf = cv2.imencode(ext, img, params)
     assert ok, path
-    _atomic_bytes(path, buf.tobytes())
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def _write_video(path: pathlib.Path, frames: list[np.ndarray], fps: float):
     """MJPG in AVI via OpenCV's built-in writer (no timestamps: byte-reproducible)."""
-    tmp = path.with_name(f".{path.stem}.part{os.getpid()}{path.suffix}")
     H, W = frames[0].shape[:2]
-    vw = cv2.VideoWriter(str(tmp), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (W, H), True)
-    assert vw.isOpened(), "cannot open MJPG writer"
-    for f in frames:
-        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
-    vw.release()
-    os.replace(tmp, path)
+
+    def write(tmp):
+        vw = cv2.VideoWriter(str(tmp), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, (W, H), True)
+        assert vw.isOpened(), "cannot open MJPG writer"
+        for f in frames:
+            vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
+        vw.release()
+    atomic_write(path, write)
 
 
 def _nifti_bytes(vol: np.ndarray, spacing: tuple) -> bytes:
@@ -96,21 +90,21 @@ def _write_nifti_gz(path: pathlib.Path, vol: np.ndarray, spacing: tuple):
     body = comp.compress(raw) + comp.flush()
     header = b"\x1f\x8b\x08\x00" + struct.pack("<I", 0) + b"\x00\xff"
     trailer = struct.pack("<II", zlib.crc32(raw) & 0xFFFFFFFF, len(raw) & 0xFFFFFFFF)
-    _atomic_bytes(path, header + body + trailer)
+    atomic_write_bytes(path, header + body + trailer)
 
 
 def _write_mhd(path: pathlib.Path, vol: np.ndarray, spacing: tuple):
     """MetaImage header + raw (what SimpleITK/ITK write, minus anything time-dependent).
     The raw file is written first; the .mhd (the 'done' marker) last."""
     raw = path.with_suffix(".raw")
-    _atomic_bytes(raw, np.ascontiguousarray(vol).tobytes())
+    atomic_write_bytes(raw, np.ascontiguousarray(vol).tobytes())
     D, H, W = vol.shape
     hdr = (f"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
            f"CompressedData = False\nTransformMatrix = 1 0 0 0 1 0 0 0 1\nOffset = 0 0 0\n"
            f"CenterOfRotation = 0 0 0\nAnatomicalOrientation = RAI\n"
            f"ElementSpacing = {spacing[2]:.6g} {spacing[1]:.6g} {spacing[0]:.6g}\n"
            f"DimSize = {W} {H} {D}\nElementType = MET_UCHAR\nElementDataFile = {raw.name}\n")
-    _atomic_bytes(path, hdr.encode())
+    atomic_write_bytes(path, hdr.encode())
 
 
 def _done(paths) -> bool:
@@ -317,7 +311,7 @@ def _task_gist(cfg, i, item):
         crop = img[y0:y1, x0:x1]
         meta = {"width": int(x1 - x0), "height": int(y1 - y0), "bbox": [x - x0, y - y0, w, h]}
         side.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_bytes(side, json.dumps(meta).encode())
+        atomic_write_bytes(side, json.dumps(meta).encode())
         _write_img(img_p, cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR), cfg["jpeg_quality"])
     return json.loads(side.read_text())
 
@@ -430,12 +424,12 @@ def _write_gist_json(root: pathlib.Path, items: list[dict], metas: list[dict]):
         return {"images": imgs, "annotations": anns, "categories": cats}
 
     ann = root / "annotations"
-    _atomic_bytes(ann / "all_anno_crop.json", json.dumps(coco(range(len(items)))).encode())
+    atomic_write_bytes(ann / "all_anno_crop.json", json.dumps(coco(range(len(items)))).encode())
     for k in range(5):
         val = [i for i, it in enumerate(items) if it["fold"] == k]
         tr = [i for i, it in enumerate(items) if it["fold"] != k]
-        _atomic_bytes(ann / f"train_anno_crop_split_{k}.json", json.dumps(coco(tr)).encode())
-        _atomic_bytes(ann / f"val_anno_crop_split_{k}.json", json.dumps(coco(val)).encode())
+        atomic_write_bytes(ann / f"train_anno_crop_split_{k}.json", json.dumps(coco(tr)).encode())
+        atomic_write_bytes(ann / f"val_anno_crop_split_{k}.json", json.dumps(coco(val)).encode())
 
 
 # ============================================================================ tree
@@ -498,8 +492,8 @@ def generate_tree(out_dir, seed: int = 0, profile: str = "smoke", workers: int |
     lines = {True: [], False: []}
     for it in otu:
         lines[it["train"]].append(f"{it['id']}.JPG {it['label']}\n")
-    _atomic_bytes(root / "OTU_2d" / "train_cls.txt", "".join(lines[True]).encode())
-    _atomic_bytes(root / "OTU_2d" / "val_cls.txt", "".join(lines[False]).encode())
+    atomic_write_bytes(root / "OTU_2d" / "train_cls.txt", "".join(lines[True]).encode())
+    atomic_write_bytes(root / "OTU_2d" / "val_cls.txt", "".join(lines[False]).encode())
     _write_gist_json(root / "usd514_jpeg_roi", gist, results[off + nb + no:])
     info = {"generator": "usfmae_lib.synthetic", "version": __version__, "seed": int(seed), "profile": profile,
             "params": {k: v for k, v in cfg.items() if k not in ("seed", "profile")},
@@ -507,7 +501,7 @@ def generate_tree(out_dir, seed: int = 0, profile: str = "smoke", workers: int |
             "gist_categories": {"1": "leiomyoma", "2": "GIST"}, "busbra_devices": list(BUS_DEVICES),
             "video_fps": cfg["fps"], "video_format": "AVI (MJPG)",
             "volume_formats": {"ovary": "NIfTI .nii.gz", "fetal_head": "MetaImage .mhd/.raw"}}
-    _atomic_bytes(root / "synth.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(root / "synth.json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     return root
 
 
