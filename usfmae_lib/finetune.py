@@ -318,28 +318,27 @@ def _autocast(device):
 
 
 @torch.no_grad()
+def _in_batches(model, images: torch.Tensor, device, batch_size: int, fn) -> torch.Tensor:
+    """fn(model, normalised batch) over images in eval mode, under autocast; float32 on the CPU."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with _autocast(device):
+            out.append(fn(model, normalise(images[i:i + batch_size], device)).float().cpu())
+    return torch.cat(out)
+
+
 def predict(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
     """Class probabilities [N, C] (float64)."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        with _autocast(device):
-            logits = model(normalise(images[i:i + batch_size], device))
-        out.append(F.softmax(logits.float(), 1).cpu())
-    return torch.cat(out).double().numpy()
+    logits = _in_batches(model, images, device, batch_size, lambda m, x: m(x))
+    return F.softmax(logits, 1).double().numpy()
 
 
-@torch.no_grad()
 def features(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
     """Pooled features [N, D] of a classifier's trunk (its head bypassed)."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        with _autocast(device):
-            x = model.forward_head(model.forward_features(normalise(images[i:i + batch_size], device)),
-                                   pre_logits=True)
-        out.append(x.float().flatten(1).cpu())
-    return torch.cat(out).numpy()
+    pooled = _in_batches(model, images, device, batch_size,
+                         lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True).flatten(1))
+    return pooled.numpy()
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
