@@ -45,9 +45,9 @@ checkpoint = None  # MAE checkpoint; None = <out_dir>/03_mae_pretraining/checkpo
 ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when models has ultrasam)
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
 img_size = 0  # input side; 0 = the checkpoint's pretraining size (paper: 224)
-epochs = 8  # maximum epochs per run
-patience = 3  # early stopping: epochs without a better validation F1
-lrs = [3e-4]  # sweep (paper: [3e-4, 1e-3])
+epochs = 15  # maximum epochs per run
+patience = 5  # early stopping: epochs without a better validation F1
+lrs = [1e-3]  # sweep (paper: [3e-4, 1e-3])
 weight_decays = [0.01]  # sweep (paper: [0.01, 0.001])
 batch_sizes = [32]  # sweep (paper: [32, 64])
 pool = "token"  # ViT models: token (cls -> head, the paper) or avg (global average pooling)
