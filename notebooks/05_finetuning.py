@@ -21,8 +21,9 @@
 # and UltraSam. This notebook:
 #
 # 1. loads each benchmark with its official split (real layout, or the synthetic twin of notebook 01);
-# 2. runs the grid of models x datasets: the paper's sweep (lr x wd x batch) selected on validation
-#    F1 with seed 0, then `n_seeds` seeds of the chosen config (`usfmae finetune` runs one cell);
+# 2. runs the grid of models x datasets: the paper's sweep (lr x wd x batch) selected on a validation
+#    score (`select_on`) with seed 0, then `n_seeds` seeds of the chosen config (`usfmae finetune`
+#    runs one cell);
 # 3. adds a linear probe of frozen encoders and label-efficiency curves (USF-MAE vs the same
 #    architecture from scratch at a few fractions of the training labels).
 #
@@ -46,7 +47,10 @@ ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when 
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
 img_size = 0  # input side; 0 = the checkpoint's pretraining size (paper: 224)
 epochs = 15  # maximum epochs per run
-patience = 5  # early stopping: epochs without a better validation F1
+patience = 5  # early stopping: epochs without a better validation score
+select_on = "balanced_accuracy"  # validation score picking epoch and config: balanced_accuracy, f1 or loss
+head_norm = True  # BatchNorm before the head (MAE's linear-probe trick); False = plain cls -> linear, the paper
+layer_decay = 1.0  # ViT layer-wise lr decay (MAE fine-tuning uses 0.65-0.75); 1 = off, the paper
 lrs = [1e-3]  # sweep (paper: [3e-4, 1e-3])
 weight_decays = [0.01]  # sweep (paper: [0.01, 0.001])
 batch_sizes = [32]  # sweep (paper: [32, 64])
@@ -109,11 +113,12 @@ for d in datasets:
 
 # %% [markdown]
 # ## The grid: sweep on validation, then seeds
-# For each (dataset, model): every config of the sweep with seed 0, the best validation F1 wins,
+# For each (dataset, model): every config of the sweep with seed 0, the best validation score wins,
 # then `n_seeds` seeds of that config; test metrics with bootstrap 95% intervals.
 
 # %%
-base = ft.TrainConfig(epochs=epochs, patience=patience, img_size=size, pool=pool)
+base = ft.TrainConfig(epochs=epochs, patience=patience, img_size=size, pool=pool, select_on=select_on,
+                      head_norm=head_norm, layer_decay=layer_decay)
 configs = ft.sweep_configs(base, lrs, weight_decays, batch_sizes)
 print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}")
 t0 = time.time()
@@ -130,7 +135,7 @@ for d in datasets:
         cells.append(cell)
 results = pd.concat(cells, ignore_index=True)
 print(f"grid done in {time.time() - t0:.0f} s")
-results[["dataset", "model", "seed", "init", "selected", "val_f1", "precision", "recall", "f1",
+results[["dataset", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision", "recall", "f1",
          "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
 
 # %% [markdown]
@@ -175,6 +180,6 @@ for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_ind
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, n_configs=len(configs),
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
-             patience=patience, label_fractions=label_fractions, n_bootstrap=n_bootstrap)
+             patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay, label_fractions=label_fractions, n_bootstrap=n_bootstrap)
 (step_dir / "setup.json").write_text(json.dumps(setup, indent=1))
 print(sorted(p.name for p in step_dir.iterdir()))

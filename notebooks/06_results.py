@@ -141,7 +141,10 @@ if len(label_curve):
 # %%
 statements = res.discussion(results, label_curve, synthetic=setup["synthetic"])
 statements.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
-                  f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples.")
+                  f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples; "
+                  f"epoch and config picked on validation {setup.get('select_on', 'f1')}; "
+                  f"{'BatchNorm before the head' if setup.get('head_norm') else 'plain linear head'}"
+                  f"{', layer decay %g' % setup['layer_decay'] if setup.get('layer_decay', 1) != 1 else ''}.")
 text = "\n".join(f"- {s}" for s in statements)
 (step_dir / "discussion.md").write_text(text + "\n")
 print(text)

@@ -177,3 +177,51 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
     lines = res.discussion(results, synthetic=True)
     assert any("synthetic" in s for s in lines) and any("resnet-50" in s and "random init" in s for s in lines)
     assert any(s.startswith("BUS-BRA: USF-MAE beats the same architecture") for s in lines)
+
+
+@pytest.mark.parametrize("select_on", ["balanced_accuracy", "loss"])
+def test_the_kept_epoch_is_the_best_by_the_chosen_validation_score(tiny_data, checkpoint, select_on):
+    path, _ = checkpoint
+    torch.manual_seed(0)
+    model, _, _ = ft.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
+    cfg = ft.TrainConfig(epochs=4, patience=0, batch_size=16, img_size=32, select_on=select_on, head_norm=True)
+    result = ft.train(ft.add_head_norm(model), tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
+    history = pd.DataFrame(result["history"])
+    scores = -history["val_loss"] if select_on == "loss" else history[f"val_{select_on}"]
+    assert result["best_epoch"] in history.index[scores == scores.max()]
+    # the kept weights are that epoch's: scoring them again gives its validation loss
+    prob = ft.predict(model, tiny_data.images["val"], torch.device("cpu"))
+    val_loss = float(torch.nn.functional.nll_loss(torch.log(torch.from_numpy(prob)), tiny_data.labels["val"]))
+    assert val_loss == pytest.approx(history["val_loss"][result["best_epoch"]], rel=1e-5)
+    with pytest.raises(UsfmaeError, match="select_on"):
+        ft.TrainConfig(select_on="accuracy")
+
+
+def test_head_norm_standardises_what_the_head_sees_for_every_timm_family():
+    import timm
+    for name in ("resnet18", "vgg11_bn", "vit_tiny_patch16_224"):
+        model = ft.add_head_norm(timm.create_model(name, num_classes=3, img_size=64) if "vit" in name
+                                 else timm.create_model(name, num_classes=3))
+        norm, linear = model.get_classifier()
+        seen = []
+        norm.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.train()
+        logits = model(torch.randn(8, 3, 64, 64) * 3 + 5)
+        assert logits.shape == (8, 3) and linear.out_features == 3
+        std = seen[0].std(0, unbiased=False)  # 1, less for features (near) constant over the batch (dead ReLUs)
+        assert seen[0].mean(0).abs().max() < 1e-4 and std.max() < 1 + 1e-3
+        assert ((std - 1).abs() < 1e-2).float().mean() > 0.5
+
+
+def test_layer_decay_gives_lower_blocks_smaller_learning_rates(checkpoint):
+    path, _ = checkpoint
+    model, _, _ = ft.build_classifier("usf-mae", 2, 32, checkpoint=path)  # depth 2
+    opt = ft.make_optimiser(model, ft.TrainConfig(lr=1e-3, layer_decay=0.5))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["blocks.1.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(named["blocks.0.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.25)
+    assert lr_of[id(named["patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.125)
+    plain = ft.make_optimiser(model, ft.TrainConfig(lr=1e-3))
+    assert {g["lr"] for g in plain.param_groups} == {1e-3}

@@ -20,8 +20,10 @@ Data: every image of a split is decoded and resized once (cv2.INTER_AREA, squash
 paper does) into a uint8 cache [N, 3, S, S]; training batches are augmented per sample (rotation
 0-90 deg, flips, resized crop) by the pretraining step's batched affine resample (store.augment_batch)
 on the training device, and ImageNet-normalised.
-Training: AdamW (no decay on biases and norms), linear warmup then cosine per step, early stopping on
-validation F1 with the best weights kept, bf16 autocast on CUDA. The seed sets init, data order and
+Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), linear warmup then cosine per
+step, early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
+everything positive) with the best weights kept, bf16 autocast on CUDA. `head_norm` puts MAE's linear-probe
+BatchNorm in front of the head (see add_head_norm for why the quick checkpoint needs it). The seed sets init, data order and
 augmentation. Every run writes RUNS/<dataset>/<model>/<mode>/<config>/seed<k>_frac<f>/{metrics.json,
 test_predictions.csv} atomically (metrics.json last) and is skipped when present with the same config.
 """
@@ -56,6 +58,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # the paper's baseline sweep (STUDY.md section 5)
 SWEEP = dict(lr=[3e-4, 1e-3], weight_decay=[0.01, 0.001], batch_size=[32, 64])
 LABEL_FRACTIONS = (0.01, 0.1, 0.25, 1.0)
+# Validation scores that can pick the epoch (early stopping) and the sweep's config. F1 of the positive
+# class rewards a predictor that calls everything positive (F1 = 2p / (1 + p) at prevalence p), which a
+# barely trained model is; balanced accuracy gives that 0.5 and the loss is smooth on small val sets.
+SELECT_ON = ("f1", "balanced_accuracy", "loss")
 
 
 def warn(message: str):
@@ -71,18 +77,30 @@ class TrainConfig:
     weight_decay: float = 0.01
     batch_size: int = 32
     epochs: int = 20
-    patience: int = 5  # epochs without a better validation F1 before stopping (0 = never stop early)
+    patience: int = 5  # epochs without a better validation score before stopping (0 = never stop early)
     warmup_fraction: float = 0.1  # linear warmup over this fraction of the steps, then cosine
     img_size: int = 224
     pool: str = "token"  # ViT models: "token" (cls token -> head, the paper) or "avg"
     rotate_degrees: float = 90.0  # rotation drawn from [0, rotate_degrees] (paper: 0-90)
     crop_scale: tuple = (0.5, 1.0)  # resized-crop area / image area (RandomResizedCrop's meaning)
     label_smoothing: float = 0.0
+    select_on: str = "balanced_accuracy"  # validation score that picks the epoch and the sweep's config: one of SELECT_ON
+    head_norm: bool = False  # BatchNorm (no affine) in front of the head, as MAE's linear probe; see add_head_norm
+    layer_decay: float = 1.0  # ViT lr multiplier per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off, the paper
+
+    def __post_init__(self):
+        if self.select_on not in SELECT_ON:
+            raise UsfmaeError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
 
     def tag(self) -> str:
         """Folder name of the knobs that differ between runs of a sweep."""
         return (f"lr{self.lr:g}_wd{self.weight_decay:g}_bs{self.batch_size}_ep{self.epochs}"
-                f"_px{self.img_size}_{self.pool}")
+                f"_px{self.img_size}_{self.pool}" + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else "")
+                + (f"_sel-{self.select_on}" if self.select_on != "balanced_accuracy" else "") + ("_bnhead" if self.head_norm else ""))
+
+    def score(self, val: dict) -> float:
+        """The validation score to maximise (loss is negated)."""
+        return -val["loss"] if self.select_on == "loss" else val[self.select_on]
 
 
 def sweep_configs(base: TrainConfig, lrs=None, weight_decays=None, batch_sizes=None) -> list[TrainConfig]:
@@ -255,6 +273,26 @@ def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None
     return model, f"imagenet ({kind}: {source})", _file_id(source)
 
 
+def add_head_norm(model: nn.Module) -> nn.Module:
+    """Put BatchNorm1d(affine=False) in front of the classifier of a timm model (in place).
+
+    MAE features share a large image-independent component: on the quick checkpoint the cls token
+    varies ~1% as much across images as across channels, so a plain linear head sees a near-constant
+    input, its gradient mostly moves the bias, and the encoder gets gradients ~30x smaller than a
+    random-init one. Standardising each feature over the batch (what MAE's linear probe does, and
+    what the logistic-regression probe here does with its scaler) lets the head see the differences."""
+    name = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    *parents, leaf = name.split(".")
+    owner = model
+    for part in parents:
+        owner = getattr(owner, part)
+    head = getattr(owner, leaf)
+    if not isinstance(head, nn.Linear):
+        raise UsfmaeError(f"head_norm needs a linear classifier at {name!r}, found {type(head).__name__}")
+    setattr(owner, leaf, nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head))
+    return model
+
+
 # ============================================================================ data
 def read_image(path, size: int) -> np.ndarray:
     """uint8 RGB [size, size, 3]: decoded, squashed to a square with cv2.INTER_AREA."""
@@ -348,11 +386,21 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def make_optimiser(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm AdamW: no weight decay on biases and norms; with cfg.layer_decay < 1, block k of a ViT
+    (of `depth`) gets lr x layer_decay ** (depth + 1 - k), the head the full lr (MAE's fine-tuning recipe)."""
+    from timm.optim import create_optimizer_v2
+    optimiser = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    layer_decay=cfg.layer_decay if cfg.layer_decay != 1 else None)
+    for group in optimiser.param_groups:  # timm leaves lr_scale to its own schedulers; LambdaLR scales lr
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return optimiser
+
+
 def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, device="auto",
           positive: int | None = None, log=print) -> dict:
     """Fine-tune `model` in place on data.images["train"][train_index]; keep the weights of the
-    epoch with the best validation F1 (ties: lower validation loss). Returns the history."""
-    from timm.optim import create_optimizer_v2
+    epoch with the best validation score (cfg.select_on; ties: lower validation loss). Returns the history."""
     device = pick_device(device) if isinstance(device, str) else device
     order_rng = torch.Generator().manual_seed(seed)  # data order
     aug_rng = torch.Generator().manual_seed(seed + 1_000_003)  # augmentation parameters
@@ -364,12 +412,12 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (batch norm needs > 1 sample)
     total = steps_per_epoch * cfg.epochs
-    optimiser = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)  # no decay on 1-d params
+    optimiser = make_optimiser(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: warmup_cosine(s, total, max(1, int(cfg.warmup_fraction * total))))
     augment = make_augment(cfg)
     y_val = data.labels["val"].numpy()
-    best = dict(f1=-1.0, loss=float("inf"), epoch=-1, state=None)
+    best = dict(score=-float("inf"), loss=float("inf"), epoch=-1, state=None, val=None)
     history = []
     for epoch in range(cfg.epochs):
         model.train()
@@ -389,19 +437,21 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
             losses.append(loss.item())
         prob = predict(model, data.images["val"], device)
         val = classification_metrics(y_val, prob, positive)
-        val_loss = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
-        history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss,
-                            val_f1=val["f1"], seconds=time.time() - t0))
-        if val["f1"] > best["f1"] or (val["f1"] == best["f1"] and val_loss < best["loss"]):
-            best = dict(f1=val["f1"], loss=val_loss, epoch=epoch,
+        val["loss"] = val_loss = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
+        history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss, val_f1=val["f1"],
+                            val_balanced_accuracy=val["balanced_accuracy"], val_roc_auc=val["roc_auc"],
+                            seconds=time.time() - t0))
+        score = cfg.score(val)
+        if score > best["score"] or (score == best["score"] and val_loss < best["loss"]):
+            best = dict(score=score, loss=val_loss, epoch=epoch, val=val,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
         if log:
             log(f"  epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}  "
-                f"val f1 {val['f1']:.3f}  ({history[-1]['seconds']:.1f} s)")
+                f"val f1 {val['f1']:.3f}  val bal. acc {val['balanced_accuracy']:.3f}  ({history[-1]['seconds']:.1f} s)")
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
     model.load_state_dict(best["state"])
-    return dict(history=history, best_epoch=best["epoch"], best_val_f1=best["f1"], epochs_run=len(history))
+    return dict(history=history, best_epoch=best["epoch"], best_val=best["val"], epochs_run=len(history))
 
 
 # ============================================================================ runs on disk
@@ -458,6 +508,8 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
         return done["row"]
     torch.manual_seed(seed)  # the head's (and scratch models') init
     model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, cfg.pool, mae_config)
+    if cfg.head_norm:
+        add_head_norm(model)
     index = subsample_labels(data.labels["train"], fraction, seed)
     if log:
         log(f"{split.dataset} {model_name} {cfg.tag()} seed {seed} fraction {fraction:g}: "
@@ -470,7 +522,8 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
                fraction=fraction, n_train=len(index), n_val=len(split.val), n_test=len(split.test),
                img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
-               val_f1=result["best_val_f1"], train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
+               select_on=cfg.select_on, val_f1=result["best_val"]["f1"], val_loss=result["best_val"]["loss"],
+               val_balanced_accuracy=result["best_val"]["balanced_accuracy"], train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
     directory.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result["history"]).to_csv(directory / "history.csv", index=False)
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
@@ -526,11 +579,11 @@ def _full_proba(clf, x, n_classes) -> np.ndarray:
 
 
 def select_config(data: Data, model_name: str, configs: list[TrainConfig], runs, **kw) -> tuple[TrainConfig, pd.DataFrame]:
-    """The paper's sweep: every config with seed 0 on all labels; the best validation F1 wins
-    (ties: the first in grid order). Returns (chosen config, sweep rows)."""
+    """The paper's sweep: every config with seed 0 on all labels; the best validation score wins
+    (each config's select_on; ties: the first in grid order). Returns (chosen config, sweep rows)."""
     rows = [finetune_run(data, model_name, cfg, 0, runs, **kw) for cfg in configs]
     table = pd.DataFrame(rows)
-    best = int(np.argmax(table["val_f1"].to_numpy()))
+    best = int(np.argmax([cfg.score({k: row["val_" + k] for k in SELECT_ON}) for cfg, row in zip(configs, rows)]))
     return TrainConfig(**{**asdict(configs[best]), "img_size": data.img_size}), table
 
 
@@ -588,6 +641,11 @@ def add_cli(subparsers):
     p.add_argument("--weight-decay", type=float, nargs="+", default=SWEEP["weight_decay"])
     p.add_argument("--batch-size", type=int, nargs="+", default=SWEEP["batch_size"])
     p.add_argument("--pool", choices=["token", "avg"], default="token")
+    p.add_argument("--head-norm", action="store_true",
+                   help="BatchNorm (no affine) before the head, as MAE's linear probe (the quick profile uses it)")
+    p.add_argument("--select-on", choices=SELECT_ON, default=TrainConfig.select_on,
+                   help="validation score that picks the epoch and the sweep's config (default balanced_accuracy)")
+    p.add_argument("--layer-decay", type=float, default=1.0, help="ViT layer-wise lr decay (1 = off, the paper)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config (default 3)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (default 1)")
     p.add_argument("--probe", action="store_true", help="also a linear probe of the frozen encoder")
@@ -613,7 +671,8 @@ def _run_cli(args) -> int:
     print(f"{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / {len(split.test)} test, "
           f"classes {split.classes}; decoding at {img_size} px")
     data = prepare_data(split, img_size)
-    base = TrainConfig(epochs=args.epochs, patience=args.patience, img_size=img_size, pool=args.pool)
+    base = TrainConfig(epochs=args.epochs, patience=args.patience, img_size=img_size, pool=args.pool,
+                       head_norm=args.head_norm, select_on=args.select_on, layer_decay=args.layer_decay)
     configs = sweep_configs(base, args.lr, args.weight_decay, args.batch_size)
     out = Path(args.out)
     runs = out / "runs"
