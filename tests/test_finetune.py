@@ -153,7 +153,7 @@ def _fake_results(models=("scratch", "usf-mae", "resnet-50")):
             for s in range(2):
                 r = dict(dataset=d, model=m, mode="finetune", fraction=1.0, seed=s,
                          init="random: no ImageNet weights found" if m == "resnet-50" else f"{m} init")
-                for k in res.METRICS:
+                for k in (*res.METRICS, "balanced_accuracy"):
                     v = 0.5 + 0.1 * i + 0.01 * rng.random()
                     r.update({k: v, f"{k}_low": v - 0.1, f"{k}_high": v + 0.1})
                 rows.append(r)
@@ -177,6 +177,8 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
     lines = res.discussion(results, synthetic=True)
     assert any("synthetic" in s for s in lines) and any("resnet-50" in s and "random init" in s for s in lines)
     assert any(s.startswith("BUS-BRA: USF-MAE beats the same architecture") for s in lines)
+    one_class = [s for s in lines if s.startswith("Near a one-class predictor")]  # fake scratch: balanced acc. ~0.5
+    assert len(one_class) == 1 and "from scratch on BUS-BRA" in one_class[0] and "USF-MAE on" not in one_class[0]
 
 
 @pytest.mark.parametrize("select_on", ["balanced_accuracy", "loss"])
@@ -184,7 +186,7 @@ def test_the_kept_epoch_is_the_best_by_the_chosen_validation_score(tiny_data, ch
     path, _ = checkpoint
     torch.manual_seed(0)
     model, _, _ = ft.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
-    cfg = ft.TrainConfig(epochs=4, patience=0, batch_size=16, img_size=32, select_on=select_on, head_norm=True)
+    cfg = ft.TrainConfig(epochs=4, patience=0, batch_size=16, img_size=32, select_on=select_on)
     result = ft.train(ft.add_head_norm(model), tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
     history = pd.DataFrame(result["history"])
     scores = -history["val_loss"] if select_on == "loss" else history[f"val_{select_on}"]

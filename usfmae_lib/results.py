@@ -131,6 +131,9 @@ def write_table2(results: pd.DataFrame, out_dir) -> dict[str, Path]:
     return paths
 
 
+ONE_CLASS_BALANCED_ACCURACY = 0.55  # below this a binary classifier is close to predicting one class
+
+
 def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, synthetic: bool = True) -> list[str]:
     """What the run supports and what it does not, computed from the rows."""
     ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
@@ -166,6 +169,14 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
                          f"({100 * means.max():.1f}); the paper's best: "
                          + (max(PAPER_TABLE2, key=lambda m: PAPER_TABLE2[m].get(dataset, (0, 0, 0))[2])
                             if dataset in PAPER_TABLE2["usf-mae"] else "n/a") + ".")
+    if "balanced_accuracy" in ft:  # a one-class model can still post a fair positive-class F1
+        bal = ft.groupby(["dataset", "model"], sort=False)["balanced_accuracy"].mean()
+        weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * v:.1f})"
+                for (d, m), v in bal.items() if v < ONE_CLASS_BALANCED_ACCURACY]
+        if weak:
+            lines.append(f"Near a one-class predictor (mean test balanced accuracy below "
+                         f"{100 * ONE_CLASS_BALANCED_ACCURACY:.0f}; always the same class scores 50 on a binary task): "
+                         + ", ".join(weak) + "; their F1 says little about what they learned.")
     if label_curve is not None and len(label_curve):
         lc = label_curve.groupby(["dataset", "model", "fraction"])["f1"].mean().unstack("model")
         if {"usf-mae", "scratch"} <= set(lc.columns):
