@@ -47,7 +47,7 @@ ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when 
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
 img_size = 0  # input side; 0 = the checkpoint's pretraining size (paper: 224)
 epochs = 15  # maximum epochs per run
-patience = 5  # early stopping: epochs without a better validation score
+patience = 0  # early stopping: epochs without a better validation score (0 = run all epochs, keep the best)
 select_on = "balanced_accuracy"  # validation score picking epoch and config: balanced_accuracy, f1 or loss
 head_norm = True  # BatchNorm before the head (MAE's linear-probe trick); False = plain cls -> linear, the paper
 layer_decay = 1.0  # ViT layer-wise lr decay (MAE fine-tuning uses 0.65-0.75); 1 = off, the paper
