@@ -153,7 +153,7 @@ def _fake_results(models=("scratch", "usf-mae", "resnet-50")):
             for s in range(2):
                 r = dict(dataset=d, model=m, mode="finetune", fraction=1.0, seed=s,
                          init="random: no ImageNet weights found" if m == "resnet-50" else f"{m} init")
-                for k in (*res.METRICS, "balanced_accuracy"):
+                for k in (*res.METRICS, "balanced_accuracy") + (("f1_macro",) if d == "mmotu-2d" else ()):
                     v = 0.5 + 0.1 * i + 0.01 * rng.random()
                     r.update({k: v, f"{k}_low": v - 0.1, f"{k}_high": v + 0.1})
                 rows.append(r)
@@ -178,7 +178,8 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
     assert any("synthetic" in s for s in lines) and any("resnet-50" in s and "random init" in s for s in lines)
     assert any(s.startswith("BUS-BRA: USF-MAE beats the same architecture") for s in lines)
     one_class = [s for s in lines if s.startswith("Near a one-class predictor")]  # fake scratch: balanced acc. ~0.5
-    assert len(one_class) == 1 and "from scratch on BUS-BRA" in one_class[0] and "USF-MAE on" not in one_class[0]
+    assert len(one_class) == 1 and "from scratch on BUS-BRA" in one_class[0] and "from scratch on GIST514" in one_class[0]
+    assert "USF-MAE on" not in one_class[0] and "MMOTU" not in one_class[0]  # 7 classes: 50% is far above one-class
 
 
 @pytest.mark.parametrize("select_on", ["balanced_accuracy", "loss"])

@@ -169,8 +169,10 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
                          f"({100 * means.max():.1f}); the paper's best: "
                          + (max(PAPER_TABLE2, key=lambda m: PAPER_TABLE2[m].get(dataset, (0, 0, 0))[2])
                             if dataset in PAPER_TABLE2["usf-mae"] else "n/a") + ".")
-    if "balanced_accuracy" in ft:  # a one-class model can still post a fair positive-class F1
-        bal = ft.groupby(["dataset", "model"], sort=False)["balanced_accuracy"].mean()
+    # binary tasks only (no macro scores): there a one-class model still posts a fair positive-class F1
+    binary = ft[ft["f1_macro"].isna()] if "f1_macro" in ft else ft
+    if "balanced_accuracy" in binary:
+        bal = binary.groupby(["dataset", "model"], sort=False)["balanced_accuracy"].mean()
         weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * v:.1f})"
                 for (d, m), v in bal.items() if v < ONE_CLASS_BALANCED_ACCURACY]
         if weak:
