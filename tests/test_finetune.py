@@ -151,7 +151,7 @@ def _fake_results(models=("scratch", "usf-mae", "resnet-50")):
     for d in ("bus-bra", "mmotu-2d", "gist514"):
         for i, m in enumerate(models):
             for s in range(2):
-                r = dict(dataset=d, model=m, mode="finetune", fraction=1.0, seed=s,
+                r = dict(dataset=d, model=m, mode="finetune", fraction=1.0, seed=s, n_classes=7 if d == "mmotu-2d" else 2,
                          init="random: no ImageNet weights found" if m == "resnet-50" else f"{m} init")
                 for k in (*res.METRICS, "balanced_accuracy") + (("f1_macro",) if d == "mmotu-2d" else ()):
                     v = 0.5 + 0.1 * i + 0.01 * rng.random()
@@ -180,6 +180,8 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
     one_class = [s for s in lines if s.startswith("Near a one-class predictor")]  # fake scratch: balanced acc. ~0.5
     assert len(one_class) == 1 and "from scratch on BUS-BRA" in one_class[0] and "from scratch on GIST514" in one_class[0]
     assert "USF-MAE on" not in one_class[0] and "MMOTU" not in one_class[0]  # 7 classes: 50% is far above one-class
+    older = results.drop(columns="n_classes")  # rows stored before n_classes: binary = no macro scores
+    assert [s for s in res.discussion(older) if s.startswith("Near a one-class")] == one_class
 
 
 @pytest.mark.parametrize("select_on", ["balanced_accuracy", "loss"])

@@ -23,8 +23,8 @@ on the training device, and ImageNet-normalised.
 Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), linear warmup then cosine per
 step, early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
 everything positive) with the best weights kept, bf16 autocast on CUDA. `head_norm` puts MAE's linear-probe
-BatchNorm in front of the head (see add_head_norm for why the quick checkpoint needs it). The seed sets init, data order and
-augmentation. Every run writes RUNS/<dataset>/<model>/<mode>/<config>/seed<k>_frac<f>/{metrics.json,
+BatchNorm in front of the head (see add_head_norm for why the quick checkpoint needs it). The seed sets
+init, data order and augmentation. Every run writes RUNS/<dataset>/<model>/<mode>/<config>/seed<k>_frac<f>/{metrics.json,
 test_predictions.csv} atomically (metrics.json last) and is skipped when present with the same config.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     select_on: str = "balanced_accuracy"  # validation score that picks the epoch and the sweep's config: one of SELECT_ON
     head_norm: bool = False  # BatchNorm (no affine) in front of the head, as MAE's linear probe; see add_head_norm
-    layer_decay: float = 1.0  # ViT lr multiplier per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off, the paper
+    layer_decay: float = 1.0  # ViT lr x this per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off
 
     def __post_init__(self):
         if self.select_on not in SELECT_ON:
@@ -94,9 +94,10 @@ class TrainConfig:
 
     def tag(self) -> str:
         """Folder name of the knobs that differ between runs of a sweep."""
-        return (f"lr{self.lr:g}_wd{self.weight_decay:g}_bs{self.batch_size}_ep{self.epochs}"
-                f"_px{self.img_size}_{self.pool}" + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else "")
-                + (f"_sel-{self.select_on}" if self.select_on != "balanced_accuracy" else "") + ("_bnhead" if self.head_norm else ""))
+        return (f"lr{self.lr:g}_wd{self.weight_decay:g}_bs{self.batch_size}_ep{self.epochs}_px{self.img_size}_{self.pool}"
+                + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else "")
+                + (f"_sel-{self.select_on}" if self.select_on != "balanced_accuracy" else "")
+                + ("_bnhead" if self.head_norm else ""))
 
     def score(self, val: dict) -> float:
         """The validation score to maximise (loss is negated)."""
@@ -519,11 +520,13 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     device_ = next(model.parameters()).device
     prob = predict(model, data.images["test"], device_)
     row = dict(dataset=split.dataset, split=split.split, model=model_name, mode="finetune", init=init, seed=seed,
-               fraction=fraction, n_train=len(index), n_val=len(split.val), n_test=len(split.test),
+               fraction=fraction, n_classes=len(split.classes), n_train=len(index), n_val=len(split.val),
+               n_test=len(split.test),
                img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
                select_on=cfg.select_on, val_f1=result["best_val"]["f1"], val_loss=result["best_val"]["loss"],
-               val_balanced_accuracy=result["best_val"]["balanced_accuracy"], train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
+               val_balanced_accuracy=result["best_val"]["balanced_accuracy"], train_seconds=time.time() - t0,
+               run=directory.relative_to(runs).as_posix())
     directory.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result["history"]).to_csv(directory / "history.csv", index=False)
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
