@@ -135,8 +135,8 @@ for d in datasets:
         cells.append(cell)
 results = pd.concat(cells, ignore_index=True)
 print(f"grid done in {time.time() - t0:.0f} s")
-results[["dataset", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision", "recall", "f1",
-         "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
+results[["dataset", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision", "recall",
+         "f1", "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
 
 # %% [markdown]
 # ## Linear probe of frozen encoders
@@ -180,6 +180,7 @@ for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_ind
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, n_configs=len(configs),
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
-             patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay, label_fractions=label_fractions, n_bootstrap=n_bootstrap)
+             patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay,
+             label_fractions=label_fractions, n_bootstrap=n_bootstrap)
 (step_dir / "setup.json").write_text(json.dumps(setup, indent=1))
 print(sorted(p.name for p in step_dir.iterdir()))

@@ -524,9 +524,8 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
                n_test=len(split.test),
                img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
-               select_on=cfg.select_on, val_f1=result["best_val"]["f1"], val_loss=result["best_val"]["loss"],
-               val_balanced_accuracy=result["best_val"]["balanced_accuracy"], train_seconds=time.time() - t0,
-               run=directory.relative_to(runs).as_posix())
+               select_on=cfg.select_on, **{f"val_{k}": result["best_val"][k] for k in SELECT_ON},  # select_config's
+               train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
     directory.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(result["history"]).to_csv(directory / "history.csv", index=False)
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
