@@ -191,7 +191,9 @@ def discover_datasets(roots, registry: pd.DataFrame | None = None) -> list[Datas
     return found
 
 
-def _is_mask_name(name: str) -> bool:
+def is_mask_name(name: str) -> bool:
+    """True for a file stem or folder name that holds a mask/annotation word (MASK_WORDS), e.g.
+    `benign (1)_mask`, `masks`, `GT`: such files are never frames, nor fine-tuning samples."""
     return bool(set(re.split(r"[^a-z0-9]+", name.lower())) & MASK_WORDS)
 
 
@@ -202,10 +204,10 @@ def list_dataset_files(ds: DatasetDir) -> tuple[list[Path], list[tuple[Path, str
     for dirpath, dirnames, filenames in walker:
         here = Path(dirpath)
         for d in sorted(dirnames):
-            if d.startswith(".") or _is_mask_name(d):
+            if d.startswith(".") or is_mask_name(d):
                 if not d.startswith("."):
                     skipped.append((here / d, "mask/annotation folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not _is_mask_name(d))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_mask_name(d))
         for name in sorted(filenames):
             path = here / name
             if name.startswith(".") or not path.is_file():
@@ -213,7 +215,7 @@ def list_dataset_files(ds: DatasetDir) -> tuple[list[Path], list[tuple[Path, str
             stem = name.split(".")[0]
             if file_kind(path) is None:
                 skipped.append((path, f"not an image, video or volume ({path.suffix or 'no extension'})"))
-            elif _is_mask_name(stem):
+            elif is_mask_name(stem):
                 skipped.append((path, "mask/annotation file"))
             else:
                 files.append(path)
