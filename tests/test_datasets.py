@@ -1,5 +1,6 @@
 """Evaluation-set loaders on trees in each real layout, and the metrics of Table 2."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +8,17 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from usfmae_lib import UsfmaeError, datasets, metrics, synthetic
+from usfmae_lib import UsfmaeError, curation, datasets, metrics, synthetic
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def real(name: str) -> Path:
+    """A real-data sample under ../shared/data/real, or skip: a user's clone may not have it."""
+    path = REAL / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real-data samples live beside the repository, not in it)")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +118,7 @@ def test_missing_image_is_named(synth_eval, tmp_path):
 
 
 def test_folder_dataset_on_real_busi():
-    root = REAL / "busi_sample"
+    root = real("busi_sample")
     s = datasets.load_split("folder", root, seed=1, positive="malignant")
     assert s.classes == ["benign", "malignant", "normal"] and s.positive == 1
     n = sum(len(df) for df in s.parts().values())
@@ -117,6 +126,210 @@ def test_folder_dataset_on_real_busi():
     assert (s.summary()["test"] == 4).all()  # 20 per class, 20% stratified
     with pytest.raises(UsfmaeError, match="not a folder"):
         datasets.load_folder(root / "nope")
+
+
+# ---------------------------------------------------------------------------- folder datasets that cannot leak
+def _add_busi_masks(root: Path) -> int:
+    """BUSI as it ships: `x_mask.png` beside every image, `x_mask_1.png` beside some; plus the junk
+    a copied folder collects (hidden files, a masks/ folder). Returns the number of mask files."""
+    import cv2
+
+    n = 0
+    for i, image in enumerate(sorted(root.glob("*/*.png"))):
+        mask = np.zeros((8, 8), np.uint8)
+        cv2.imwrite(str(image.with_name(f"{image.stem}_mask.png")), mask)
+        n += 1
+        if i % 3 == 0:
+            cv2.imwrite(str(image.with_name(f"{image.stem}_mask_1.png")), mask)
+            n += 1
+        if i == 0:
+            (image.parent / "masks").mkdir()
+            cv2.imwrite(str(image.parent / "masks" / image.name), mask)
+            (image.parent / f"._{image.name}").write_bytes(b"\0\5\26\7")  # macOS resource fork
+            (image.parent / ".DS_Store").write_bytes(b"\0")
+    return n
+
+
+def _relative_parts(split, root: Path) -> dict[str, set[str]]:
+    return {name: {Path(p).relative_to(root).as_posix() for p in df["path"]} for name, df in split.parts().items()}
+
+
+def _assert_masks_change_nothing(plain: Path, with_masks: Path, seed: int = 1):
+    """Masks are never samples, every image is used once, and the split is the one without masks."""
+    s = datasets.load_folder(with_masks, seed=seed)
+    parts = _relative_parts(s, with_masks)
+    samples = [p for part in parts.values() for p in part]
+    images = sorted(p.relative_to(plain).as_posix() for p in plain.glob("*/*.png"))
+    assert sorted(samples) == images  # each real image once, no mask, no hidden file
+    assert not any(curation.is_mask_name(Path(p).stem) for p in samples)
+    # an image's group is its stem, which its masks share: one group, one part
+    groups = [set(df["group"]) for df in s.parts().values()]
+    assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
+    assert {g for part in groups for g in part} == {p[:-len(".png")] for p in images}
+    # the masks do not move a single image to another part
+    assert parts == _relative_parts(datasets.load_folder(plain, seed=seed), plain)
+    return s
+
+
+def test_folder_on_busi_layout_never_takes_masks_as_images(tmp_path):
+    import shutil
+
+    plain = real("busi_sample")
+    root = tmp_path / "busi"
+    shutil.copytree(plain, root)
+    n_masks = _add_busi_masks(root)
+    s = _assert_masks_change_nothing(plain, root)
+    assert f"{n_masks} mask/annotation files not used" in s.split  # the user sees what was left out
+
+
+def _write_class_tree(root: Path, n_per_class=(12, 9, 15), seed=0):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    for c, n in zip(("benign", "malignant", "normal"), n_per_class):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(root / c / f"{c} ({i + 1}).png"), rng.integers(0, 255, (16, 16), dtype=np.uint8))
+
+
+def test_folder_on_generated_busi_layout_never_takes_masks_as_images(tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    _write_class_tree(plain)
+    shutil.copytree(plain, tmp_path / "busi")
+    _add_busi_masks(tmp_path / "busi")
+    s = _assert_masks_change_nothing(plain, tmp_path / "busi")
+    assert (s.summary() > 0).all().all()  # every class in every part
+
+
+def test_folder_refuses_the_synthetic_root_and_official_datasets(synth_eval):
+    with pytest.raises(UsfmaeError, match=r"synth\.json.*--dataset bus-bra --root \S*BUSBRA"):
+        datasets.load_folder(synth_eval)
+    for dataset, folder in datasets.SYNTHETIC_FOLDERS.items():
+        with pytest.raises(UsfmaeError, match=f"use --dataset {dataset} --root"):
+            datasets.load_folder(synth_eval / folder)
+
+
+def test_folder_refuses_images_in_subfolders(tmp_path):
+    import cv2
+
+    img = np.zeros((8, 8), np.uint8)
+    for rel in ("pretrain/breast/images/a.png", "pretrain/liver/images/b.png", "other/c.png", "other/d.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), img)
+    with pytest.raises(UsfmaeError, match=r"pretrain/ holds 0 image\(s\) directly and 2 in subfolders"):
+        datasets.load_folder(tmp_path)
+
+
+def test_folder_with_too_few_classes_or_images_names_the_counts(tmp_path):
+    _write_class_tree(tmp_path / "two", n_per_class=(12, 3))
+    with pytest.raises(UsfmaeError, match=r"\{'malignant': 3\} have fewer than 7 images"):
+        datasets.load_folder(tmp_path / "two")
+    _write_class_tree(tmp_path / "one", n_per_class=(12,))
+    with pytest.raises(UsfmaeError, match=r"found 1 class folder\(s\) \{'benign': 12\}"):
+        datasets.load_folder(tmp_path / "one")
+
+
+# ---------------------------------------------------------------------------- official splits checked whole
+def _busbra_copy(synth_eval, tmp_path):
+    root = tmp_path / "BUSBRA"
+    root.mkdir()
+    (root / "Images").symlink_to(synth_eval / "BUSBRA" / "Images")
+    (root / "bus_data.csv").symlink_to(synth_eval / "BUSBRA" / "bus_data.csv")
+    return root, pd.read_csv(synth_eval / "BUSBRA" / "5-fold-cv.csv")
+
+
+def test_busbra_patient_on_both_sides_of_validation_is_kept_whole(synth_eval, tmp_path):
+    root, cv = _busbra_copy(synth_eval, tmp_path)
+    cv = cv.merge(pd.read_csv(root / "bus_data.csv")[["ID", "Case"]], on="ID")
+    views = cv[(cv["kFold"] != 1) & (cv["valid_1"] == 1)].groupby("Case")["ID"].apply(sorted)
+    most = views[views.map(len) >= 2].iloc[0]  # will have most views in training
+    tie = views[(views.map(len) == 2) & ~views.index.isin([views[views.map(len) >= 2].index[0]])].iloc[0]
+    cv.loc[cv["ID"].isin([most[-1], tie[0]]), "valid_1"] = 0  # the official table marks images, not patients
+    cv.drop(columns="Case").to_csv(root / "5-fold-cv.csv", index=False)
+    s = datasets.load_busbra(root, fold=1)
+    ids = {name: {Path(p).stem for p in df["path"]} for name, df in s.parts().items()}
+    assert set(most) <= ids["train"]  # the side of most of its views (or, for two, of its first)
+    assert set(tie) <= ids["val"]  # a tie follows the first view
+    official_val = set(cv.loc[(cv["kFold"] != 1) & (cv["valid_1"] == 0), "ID"])
+    assert ids["val"] == official_val - {most[-1]} | {tie[1]}
+    assert "2 moved" in s.split
+
+
+def test_real_busbra_folds_keep_every_patient_on_one_side():
+    root = real("busbra_sample") / "BUSBRA"
+    cv = pd.read_csv(root / "5-fold-cv.csv")
+    for fold in range(1, 6):
+        s = datasets.load_busbra(root, fold=fold)
+        groups = {name: set(df["group"]) for name, df in s.parts().items()}
+        assert not groups["train"] & groups["val"] and not groups["test"] & (groups["train"] | groups["val"])
+        ids = {name: {Path(p).stem for p in df["path"]} for name, df in s.parts().items()}
+        assert ids["test"] == set(cv.loc[cv["kFold"] == fold, "ID"])
+        assert sum(len(v) for v in ids.values()) == len(cv)  # no image dropped
+
+
+@pytest.mark.parametrize("value", [2, None])
+def test_busbra_bad_valid_mark_is_an_error_not_a_dropped_row(synth_eval, tmp_path, value):
+    root, cv = _busbra_copy(synth_eval, tmp_path)
+    victim = cv.index[cv["kFold"] != 1][0]
+    cv["valid_1"] = cv["valid_1"].astype(object)
+    cv.loc[victim, "valid_1"] = value
+    cv.to_csv(root / "5-fold-cv.csv", index=False)
+    row = f"{cv.loc[victim, 'ID']} ({'2' if value == 2 else 'empty'})"
+    with pytest.raises(UsfmaeError, match=rf"5-fold-cv.csv: 1 row\(s\) .* valid_1 .*{re.escape(row)}"):
+        datasets.load_busbra(root, fold=1)
+
+
+def test_busbra_missing_test_fold_is_an_error(synth_eval, tmp_path):
+    root, cv = _busbra_copy(synth_eval, tmp_path)
+    cv["kFold"] = cv["kFold"].astype(object)
+    cv.loc[3, "kFold"] = None
+    cv.to_csv(root / "5-fold-cv.csv", index=False)
+    with pytest.raises(UsfmaeError, match=rf"kFold that is missing .*{cv.loc[3, 'ID']} \(empty\)"):
+        datasets.load_busbra(root, fold=2)
+
+
+def test_mmotu_image_in_training_and_test_list_is_an_error(synth_eval, tmp_path):
+    import shutil
+
+    root = tmp_path / "OTU_2d"
+    shutil.copytree(synth_eval / "OTU_2d", root)
+    tested = (root / "val_cls.txt").read_text().splitlines()[0]
+    with open(root / "train_cls.txt", "a") as f:
+        f.write(tested + "\n")
+    with pytest.raises(UsfmaeError, match=rf"both the training list .*train_cls.txt.*{tested.split()[0]}"):
+        datasets.load_mmotu(root)
+    # listed twice in one list with two labels: which one is right is not the loader's guess
+    name, label = tested.split()
+    (root / "val_cls.txt").write_text(f"{tested}\n{name} {(int(label) + 1) % 8}\n")
+    with pytest.raises(UsfmaeError, match=rf"val_cls.txt lists 1 image\(s\) more than once with different labels"
+                                          rf".*{name}"):
+        datasets.load_mmotu(root)
+
+
+def test_gist_image_in_training_and_test_annotations_is_an_error(synth_eval, tmp_path):
+    import shutil
+
+    root = tmp_path / "usd514_jpeg_roi"
+    shutil.copytree(synth_eval / "usd514_jpeg_roi", root)
+    ann = root / "annotations"
+    train = json.loads((ann / "train_anno_crop_split_0.json").read_text())
+    test = json.loads((ann / "val_anno_crop_split_0.json").read_text())
+    image = dict(test["images"][0], id=10**6)
+    train["images"].append(image)
+    train["annotations"].append({"id": 10**6, "image_id": 10**6, "category_id": 1})
+    (ann / "train_anno_crop_split_0.json").write_text(json.dumps(train))
+    with pytest.raises(UsfmaeError, match=rf"both the training list .*{image['file_name']}"):
+        datasets.load_gist514(root, fold=0)
+
+
+def test_final_check_refuses_a_patient_in_two_parts(synth_eval):
+    s = datasets.load_busbra(synth_eval / "BUSBRA", fold=1)
+    leaked = s.train.iloc[[0]]
+    with pytest.raises(UsfmaeError, match=rf"patient\(s\) in both train and test, e\.g\. {leaked['group'].iloc[0]}"):
+        datasets._check_images(datasets.Split(s.dataset, s.split, s.classes, s.positive,
+                                              s.train, s.val, pd.concat([s.test, leaked])))
 
 
 def test_binary_metrics_match_sklearn_on_positive_class():
