@@ -41,14 +41,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def user_error(err: BaseException) -> str | None:
+    """The message for an error the user can fix (a UsfmaeError, a full disk or quota), or None."""
+    import errno
+
+    if isinstance(err, UsfmaeError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f"writing {err.filename}" if err.filename else "while writing"
+        return (f"no space left on the device {where} ({err.strerror}); free space (or raise the quota) and run "
+                "the same command again")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except UsfmaeError as err:
-        print(f"usfmae {args.command}: error: {err}", file=sys.stderr)
+    except (UsfmaeError, OSError) as err:
+        message = user_error(err)
+        if message is None:  # any other error is a bug: keep its traceback
+            raise
+        print(f"usfmae {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"usfmae {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -257,34 +257,184 @@ def build_model(name: str = CPU_CONFIG, img_size: int = 224, **overrides) -> Mas
 
 
 # ============================================================================ checkpoints
-def _read_checkpoint(path) -> dict:
-    """The raw object in a checkpoint file, read without running any pickled code."""
+# the first bytes of each file format a checkpoint may come in
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6: a zip holding data.pkl and the tensors
+LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # older torch.save: a pickled magic number first
+DEFAULT_FIX = "re-download or re-export it"
+PICKLE_FIX = ("if you trust the file, re-save only its state dict (torch.save(model.state_dict(), ...)) or "
+              "convert it to safetensors; otherwise do not use it")
+
+
+def _read_checkpoint(path, fix: str | None = None) -> dict:
+    """The raw object in a checkpoint file, read without running any pickled code.
+
+    A file that cannot be read raises UsfmaeError naming the file, the cause (missing, empty or
+    truncated, corrupt, not a checkpoint at all, refused because it holds pickled code) and what
+    to do: `fix`, else a default for the cause; fix="" leaves it to the caller to add."""
     path = Path(path)
+    if not path.exists():
+        raise UsfmaeError(_with_fix(f"checkpoint {path} does not exist", fix,
+                                    "check the path (or download the weights)"))
     if not path.is_file():
-        raise UsfmaeError(f"checkpoint {path} does not exist; check the path (or download the weights)")
-    if path.suffix == ".safetensors":
-        import safetensors.torch
-        try:
-            return safetensors.torch.load_file(str(path))
-        except Exception as err:
-            raise UsfmaeError(f"cannot read safetensors file {path}: {err}; re-download or re-export it") from err
+        raise UsfmaeError(_with_fix(f"checkpoint {path} is a folder, not a file", fix,
+                                    "pass the checkpoint file inside it"))
+    kind = _file_kind(path)
+    if kind in ("empty", "unknown"):
+        raise UsfmaeError(_with_fix(f"checkpoint {path}: {_unknown_format_cause(path, kind)}", fix, DEFAULT_FIX))
     try:
-        # weights_only: tensors and plain python containers only; anything that would call
-        # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UsfmaeError(
-            f"refused to load {path}: it holds pickled objects other than tensors and plain python "
-            f"types, which could run code when loaded ({str(err).splitlines()[0][:200]}). If you trust the "
-            "file, re-save only its state dict (torch.save(model.state_dict(), ...)) or convert it to "
-            "safetensors; otherwise do not use it") from err
-    except Exception as err:
-        raise UsfmaeError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}; "
-                          "is it a complete torch.save file (not truncated, not HTML)?") from err
+        if kind == "safetensors":
+            import safetensors.torch
+            obj = safetensors.torch.load_file(str(path))
+        else:
+            # weights_only: tensors and plain python containers only; anything that would call
+            # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # every way a damaged or hostile file fails; diagnosed from its bytes
+        cause = _unreadable_cause(path, kind, err)
+        default_fix = PICKLE_FIX if cause.startswith("refused") else DEFAULT_FIX
+        raise UsfmaeError(_with_fix(f"checkpoint {path}: {cause}", fix, default_fix)) from err
     if not isinstance(obj, dict):
-        raise UsfmaeError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict or "
-                          "{'model': state_dict}; save model.state_dict() instead")
+        raise UsfmaeError(_with_fix(f"checkpoint {path}: not a checkpoint: it holds a {type(obj).__name__}, "
+                                    "not a state dict or {'model': state_dict}", fix,
+                                    "save model.state_dict() instead"))
     return obj
+
+
+def _with_fix(message: str, fix: str | None, default: str) -> str:
+    return message if fix == "" else f"{message}; {fix or default}"
+
+
+def _file_kind(path: Path) -> str:
+    """The format a file's first bytes announce: zip, legacy (both torch.save), pickle (a plain
+    python pickle), safetensors (8-byte header length, then a JSON header), empty or unknown."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head.startswith(LEGACY_MAGIC[:9]):
+        return "legacy"
+    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # PROTO opcode of pickle protocols 2-5
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2 ** 30:
+        return "safetensors"
+    return "unknown"
+
+
+def _unknown_format_cause(path: Path, kind: str) -> str:
+    if kind == "empty":
+        return ("truncated: the file is empty (0 bytes), so its write or copy was cut off "
+                "(a full disk or a killed job?)")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    is_text = all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head)
+    looks = " (text, e.g. an HTML page: a failed download?)" if is_text else ""
+    return ("not a checkpoint: neither a torch.save file (zip or legacy pickle) nor safetensors; "
+            f"it starts with {head!r}{looks}")
+
+
+def _unreadable_cause(path: Path, kind: str, err: Exception) -> str:
+    """Why a file that announces a checkpoint format failed to load: truncated, corrupt, or
+    refused because its pickle imports code. Reads bytes and pickle opcodes only, never unpickles."""
+    import zipfile
+
+    size = path.stat().st_size
+    if kind == "safetensors":
+        return _safetensors_cause(path, size, err)
+    if kind == "zip":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if not pickles:
+                    return "not a checkpoint: a zip archive without the data.pkl that torch.save writes"
+                damaged = archive.testzip()  # CRC of every member
+                if damaged:  # members sit in a folder named after the file torch.save first wrote
+                    return f"corrupt: {damaged.split('/', 1)[-1]} inside fails its checksum (damaged bytes)"
+                imports, complete = _pickle_imports(archive.read(pickles[0]))
+        except (zipfile.BadZipFile, EOFError, OSError):
+            return (f"truncated: a torch.save zip file of {size} bytes whose end (the zip directory) is "
+                    "missing or damaged; the write or copy was cut off")
+    else:  # legacy torch.save (several pickles in a row) or a plain pickle (one)
+        with open(path, "rb") as f:
+            imports, complete = _pickle_imports(f, n_pickles=5 if kind == "legacy" else 1)
+    unsafe = [name for name in imports if not _allowed_global(name)]
+    if unsafe:
+        return (f"refused: it holds pickled code or python objects ({', '.join(sorted(set(unsafe))[:4])}) that "
+                "loading would run, so it was not unpickled")
+    if not complete:
+        return (f"truncated or corrupt: its pickle stream ({size} bytes) ends early or holds bytes that are "
+                "no pickle opcode; the write or copy was cut off or damaged")
+    if kind == "pickle":
+        return "not a checkpoint: a plain python pickle, not a torch.save or safetensors file"
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    return f"corrupt or truncated: torch cannot read it ({type(err).__name__}: {first_line})"
+
+
+def _safetensors_cause(path: Path, size: int, err: Exception) -> str:
+    """Truncated (shorter than its header says) or corrupt safetensors file."""
+    import json
+
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(header_len))
+            end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                                       default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            end = None
+    if 8 + header_len > size or (end is not None and end > size):
+        return (f"truncated: a safetensors file of {size} bytes whose header describes "
+                f"{end or 8 + header_len} bytes; the write or copy was cut off")
+    return f"corrupt safetensors file ({str(err).splitlines()[0][:200]})"
+
+
+def _pickle_imports(data, n_pickles: int = 1) -> tuple[list[str], bool]:
+    """(module.name of every global the pickle(s) import, whether each pickle reached STOP), found
+    by reading opcodes with pickletools (nothing is executed). `data`: bytes or a binary file."""
+    import io
+    import pickletools
+
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    names = []
+    try:
+        for _ in range(n_pickles):
+            memo, top, strings = {}, None, []  # enough stack tracking to name STACK_GLOBAL's module and name
+            for op, arg, _pos in pickletools.genops(stream):
+                if op.name == "STOP":
+                    break
+                if op.name in ("GLOBAL", "INST"):
+                    names.append(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(".".join(map(str, strings[-2:])))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = top
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = top
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    top = memo.get(arg)
+                    strings.append(top)
+                elif isinstance(arg, str) and "UNICODE" in op.name:
+                    top = arg
+                    strings.append(arg)
+                else:
+                    top = None
+            if n_pickles > 1:  # legacy torch.save: another pickle follows, unless the file ends here
+                if not stream.read(1):
+                    break
+                stream.seek(-1, io.SEEK_CUR)
+    except (ValueError, EOFError, pickle.UnpicklingError):  # ends before STOP: truncated or damaged
+        return names, False
+    return names, True
+
+
+def _allowed_global(name: str) -> bool:
+    """Whether torch's weights_only unpickler accepts this global (tensor rebuilders, dtypes, ...)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # private: a fallback if it moves
+    except ImportError:
+        return name.startswith(("torch.", "collections.OrderedDict", "_codecs.encode"))
+    return name in _get_allowed_globals()
 
 
 def _unwrap(obj: dict, path) -> dict:
@@ -299,10 +449,11 @@ def _unwrap(obj: dict, path) -> dict:
     return state
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, fix: str | None = None) -> dict:
     """State dict from a bare dict (released USF-MAE weights), a {'model': ...} checkpoint
-    (reference MAE and our pretraining) or a .safetensors file; never runs pickled code."""
-    return _unwrap(_read_checkpoint(path), path)
+    (reference MAE and our pretraining) or a safetensors file; never runs pickled code.
+    `fix`: what an error message tells the user to do about an unreadable file."""
+    return _unwrap(_read_checkpoint(path, fix), path)
 
 
 def _infer_config(state: dict, path) -> str:
