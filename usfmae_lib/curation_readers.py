@@ -35,9 +35,22 @@ Frames of a file (`iter_frames`):
 content_hash = BLAKE2b-128 of the RGB frame's shape and bytes; phash and phash256 =
 imagehash.phash with 64 and 256 bits.
 
+One decode policy (`read_image_file` for image files, `iter_frames` for every kind): curation,
+cleaning, fine-tuning and the pretraining store read images the same way, so a file refused by
+one step is refused by all, with the same reason. Before any pixel is decoded an image's size is
+read from its header (Pillow, lazily) and checked:
+  * too large: more than MAX_PIXELS = 8192 x 8192 (67 Mpx; an ultrasound frame is ~1 Mpx). A
+    small file can declare a huge image (a 856 KB PNG of 30000 x 30000 zeros decodes to 900 MB).
+  * too small: a side under MIN_SIDE = 32 px (icons and thumbnails are not scans).
+The same limits apply to video frames (from the container before decoding) and to volume
+slices; the minimum side is not applied to slices across a stack (slice_axis 1 or 2), whose
+thin side is the number of slices.
+
 A file that cannot be read raises `Reject(reason, detail)`; reasons:
-  zero bytes | truncated | not an image | not a video | not a volume | unsupported codec |
-  unsupported layout | corrupt.
+  zero bytes | unreadable (the OS refused to open or read it: permissions, a folder, ...) |
+  truncated | not an image | not a video | not a volume | too large | too small |
+  unsupported codec | corrupt or unsupported codec (OpenCV/FFmpeg cannot open a video whose
+  container header is there; it does not say which) | unsupported layout | corrupt.
 """
 from __future__ import annotations
 
@@ -45,6 +58,7 @@ import hashlib
 import itertools
 import math
 import threading
+from io import BytesIO
 from pathlib import Path
 
 import cv2
@@ -61,6 +75,11 @@ VIDEO_MAGIC_AT = ((0, b"RIFF"), (4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"
                   (0, b"\x1aE\xdf\xa3"), (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),
                   (0, b"0&\xb2u\x8ef\xcf\x11"), (0, b"FLV"))
 
+# What any step accepts as a scan (module docstring): checked from the header, before decoding.
+MAX_PIXELS = 8192 * 8192  # 67 Mpx: bounds memory (as 8-bit RGB: 200 MB) and cleaning time
+MIN_SIDE = 32  # px
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}  # our format -> Pillow's
+
 
 class Reject(Exception):
     """A file curation cannot read; `reason` is one of the reasons in the module docstring."""
@@ -68,6 +87,37 @@ class Reject(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail = reason, detail
+
+
+def _unreadable(err: OSError) -> Reject:
+    return Reject("unreadable", f"{type(err).__name__}: {err.strerror or err}")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole file; Reject "unreadable" when the OS refuses (a decoder error is another matter)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise _unreadable(err) from None
+
+
+def readable_size(path: Path) -> int:
+    """Size in bytes of a file this process can open and read; Reject "unreadable" otherwise."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        return Path(path).stat().st_size
+    except OSError as err:
+        raise _unreadable(err) from None
+
+
+def check_frame_size(width: int, height: int, min_side: int = MIN_SIDE):
+    """Reject "too large" / "too small" by the limits of the module docstring."""
+    if width * height > MAX_PIXELS:
+        raise Reject("too large", f"{width} x {height} px = {width * height / 1e6:.0f} Mpx, over the limit of "
+                                  f"{MAX_PIXELS / 1e6:.0f} Mpx (MAX_PIXELS = 8192 x 8192)")
+    if min(width, height) < min_side:
+        raise Reject("too small", f"{width} x {height} px: a side under {min_side} px (MIN_SIDE)")
 
 
 # ============================================================================ file kinds
@@ -144,14 +194,26 @@ def _frame_info(native: np.ndarray) -> dict:
 
 
 # ============================================================================ images
-def decode_image(data: bytes, name: str = "") -> np.ndarray:
-    """Bytes of a PNG/JPEG/BMP/TIFF -> the decoder's array (BGR order, native bit depth)."""
-    if len(data) == 0:
-        raise Reject("zero bytes")
-    fmt = next((f for magic, f in IMAGE_MAGIC.items() if data.startswith(magic)), None)
-    if fmt is None:
-        raise Reject("not an image", f"starts with {data[:8]!r}")
-    # Decoders often return a grey-filled image for a cut file: check the end marker first.
+def header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) from an image's header, no pixel decoded; None when Pillow cannot parse it.
+    Pillow's format plugin is called directly: Image.open refuses images over ~179 Mpx
+    (DecompressionBombError) without telling their size."""
+    from PIL import Image
+
+    Image.init()
+    opener = Image.OPEN.get(PIL_FORMATS[fmt])
+    if opener is None:
+        return None
+    try:
+        with opener[0](BytesIO(data)) as im:
+            return tuple(im.size)
+    except Exception:  # an unusual header: OpenCV may still decode it, and then its size is checked
+        return None
+
+
+def _check_complete(data: bytes, fmt: str):
+    """Reject "truncated" by the end marker or declared size: decoders often return a cut file
+    with its missing part filled grey."""
     if fmt == "png" and b"IEND" not in data[-4096:]:
         raise Reject("truncated", "PNG without its IEND chunk")
     if fmt == "jpeg" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
@@ -162,11 +224,35 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
         ifd = int.from_bytes(data[4:8], "little" if data[:2] == b"II" else "big")
         if ifd + 2 > len(data):
             raise Reject("truncated", f"TIFF directory at byte {ifd}, file has {len(data)}")
+
+
+def decode_image(data: bytes, name: str = "") -> np.ndarray:
+    """Bytes of a PNG/JPEG/BMP/TIFF -> the decoder's array (BGR order, native bit depth), by the
+    policy of the module docstring: complete, within the size limits, then decoded."""
+    if len(data) == 0:
+        raise Reject("zero bytes")
+    fmt = next((f for magic, f in IMAGE_MAGIC.items() if data.startswith(magic)), None)
+    if fmt is None:
+        raise Reject("not an image", f"starts with {data[:8]!r}")
+    _check_complete(data, fmt)
+    size = header_size(data, fmt)
+    if size is not None:
+        check_frame_size(*size)  # before decoding: a small file can declare a huge image
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         reason = "unsupported codec" if fmt == "tiff" else "corrupt"
         raise Reject(reason, f"OpenCV could not decode this {fmt.upper()} {name}".rstrip())
+    check_frame_size(img.shape[1], img.shape[0])  # a header Pillow could not read
     return img
+
+
+def read_image_file(path) -> np.ndarray:
+    """The one way every step reads an image file (curation, cleaning, fine-tuning, the store):
+    uint8 RGB [H, W, 3], exactly what curation hashed and `load_frame(path, "image")` returns.
+    Raises Reject with the reason (unreadable, zero bytes, not an image, truncated, too large,
+    too small, corrupt, unsupported codec)."""
+    path = Path(path)
+    return to_rgb8(decode_image(read_bytes(path), path.name), bgr=True)
 
 
 # ============================================================================ videos
@@ -186,15 +272,30 @@ def video_sample_indices(fps: float, video_fps: float):
 
 
 def _check_video_header(path: Path):
-    size = path.stat().st_size
+    size = readable_size(path)
     if size == 0:
         raise Reject("zero bytes")
     with open(path, "rb") as f:
-        head = f.read(12)
+        head = f.read(16)
     if not any(head[o:o + len(m)] == m for o, m in VIDEO_MAGIC_AT):
         raise Reject("not a video", f"starts with {head[:8]!r}")
-    if head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") + 8 > size:
-        raise Reject("truncated", f"AVI header says {int.from_bytes(head[4:8], 'little') + 8} bytes, file has {size}")
+    if head[:4] == b"RIFF":
+        if head[8:12] != b"AVI ":
+            raise Reject("not a video", f"a RIFF file of type {head[8:12]!r}, not AVI")
+        declared = int.from_bytes(head[4:8], "little") + 8
+        if declared > size:
+            raise Reject("truncated", f"AVI header says {declared} bytes, file has {size}")
+        if head[12:16] not in (b"LIST", b"JUNK"):  # the header list (LIST hdrl) comes first
+            raise Reject("corrupt", f"AVI header followed by {head[12:16]!r}, not its header list")
+
+
+CANNOT_OPEN = ("corrupt or unsupported codec",
+               "OpenCV/FFmpeg cannot open this video: its header is damaged or its codec has no decoder here")
+
+
+def _fourcc(cap) -> str:
+    code = int(cap.get(cv2.CAP_PROP_FOURCC)) & 0xFFFFFFFF
+    return code.to_bytes(4, "little").decode("latin-1").strip("\x00 ") or "unknown"
 
 
 def iter_video(path: Path, video_fps: float):
@@ -204,12 +305,16 @@ def iter_video(path: Path, video_fps: float):
     _check_video_header(path)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
-        raise Reject("unsupported codec", "OpenCV/FFmpeg cannot open this video")
+        raise Reject(*CANNOT_OPEN)
     try:
         fps = float(cap.get(cv2.CAP_PROP_FPS))
         declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        codec = _fourcc(cap)  # opened: FFmpeg has a decoder for it
         if not fps > 0 or not math.isfinite(fps):
             raise Reject("unsupported codec", "no frame rate in the container")
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width > 0 and height > 0:
+            check_frame_size(width, height)  # from the container, before decoding
         wanted = video_sample_indices(fps, video_fps)
         want, i = next(wanted), 0
         while cap.grab():
@@ -217,13 +322,14 @@ def iter_video(path: Path, video_fps: float):
                 ok, frame = cap.retrieve()
                 if not ok or frame is None:
                     break
+                check_frame_size(frame.shape[1], frame.shape[0])
                 yield i, frame
                 want = next(wanted)
             i += 1
     finally:
         cap.release()
     if i == 0:
-        raise Reject("unsupported codec", "no frame could be decoded")
+        raise Reject("corrupt", f"the container opens ({codec}, {declared} frames declared) but no frame decodes")
     if declared > 0 and i < declared - 1:
         raise Reject("truncated", f"decoded {i} of the {declared} frames the container declares")
     return i, fps
@@ -348,7 +454,7 @@ def _dicom(path: Path) -> tuple[np.ndarray, bool]:
 
 def read_volume(path: Path) -> tuple[np.ndarray, bool]:
     """A volume file -> (array [Z, Y, X] or [Z, Y, X, C], bgr=False); a 2D file has Z = 1."""
-    if path.stat().st_size == 0:
+    if readable_size(path) == 0:
         raise Reject("zero bytes")
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
@@ -370,9 +476,7 @@ def iter_frames(path: Path, video_fps: float = 3.0, slice_axis: int = 0, slice_s
     Raises Reject. Every file is opened and read once."""
     kind = file_kind(path)
     if kind == "image":
-        with open(path, "rb") as f:
-            data = f.read()
-        native = decode_image(data, path.name)
+        native = decode_image(read_bytes(path), path.name)
         yield {"kind": "image", "frame": 0, "axis": -1, **_frame_info(native)}, to_rgb8(native, bgr=True)
         return 1
     if kind == "video":
@@ -388,8 +492,11 @@ def iter_frames(path: Path, video_fps: float = 3.0, slice_axis: int = 0, slice_s
         stats = intensity_stats(vol)
         if vol.shape[0] == 1:  # one 2D image in a volume format
             native = vol[0]
+            check_frame_size(native.shape[1], native.shape[0])
             yield {"kind": "image", "frame": 0, "axis": -1, **_frame_info(native)}, to_rgb8(native, bgr, stats)
             return 1
+        height, width = (d for k, d in enumerate(vol.shape[:3]) if k != slice_axis)
+        check_frame_size(width, height, MIN_SIDE if slice_axis == 0 else 1)  # across a stack: as thin as it is deep
         n = vol.shape[slice_axis]
         for i in range(0, n, slice_step):
             native = volume_slice(vol, slice_axis, i)
@@ -419,7 +526,7 @@ def _video_frame(path: str, frame: int) -> np.ndarray:
             st["cap"].release()
         cap = cv2.VideoCapture(path)
         if not cap.isOpened():
-            raise Reject("unsupported codec", f"OpenCV/FFmpeg cannot open {path}")
+            raise Reject(CANNOT_OPEN[0], f"{CANNOT_OPEN[1]}: {path}")
         st = _cache.video = {"path": path, "cap": cap, "pos": 0}
     cap = st["cap"]
     while st["pos"] < frame:
@@ -450,7 +557,7 @@ def load_frame(source, kind: str, frame: int = 0, axis: int = -1) -> np.ndarray:
         native = vol[0] if kind == "image" else volume_slice(vol, int(axis), int(frame))
         return to_rgb8(native, bgr, stats)
     if kind == "image":
-        return to_rgb8(decode_image(Path(path).read_bytes(), Path(path).name), bgr=True)
+        return read_image_file(path)
     raise ValueError(f"kind must be 'image', 'video' or 'volume', got {kind!r}")
 
 
@@ -481,7 +588,7 @@ def read_file(task: tuple) -> tuple[str, dict]:
     path, video_fps, slice_axis, slice_step = task
     p = Path(path)
     try:
-        if p.stat().st_size == 0:
+        if readable_size(p) == 0:
             raise Reject("zero bytes")
         frames, gen = [], iter_frames(p, video_fps, slice_axis, slice_step)
         while True:
