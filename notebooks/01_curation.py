@@ -103,12 +103,13 @@ print("this study follows Table 1: the three evaluation sets are registry rows, 
 # envelope-detected (fully developed speckle), attenuated and compensated, log-compressed, with
 # shadowing and posterior enhancement. `docs/synthetic.md` explains the model and its limits.
 # The same seed always gives the same bytes; a finished file is never written twice, so an
-# interrupted run resumes.
+# interrupted run resumes. The tree is raw data, like a real dataset folder, so it lives in
+# `<out_dir>/synthetic/`, beside the step folders: curation's output folder may not hold its input.
 
 # %%
 from usfmae_lib import synthetic
 
-synth_dir = step_dir / "synthetic"
+synth_dir = synthetic.tree_dir(out_dir)  # a raw root beside the step folders
 if not data_roots:
     synthetic.generate_tree(synth_dir, seed=seed, profile=profile, workers=workers or None)
 

@@ -90,8 +90,10 @@ def save_table(df: pd.DataFrame, name: str):
 # the annotated set alone is generated here.
 
 # %%
+from usfmae_lib import synthetic
+
 curation_dir = Path(out_dir) / "01_curation"
-synth_dir = curation_dir / "synthetic"
+synth_dir = synthetic.tree_dir(out_dir)
 manifest = curation_dir / "manifest.parquet"
 if manifest.exists():
     corpus = manifest
@@ -103,8 +105,6 @@ else:
                       f"(usfmae run notebooks/01_curation.ipynb --out {out_dir})")
 annotated_dir = synth_dir
 if not (synth_dir / "annotated" / "images").is_dir():
-    from usfmae_lib import synthetic
-
     annotated_dir = step_dir / "synthetic_annotated"
     n = synthetic.PROFILES[profile if profile in synthetic.PROFILES else "quick"]["n_annotated"]
     synthetic.generate_tree(annotated_dir, seed=seed, profile=profile if profile in synthetic.PROFILES else "quick",

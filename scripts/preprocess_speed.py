@@ -17,7 +17,7 @@ synthetic tree (`usfmae synth --out TREE`), so both clean and annotated scans ar
 images/s, ms per image per stage and the speed-up, and writes them to --out (CSV + Markdown).
 The machine's load average is recorded: timings on a shared machine are inflated.
 
-    python scripts/preprocess_speed.py --tree outputs/quick/01_curation/synthetic [--n 60] [--workers 2]
+    python scripts/preprocess_speed.py --tree outputs/quick/synthetic [--n 60] [--workers 2]
     python scripts/preprocess_speed.py --images DIR [--n 60]
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def serial(files: list[Path], cfg: pp.CleanConfig, out: Path) -> tuple[float, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tree", type=Path, default=Path("outputs/quick/01_curation/synthetic"), help="synthetic tree")
+    ap.add_argument("--tree", type=Path, default=Path("outputs/quick/synthetic"), help="synthetic tree")
     ap.add_argument("--images", type=Path, help="time these images instead (a folder)")
     ap.add_argument("--n", type=int, default=60, help="images timed")
     ap.add_argument("--workers", type=int, default=2, help="processes of the optimised run")

@@ -169,8 +169,8 @@ def test_clean_tree_mirrors_the_tree_reports_and_resumes(tmp_path):
     assert len(rep2) == 4 and (rep2["status"] == "error").sum() == 1
     assert not list(out.rglob(".*.part*"))
     # other parameters: nothing made with the old ones counts as finished
-    rep3 = pp.clean_tree(src, out, pp.make_config(ocr=False, image_size=20), workers=1, progress=False)
-    assert len(rep3) == 4 and cv2.imread(str(out / "setA" / "one.png")).shape == (20, 20, 3)
+    rep3 = pp.clean_tree(src, out, pp.make_config(ocr=False, image_size=40), workers=1, progress=False)
+    assert len(rep3) == 4 and cv2.imread(str(out / "setA" / "one.png")).shape == (40, 40, 3)
 
 
 def test_manifest_input_uses_the_contract_layout(tmp_path):
@@ -182,7 +182,7 @@ def test_manifest_input_uses_the_contract_layout(tmp_path):
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     out = tmp_path / "clean"
-    rep = pp.clean_tree(manifest, out, pp.make_config(ocr=False, image_size=24), workers=1, progress=False)
+    rep = pp.clean_tree(manifest, out, pp.make_config(ocr=False, image_size=48), workers=1, progress=False)
     assert (rep["status"] == "ok").all(), rep["error"].tolist()
     index = pd.read_csv(out / "index.csv")
     assert sorted(index["path"]) == ["Set_A/setA_one.png_0.png", "Set_A/setA_sub_two.jpg_0.png"]

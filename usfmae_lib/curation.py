@@ -75,12 +75,13 @@ import numpy as np
 import pandas as pd
 
 from . import UsfmaeError, atomic_write
+from .safety import check_output, end_with_parent, folder_lock
 from .curation_readers import (content_hash, file_kind, load_frame, perceptual_hash,  # noqa: F401 (public)
                                read_file, init_worker)
 
 PAPER_TOTAL = 374_192  # paper section 2.1: "374,192 images exactly" (the sum of Table 1, eval sets included)
 PAPER_TEXT_EVAL = 10_578  # paper section 2.1: "An additional 10,578 images were reserved for evaluation"
-READER_VERSION = 2  # part of the cache key: bump when a reader changes what it returns
+READER_VERSION = 3  # part of the cache key: bump when a reader changes what it returns
 CANDIDATE_BITS = 6  # near-duplicate candidates: 64-bit phashes at most this far apart (then phash256 decides)
 MASK_WORDS = {"mask", "masks", "annotation", "annotations", "anno", "annot", "label", "labels", "gt",
               "groundtruth", "seg", "segmentation", "segmentations"}
@@ -198,22 +199,53 @@ def is_mask_name(name: str) -> bool:
 
 
 def list_dataset_files(ds: DatasetDir) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(frame files, [(skipped path, why)]) of one dataset, both sorted."""
+    """(frame files, [(skipped path, why)]) of one dataset, both sorted.
+
+    Every entry below the dataset's folder ends up in one of the two lists, so that curation
+    accounts for each file: a frame file (later a frame, a duplicate or a reject) or a skip with
+    its reason (mask/annotation, hidden, not a frame file, broken link, unreadable folder, a
+    link back to a folder already read). Links to folders are followed once."""
     files, skipped = [], []
-    walker = os.walk(ds.path) if ds.recursive else [(str(ds.path), [], os.listdir(ds.path))]
+
+    def unreadable(err: OSError):
+        skipped.append((Path(err.filename or ds.path), f"unreadable folder ({err.strerror or err})"))
+
+    if ds.recursive:
+        walker = os.walk(ds.path, onerror=unreadable, followlinks=True)
+    else:  # loose files of a ROOT: its folders are datasets of their own
+        try:
+            names = [n for n in os.listdir(ds.path) if not (ds.path / n).is_dir()]
+        except OSError as err:
+            unreadable(err)
+            names = []
+        walker = [(str(ds.path), [], names)]
+    seen = {os.path.realpath(ds.path)}
     for dirpath, dirnames, filenames in walker:
         here = Path(dirpath)
+        keep = []
         for d in sorted(dirnames):
-            if d.startswith(".") or is_mask_name(d):
-                if not d.startswith("."):
-                    skipped.append((here / d, "mask/annotation folder"))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_mask_name(d))
+            path = here / d
+            real = os.path.realpath(path)
+            if d.startswith("."):
+                skipped.append((path, "hidden folder"))
+            elif is_mask_name(d):
+                skipped.append((path, "mask/annotation folder"))
+            elif real in seen:
+                skipped.append((path, "link to a folder already read (a symlink loop or a second name)"))
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             path = here / name
-            if name.startswith(".") or not path.is_file():
-                continue
             stem = name.split(".")[0]
-            if file_kind(path) is None:
+            if name.startswith("."):
+                skipped.append((path, "hidden file"))
+            elif path.is_symlink() and not path.exists():
+                skipped.append((path, "broken link (its target is missing, or the link points to itself)"))
+            elif not path.is_file():
+                skipped.append((path, "not a regular file"))
+            elif file_kind(path) is None:
                 skipped.append((path, f"not an image, video or volume ({path.suffix or 'no extension'})"))
             elif is_mask_name(stem):
                 skipped.append((path, "mask/annotation file"))
@@ -268,6 +300,11 @@ class FileCache:
         self.db.close()
 
 
+def _pool_worker_init():
+    end_with_parent()  # a killed run leaves no worker behind
+    init_worker()
+
+
 def _read_all(tasks: list[tuple], workers: int, progress: bool, on_result) -> None:
     """Run read_file over tasks on `workers` processes, calling on_result(path, result) in the
     main process as each file finishes (order of completion; the caller sorts later)."""
@@ -291,7 +328,7 @@ def _read_all(tasks: list[tuple], workers: int, progress: bool, on_result) -> No
             # spawn, not fork: a forked child can inherit locked OpenCV/BLAS thread pools and hang
             ctx = multiprocessing.get_context("spawn")
             chunk = max(1, min(8, len(tasks) // (workers * 16)))
-            with ctx.Pool(workers, initializer=init_worker) as pool:
+            with ctx.Pool(workers, initializer=_pool_worker_init) as pool:
                 for path, result in pool.imap_unordered(read_file, tasks, chunksize=chunk):
                     on_result(path, result)
                     bar.update(1)
@@ -534,11 +571,24 @@ def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_st
         int(phash_threshold)
     workers = int(workers) or os.cpu_count() or 1
     out = Path(out_dir)
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    registry = load_registry()
+    datasets = discover_datasets(roots, registry)
+    check_output(out, roots, "output folder")
+    if not datasets:
+        raise UsfmaeError(f"no dataset folder and no image, video or volume file under {', '.join(map(str, roots))}: "
+                          "pass the folder that holds the dataset folders (docs/curation.md, 'roots')")
+    with folder_lock(out, "usfmae curate"):
+        return _curate_locked(roots, out, datasets, registry, video_fps, slice_axis, slice_step, phash_threshold,
+                              workers, progress, t_start)
+
+
+def _curate_locked(roots, out: Path, datasets, registry, video_fps, slice_axis, slice_step, phash_threshold,
+                   workers, progress, t_start) -> Curation:
+    """curate's work, under the output folder's lock."""
     (out / "data").mkdir(parents=True, exist_ok=True)
     for stale in itertools.chain(out.glob(".*.part*"), (out / "data").glob(".*.part*")):
         stale.unlink()  # temp files of a killed run
-    registry = load_registry()
-    datasets = discover_datasets(roots, registry)
 
     # ---- list files; the cache says which are done
     listing, skipped = [], []
@@ -645,7 +695,7 @@ def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_st
                  "paper's (the synthetic tree is a miniature).")
     n_frames_read = sum(len(results[str(f)].get("frames", [])) for f in todo)
     summary = {
-        "roots": [str(Path(r).expanduser().resolve()) for r in ([roots] if isinstance(roots, (str, Path)) else roots)],
+        "roots": [str(Path(r).expanduser().resolve()) for r in roots],
         "settings": {"video_fps": video_fps, "slice_axis": slice_axis, "slice_step": slice_step,
                      "phash_threshold": phash_threshold, "workers": workers},
         "datasets": len(datasets), "eval_datasets": eval_names,

@@ -135,6 +135,9 @@ def mae_checkpoint_info(checkpoint) -> tuple[dict, str, int, dict]:
         raise UsfmaeError(f"checkpoint {checkpoint} names MAE config {name!r}; valid: {', '.join(mae.CONFIGS)}")
     overrides = dict(params.get("model_overrides") or {}) if name == params.get("model") else {}
     patch = overrides.get("patch_size", mae.CONFIGS[name]["patch_size"])
+    if not params.get("img_size") and "pos_embed" not in state:
+        raise UsfmaeError(f"checkpoint {checkpoint}: not an MAE checkpoint: no pos_embed to read its image size "
+                          "from; pass an MAE checkpoint (notebook 03's checkpoint-last.pth or the released weights)")
     size = params.get("img_size") or mae._grid_of(state["pos_embed"]) * patch
     return state, name, int(size), overrides
 
@@ -158,6 +161,10 @@ def load_mae_encoder(model: nn.Module, checkpoint) -> nn.Module:
     state = mae.interpolate_pos_embed(state, model)  # another img_size: bicubic, as the reference
     if isinstance(model.fc_norm, nn.LayerNorm):  # global average pooling: norm after the pool
         state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
+    wrong = _shape_mismatches(model, state)
+    if wrong:
+        raise UsfmaeError(f"{checkpoint}: the MAE encoder does not fit the classifier (wrong shapes: "
+                          f"{'; '.join(wrong[:3])}); pass the checkpoint's own config")
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - {"head.weight", "head.bias"}
     if missing or result.unexpected_keys:
@@ -165,6 +172,13 @@ def load_mae_encoder(model: nn.Module, checkpoint) -> nn.Module:
                           f"{sorted(missing)[:4]}, unexpected {sorted(result.unexpected_keys)[:4]}); "
                           "pass the checkpoint's own config")
     return model
+
+
+def _shape_mismatches(model: nn.Module, state: dict) -> list[str]:
+    """'key: file [..], model [..]' for every tensor of `state` the model holds in another shape."""
+    expected = model.state_dict()
+    return [f"{k}: file {list(v.shape)}, model {list(expected[k].shape)}" for k, v in sorted(state.items())
+            if k in expected and v.shape != expected[k].shape]
 
 
 def find_imagenet_weights(timm_name: str) -> Path | None:
@@ -181,7 +195,7 @@ def find_imagenet_weights(timm_name: str) -> Path | None:
         repo = repo + f"{timm_name}.{cfg.tag}" if cfg.tag else repo + timm_name
     for filename in ("model.safetensors", "pytorch_model.bin"):
         hit = try_to_load_from_cache(repo, filename)
-        if isinstance(hit, str):
+        if isinstance(hit, str) and Path(hit).is_file():  # a link to a deleted blob is no file
             return Path(hit)
     return None
 
@@ -207,7 +221,7 @@ def load_sam_encoder(model: nn.Module, checkpoint) -> nn.Module:
     timm (blocks.*, neck.*), original SAM (image_encoder.*, mlp.lin1/2) and mmdet/mmpretrain, the
     format of the released UltraSam.pth (backbone.patch_embed.projection, backbone.layers.N.ln1/ln2,
     attn.*, ffn.layers.0.0 / ffn.layers.1, backbone.neck.*). Everything but the head must load."""
-    raw = mae._read_checkpoint(checkpoint)
+    raw = mae._read_checkpoint(checkpoint, fix="pass the UltraSam weights (UltraSam.pth) or a SAM ViT-B checkpoint")
     state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else mae._unwrap(raw, checkpoint)
     state = {(k[4:] if k.startswith("sam.") else k): v for k, v in state.items()}
     renamed = {}
@@ -222,6 +236,10 @@ def load_sam_encoder(model: nn.Module, checkpoint) -> nn.Module:
             continue  # prompt encoder, mask decoder, optimiser...
         renamed[k] = v
     renamed = _resize_sam_state(renamed, model)
+    wrong = _shape_mismatches(model, renamed)
+    if wrong:  # e.g. a SAM ViT-L or ViT-H checkpoint
+        raise UsfmaeError(f"{checkpoint}: not a SAM ViT-B image encoder: {len(wrong)} tensors have other shapes "
+                          f"({'; '.join(wrong[:3])}); pass the UltraSam weights or a SAM ViT-B checkpoint")
     result = model.load_state_dict(renamed, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys or not renamed:
@@ -269,9 +287,96 @@ def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None
         warn(f"{name}: no ImageNet weights ({timm_name}) given or in the Hugging Face cache; "
              "starting from RANDOM weights (init column says so)")
         return timm.create_model(timm_name, **kwargs), "random: no ImageNet weights found", f"random:{timm_name}"
-    model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(file=str(source)), **kwargs)
+    model = _timm_with_imagenet_weights(name, timm_name, source, from_cache=not weights, **kwargs)
     kind = "file" if weights else "timm cache"
     return model, f"imagenet ({kind}: {source})", _file_id(source)
+
+
+def _expected_imagenet_file(timm_name: str) -> str:
+    """What an ImageNet weights file for `timm_name` is, for messages: timm's Hugging Face repo and tag."""
+    import timm
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = (getattr(cfg, "hf_hub_id", None) or "").partition("@")[0] if cfg else ""
+    if repo.endswith("/"):  # timm's shorthand "timm/" + model name, as find_imagenet_weights reads it
+        repo += f"{timm_name}.{cfg.tag}" if cfg.tag else timm_name
+    return f"timm's {timm_name} ImageNet weights" + (f" (model.safetensors of Hugging Face {repo})" if repo else "")
+
+
+def _timm_with_imagenet_weights(name: str, timm_name: str, source: Path, from_cache: bool, **kwargs) -> nn.Module:
+    """timm's model with the ImageNet weights of `source`, read safely (mae._read_checkpoint) and
+    passed to timm as a state dict (so its filters still resize position tables and drop the 1000-class
+    head). A file that is unreadable, or whose tensors do not become the model's, is an error naming
+    the keys and the file it should be."""
+    import logging
+
+    import timm
+    expected = _expected_imagenet_file(timm_name)
+    fix = (f"delete it from the Hugging Face cache and download {expected} again" if from_cache
+           else f"--weights for {name} must be {expected}")
+    raw = mae._read_checkpoint(source, fix=fix)
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the wrappers timm reads
+        if isinstance(raw.get(key), dict):
+            raw = raw[key]
+            break
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in raw.items()}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsfmaeError(f"ImageNet weights {source} hold no state dict of tensors (keys: "
+                          f"{', '.join(map(str, list(raw)[:6]))}); {fix}")
+    # timm would log every unexpected key of a foreign file; the check below reports what matters
+    builder_log = logging.getLogger("timm.models._builder")
+    level = builder_log.level
+    builder_log.setLevel(logging.ERROR)
+    try:
+        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=dict(state)),
+                                  **kwargs)
+    except (RuntimeError, KeyError, ValueError, IndexError) as err:  # size mismatch, or a filter choking on the file
+        fresh = timm.create_model(timm_name, **kwargs)
+        raise UsfmaeError(_weights_mismatch(source, name, fresh, state, fix, err)) from err
+    finally:
+        builder_log.setLevel(level)
+    if _unloaded_keys(model, state):  # timm loads non-strictly once the head differs: check every tensor arrived
+        raise UsfmaeError(_weights_mismatch(source, name, model, state, fix))
+    return model
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    names = model.pretrained_cfg.get("classifier") or "head"
+    return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
+
+
+def _unloaded_keys(model: nn.Module, state: dict) -> list[str]:
+    """Model tensors (not the new head) that did not come from `state`: absent by name, and not a
+    renamed or reshaped copy of a file tensor (as timm's filters make, e.g. VGG's pre_logits)."""
+    by_numel = {}
+    for v in state.values():
+        by_numel.setdefault(v.numel(), []).append(v)
+    unloaded = []
+    for k, v in model.state_dict().items():
+        if k in state or k.startswith(_classifier_prefixes(model)) or k.endswith("num_batches_tracked"):
+            continue
+        if not any(torch.equal(v.flatten().cpu(), f.flatten().to(v.dtype)) for f in by_numel.get(v.numel(), [])):
+            unloaded.append(k)
+    return unloaded
+
+
+def _weights_mismatch(source: Path, name: str, model: nn.Module, state: dict, fix: str, err=None) -> str:
+    """The message for ImageNet weights that do not fit: which keys are missing, extra, or of other shapes."""
+    expected = model.state_dict()
+    head = _classifier_prefixes(model)
+    missing = _unloaded_keys(model, state)
+    unexpected = [k for k in state if k not in expected and not k.startswith(head)]
+    wrong = [w for w in _shape_mismatches(model, state) if not w.startswith(head) and "pos_embed" not in w]
+    lines = [f"ImageNet weights {source} do not fit {name} ({model.pretrained_cfg.get('architecture')}):"]
+    if missing:
+        lines.append(f"  model tensors not in the file: {mae._describe(missing)}")
+    if unexpected:
+        lines.append(f"  file tensors the model lacks: {mae._describe(unexpected)}")
+    if wrong:
+        lines.append(f"  wrong shapes: {len(wrong)} (e.g. {wrong[0]})")
+    if err is not None and not (missing or unexpected or wrong):
+        lines.append(f"  timm: {(str(err).strip().splitlines() or [''])[0][:300]}")
+    lines.append(f"  fix: {fix}")
+    return "\n".join(lines)
 
 
 def add_head_norm(model: nn.Module) -> nn.Module:
@@ -296,11 +401,17 @@ def add_head_norm(model: nn.Module) -> nn.Module:
 
 # ============================================================================ data
 def read_image(path, size: int) -> np.ndarray:
-    """uint8 RGB [size, size, 3]: decoded, squashed to a square with cv2.INTER_AREA."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # BGR, grey replicated
-    if img is None:
-        raise UsfmaeError(f"cannot decode image {path}; replace or remove it from the split files")
-    return cv2.cvtColor(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    """uint8 RGB [size, size, 3]: decoded by curation's one policy (`read_image_file`: a file
+    curation or cleaning refuses is refused here, for the same reason), squashed to a square
+    with cv2.INTER_AREA."""
+    from .curation_readers import Reject, read_image_file
+
+    try:
+        rgb = read_image_file(path)
+    except Reject as rej:  # never train or score on a half-grey or mis-sized image
+        raise UsfmaeError(f"{path}: not a readable image: {rej}; remove or replace the file, "
+                          "or take it out of the split") from None
+    return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def load_images(paths, size: int, workers: int = 4) -> torch.Tensor:
@@ -322,7 +433,10 @@ class Data:
 def prepare_data(split: Split, img_size: int) -> Data:
     images, labels = {}, {}
     for part, df in split.parts().items():
-        images[part] = load_images(df["path"].tolist(), img_size)
+        try:
+            images[part] = load_images(df["path"].tolist(), img_size)
+        except UsfmaeError as err:  # say which part of the split holds the refused file
+            raise UsfmaeError(f"{split.dataset} {part} images: {err}") from None
         labels[part] = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
     return Data(split, img_size, images, labels)
 
@@ -611,7 +725,9 @@ def resolve_root(dataset: str, root=None, out_dir=None) -> Path:
     """The dataset root: `root` if given, else the synthetic twin written by notebook 01."""
     if root:
         return Path(root)
-    synthetic = Path(out_dir) / "01_curation" / "synthetic"
+    from .synthetic import tree_dir
+
+    synthetic = tree_dir(out_dir)
     if dataset not in SYNTHETIC_FOLDERS:
         raise UsfmaeError(f"dataset {dataset!r} has no synthetic twin; pass its root")
     path = synthetic / SYNTHETIC_FOLDERS[dataset]
@@ -661,6 +777,9 @@ def add_cli(subparsers):
 
 
 def _run_cli(args) -> int:
+    from .safety import check_output
+
+    check_output(args.out, [args.root], "output folder")
     options = dict(seed=args.split_seed)
     if args.fold is not None:
         options["fold"] = args.fold

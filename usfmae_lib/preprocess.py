@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from . import UsfmaeError, atomic_write, atomic_write_bytes
+from .safety import check_output, end_with_parent, folder_lock
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # paper section 2.2, applied by the training loader
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,8 +121,11 @@ class CleanConfig:
             raise UsfmaeError(f"interpolation {self.interpolation!r} unknown: use one of {sorted(INTERPOLATIONS)}")
         if self.inpaint_method not in ("ns", "telea"):
             raise UsfmaeError(f"inpaint_method must be 'ns' or 'telea', got {self.inpaint_method!r}")
-        if self.image_size < 8:
-            raise UsfmaeError(f"image_size must be >= 8, got {self.image_size}")
+        from .curation_readers import MIN_SIDE
+
+        if self.image_size < MIN_SIDE:  # smaller PNGs would be refused by every later step
+            raise UsfmaeError(f"image_size must be >= {MIN_SIDE} (the smallest image any step reads), "
+                              f"got {self.image_size}")
 
 
 def make_config(**overrides) -> CleanConfig:
@@ -533,19 +537,15 @@ def list_jobs(inp) -> list[dict]:
 
 
 def read_image(path) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3]: grey replicated, alpha dropped, 16 bit scaled to 8."""
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise UsfmaeError(f"{path}: not a readable image")
-    if img.dtype != np.uint8:
-        img = img.astype(np.float32)
-        lo, hi = float(img.min()), float(img.max())
-        img = ((img - lo) * (255.0 / (hi - lo if hi > lo else 1.0))).round().astype(np.uint8)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    """An image file as RGB uint8 [H, W, 3] by curation's one decode policy (`read_image_file`):
+    the same checks (truncation, size limits) and 8-bit conversion, so what curation refuses
+    cleaning refuses too, for the same reason."""
+    from .curation_readers import Reject, read_image_file
+
+    try:
+        return read_image_file(path)
+    except Reject as rej:  # the report row's error: "<path>: not a readable image: <reason>: <detail>"
+        raise UsfmaeError(f"{path}: not a readable image: {rej}") from None
 
 
 def read_job(job: dict) -> np.ndarray:
@@ -608,42 +608,76 @@ def _worker_init():
     os.environ["OMP_THREAD_LIMIT"] = "1"  # Tesseract's OpenMP threads, read by the tesseract program
 
 
+def _pool_worker_init():
+    end_with_parent()  # a killed run leaves no worker behind
+    _worker_init()
+
+
 def _run_job(args):
     return clean_job(*args)
 
 
-def _append_rows(path: Path, rows: list[dict]):
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
+class _ReportWriter:
+    """Appends one report row per finished image and flushes it at once, so that a run killed
+    with kill -9 keeps the row of every image it finished (the rerun redoes only the rest)."""
+
+    def __init__(self, path: Path):
+        _drop_partial_line(path)
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=REPORT_COLUMNS, extrasaction="ignore")
         if new:
-            w.writeheader()
-        w.writerows(rows)
+            self.writer.writeheader()
+
+    def write(self, row: dict):
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def _drop_partial_line(path: Path):
+    """Cut a half-written last line (a kill during a write), so the next row starts on its own line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _reported_paths(path: Path) -> set[str]:
+    """Output paths that already have a complete row in the report."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {r["path"] for r in csv.DictReader(f) if r.get("t_total") not in (None, "")}
 
 
 def _write_csv_atomic(path: Path, df):
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0, report=None, masks_dir=None,
-               progress: bool = True, compression: int = 3):
-    """Clean every image of a folder tree or manifest into out_dir (PNG tree + index.csv).
+def _input_locations(inp, jobs) -> list[Path]:
+    """What `clean` reads: the input folder, or a manifest, the data roots it was curated from
+    (summary.json beside it) and its source files' folders, so no output can land among them."""
+    inp = Path(inp)
+    if inp.is_dir():
+        return [inp]
+    found = [inp] + sorted({Path(j["src"]).parent for j in jobs})
+    summary = inp.parent / "summary.json"
+    if summary.is_file():
+        try:
+            found += [Path(r) for r in json.loads(summary.read_text()).get("roots", [])]
+        except (ValueError, AttributeError):
+            pass
+    return found
 
-    Uses `workers` processes (0 = all cores). Resumes: a PNG already in out_dir is not redone
-    when out_dir/clean_config.json shows it was made with the same `cfg` (otherwise all are redone).
-    Writes the report (default out_dir/report.csv; one row per image: status and error, mask
-    area fraction, each detector's fraction, which fired, words, seconds per stage) and
-    out_dir/index.csv (path relative to out_dir, dataset, anatomy, source, frame; one row per
-    PNG). A bad image is listed with its error and the run goes on. Returns the report
-    (pandas DataFrame) of this input."""
-    import pandas as pd
 
-    out_dir = Path(out_dir)
-    report = Path(report) if report is not None else out_dir / "report.csv"
-    masks_dir = Path(masks_dir) if masks_dir is not None else None
-    jobs = list_jobs(inp)
-    if cfg.ocr:
-        check_tesseract()  # fail at the start, not on image 1 of 374k
+def _clean_jobs(jobs, out_dir: Path, cfg: CleanConfig, workers: int, report: Path, masks_dir, progress: bool,
+                compression: int):
+    """clean_tree's work, under the output folder's lock."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.rglob(".*.part*"):  # temp files of a killed run
@@ -654,7 +688,9 @@ def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0,
     same = settings.exists() and settings.read_text() == wanted
     if not same and report.exists():
         report.unlink()  # rows of a run with other parameters
-    todo = [j for j in jobs if not (same and (out_dir / j["rel"]).exists())]
+    # done = its PNG exists and its report row too (a kill can fall between the two)
+    reported = _reported_paths(report) if same else set()
+    todo = [j for j in jobs if not (same and j["rel"] in reported and (out_dir / j["rel"]).exists())]
     settings.write_text(wanted)
     workers = max(1, min(int(workers or cpu_count()), len(todo) or 1))
     bar = None
@@ -663,13 +699,10 @@ def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0,
 
         bar = tqdm(total=len(todo), desc="clean", unit="img")
     args = [(j, cfg, out_dir, masks_dir, compression) for j in todo]
-    pending: list[dict] = []
+    writer = _ReportWriter(report)
 
     def done(row):
-        pending.append(row)
-        if len(pending) >= 64:  # the report grows as the run goes: an interrupted run keeps it
-            _append_rows(report, pending)
-            pending.clear()
+        writer.write(row)
         if bar is not None:
             bar.update(1)
 
@@ -691,14 +724,48 @@ def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0,
 
             # spawn, not fork: a forked child can inherit locked OpenCV / OpenMP thread pools
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as ex:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_init) as ex:
                 for row in ex.map(_run_job, args, chunksize=max(1, min(16, len(args) // (8 * workers)))):
                     done(row)
     finally:
-        if pending:
-            _append_rows(report, pending)
+        writer.close()
         if bar is not None:
             bar.close()
+
+
+def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0, report=None, masks_dir=None,
+               progress: bool = True, compression: int = 3):
+    """Clean every image of a folder tree or manifest into out_dir (PNG tree + index.csv).
+
+    Uses `workers` processes (0 = all cores). Resumes: a PNG already in out_dir is not redone
+    when out_dir/clean_config.json shows it was made with the same `cfg` (otherwise all are redone).
+    Writes the report (default out_dir/report.csv; one row per image: status and error, mask
+    area fraction, each detector's fraction, which fired, words, seconds per stage) and
+    out_dir/index.csv (path relative to out_dir, dataset, anatomy, source, frame; one row per
+    PNG). A bad image is listed with its error and the run goes on. Returns the report
+    (pandas DataFrame) of this input.
+
+    Refuses an output (folder, report, masks) that is, lies inside, or holds an input, and a
+    second run into the same out_dir while one is going (see usfmae_lib.safety)."""
+    out_dir = Path(out_dir)
+    report = Path(report) if report is not None else out_dir / "report.csv"
+    masks_dir = Path(masks_dir) if masks_dir is not None else None
+    jobs = list_jobs(inp)
+    inputs = _input_locations(inp, jobs)
+    for path, what in ((out_dir, "output folder"), (report, "report file"), (masks_dir, "masks folder")):
+        if path is not None:
+            check_output(path, inputs, what)
+    if cfg.ocr:
+        check_tesseract()  # fail at the start, not on image 1 of 374k
+    with folder_lock(out_dir, "usfmae clean"):
+        _clean_jobs(jobs, out_dir, cfg, workers, report, masks_dir, progress, compression)
+        return _write_report_and_index(jobs, out_dir, report)
+
+
+def _write_report_and_index(jobs, out_dir: Path, report: Path):
+    """One report row per job (the last one wins) and index.csv of the PNGs there are."""
+    import pandas as pd
+
     rep = pd.read_csv(report, keep_default_na=False, na_values=[""]) if report.exists() else pd.DataFrame(
         columns=REPORT_COLUMNS)
     rep = rep.drop_duplicates("path", keep="last")
@@ -904,7 +971,7 @@ def _pool_map(fn, args: list, workers: int, progress: bool, desc: str) -> list:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as ex:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_init) as ex:
             for r in ex.map(fn, args, chunksize=2):
                 out.append(r)
                 bar and bar.update(1)

@@ -22,6 +22,7 @@ sample's augmentation and mask noise come from (seed, epoch, index) and the epoc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import inspect
 import math
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import UsfmaeError, atomic_write, mae
+from .safety import check_output, folder_lock
 from .store import AugmentConfig, EpochSampler, StoreDataset, augment_batch, make_loader, pack_store
 
 STEP = "03_mae_pretraining"
@@ -172,8 +174,62 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(obj: dict, path) -> Path:
-    """torch.save to a temporary file, then rename: a kill never leaves a partial checkpoint."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file, then rename: neither a kill nor a failed write (a full disk)
+    ever replaces the last good checkpoint. A full disk, or another OS error while writing, is a
+    UsfmaeError naming the disk, its free space, the file and the last good checkpoint."""
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+        cause = _write_failure_cause(err, path.parent, _tensor_bytes(obj))
+        if cause is None:
+            raise  # neither a full disk nor an OS error: a bug, which keeps its traceback
+        fix = "free space" if cause.startswith(("no space", "disk quota")) else "fix that"
+        raise UsfmaeError(f"{cause} writing {path}; {_last_good_checkpoint(path)}; {fix} and rerun with --resume"
+                          ) from err
+
+
+def _write_failure_cause(err: Exception, folder: Path, needed: int) -> str | None:
+    """'no space left on ...' when the disk is full (errno ENOSPC, or less free space than the
+    checkpoint needs: torch's C++ writer loses the errno), the OS error for other OSErrors, else None."""
+    import errno
+    import shutil
+
+    disk = folder
+    while not disk.exists() and disk != disk.parent:  # the folder itself may not have been made
+        disk = disk.parent
+    free = shutil.disk_usage(disk).free
+    mount = disk.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    where = f"the disk holding {folder} (mounted at {mount}, {_size(free)} free, about {_size(needed)} needed)"
+    code = getattr(err, "errno", None)
+    if code == errno.EDQUOT:
+        return f"disk quota exceeded on {where}"
+    if code == errno.ENOSPC or free < needed:
+        return f"no space left on {where}"
+    if isinstance(err, OSError):
+        return f"cannot write ({err.strerror or err})"
+    return None
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1000:
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} TB"
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -252,7 +308,16 @@ def train(store_dir, run_dir, resume: bool = False, progress: bool = True, **par
     global batch does not); without resume an existing checkpoint is an error. Under torchrun
     every process calls this; rank 0 writes. Returns a summary: checkpoint, steps, final_loss,
     seconds, images_per_s, ...
+
+    Rank 0 holds run_dir's lock: a second run into the same folder stops with a message.
     """
+    rank = int(os.environ.get("RANK", 0))
+    with folder_lock(run_dir, "usfmae pretrain") if rank == 0 else contextlib.nullcontext():
+        return _train(store_dir, run_dir, resume, progress, **params)
+
+
+def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
+    """train's work (under run_dir's lock on rank 0)."""
     p = resolve_params(**params)
     rank, world, device = init_distributed()
     if p["threads"]:  # on a shared CPU, fewer threads than cores can be much faster
@@ -398,8 +463,12 @@ class _Log:
 
 
 def _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler) -> int:
-    """Load an interrupted run's state into the fresh objects; returns its step."""
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    """Load an interrupted run's state into the fresh objects; returns its step. A checkpoint that
+    cannot be resumed (truncated, corrupt, hostile, foreign) is an error that says how to go on."""
+    try:
+        ckpt = _read_run_checkpoint(ckpt_file)
+    except UsfmaeError as err:
+        raise UsfmaeError(f"cannot resume: {err}; {_resume_fix(ckpt_file)}") from err
     old = ckpt["params"]
     changed = {k: (old.get(k), p[k]) for k in p if k not in (*RUN_ONLY, "batch_size") and old.get(k) != p[k]}
     if ckpt["world_size"] * old["batch_size"] != world * p["batch_size"]:
@@ -408,13 +477,67 @@ def _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler) -> i
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise UsfmaeError(f"{ckpt_file} was made with other parameters ({diff}); resume with the "
                           "same ones, or start over in another output folder")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world:  # same process count: each rank gets its own RNG state back
-        set_rng_state(ckpt["rng"][rank])
+    try:  # same parameters, so only a damaged or edited file fails here
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if len(ckpt["rng"]) == world:  # same process count: each rank gets its own RNG state back
+            set_rng_state(ckpt["rng"][rank])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsfmaeError(f"cannot resume: checkpoint {ckpt_file}: corrupt: its saved state does not fit "
+                          f"this run ({type(err).__name__}: {first_line}); {_resume_fix(ckpt_file)}") from err
     return int(ckpt["step"])
+
+
+# what _save writes; a file without these is not a pretraining checkpoint
+RUN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng", "world_size", "params")
+
+
+def _read_run_checkpoint(path) -> dict:
+    """A pretraining checkpoint, read safely (mae._read_checkpoint); UsfmaeError (without a fix)
+    when it is unreadable or lacks what _save writes."""
+    ckpt = mae._read_checkpoint(path, fix="")
+    missing = [k for k in RUN_CHECKPOINT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["params"], dict) or not isinstance(ckpt["step"], int):
+        raise UsfmaeError(f"checkpoint {path}: not a pretraining checkpoint: it lacks "
+                          f"{', '.join(missing) or 'a valid params dict and integer step'} "
+                          "(a bare model state dict, or another tool's file?)")
+    return ckpt
+
+
+def _intact_step(path) -> int | None:
+    """The step of a readable pretraining checkpoint, else None."""
+    try:
+        return _read_run_checkpoint(path)["step"]
+    except UsfmaeError:
+        return None
+
+
+def _resume_fix(ckpt_file: Path) -> str:
+    """How to go on when checkpoint-last.pth cannot be resumed. Pretraining keeps only that file,
+    so name an intact copy beside it (a user's backup) if there is one, else starting over."""
+    ckpt_file = Path(ckpt_file)
+    start_over = f"delete {ckpt_file} and rerun to start over"
+    copies = sorted((f for f in ckpt_file.parent.glob("*.pt*") if f != ckpt_file and not f.name.startswith(".")),
+                    key=lambda f: f.stat().st_mtime, reverse=True)
+    for copy in copies[:5]:  # newest first; reading a large checkpoint takes a while
+        step = _intact_step(copy)
+        if step is not None:
+            return f"copy {copy} (intact, step {step}) to {ckpt_file} and rerun with --resume, or {start_over}"
+    return (f"pretraining keeps only this one checkpoint and no intact copy of it is in {ckpt_file.parent}, "
+            f"so {start_over} (or copy a backup of it there)")
+
+
+def _last_good_checkpoint(path: Path) -> str:
+    """For a failed save: the checkpoint that is still there (atomic_write never replaced it)."""
+    if not path.exists():
+        return "no checkpoint had been written yet"
+    step = _intact_step(path)
+    if step is None:
+        return f"the checkpoint from before, {path}, is unreadable too"
+    return f"the last good checkpoint is {path} at step {step} (kept)"
 
 
 def _build(p: dict) -> torch.nn.Module:
@@ -441,7 +564,11 @@ def _save(ckpt_file, model, optimizer, scheduler, scaler, step, steps_per_epoch,
 
 
 def _checkpoint_step(path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    """The step a pretraining checkpoint was saved at; UsfmaeError when it is unreadable."""
+    try:
+        return int(_read_run_checkpoint(path)["step"])
+    except UsfmaeError as err:
+        raise UsfmaeError(f"{err}; {_resume_fix(path)}") from err
 
 
 def _last_logged_loss(log_file: Path) -> float:
@@ -507,15 +634,20 @@ def _run_cli(args) -> int:
     data = Path(args.data) if args.data else out / "02_preprocessing" / "clean"
     rank, world, _ = init_distributed()
     store_dir = run_dir / "store"
-    if rank == 0:
-        if not data.exists():
-            raise UsfmaeError(f"{data}: no preprocessed images; run notebook 02 (usfmae clean) first or pass --data")
-        pack_store(data, store_dir, params.get("img_size", DEFAULTS["img_size"]), progress=not args.no_progress,
-                   heldout_per_anatomy=params.get("heldout_per_anatomy", DEFAULTS["heldout_per_anatomy"]),
-                   seed=params.get("seed", DEFAULTS["seed"]))
-    if world > 1:
-        dist.barrier()
-    summary = train(store_dir, run_dir, resume=args.resume, progress=not args.no_progress, **params)
+    check_output(run_dir, [data], "pretraining folder")
+    # rank 0 holds the folder from packing to the last checkpoint (train re-enters the same lock)
+    with folder_lock(run_dir, "usfmae pretrain") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            if not data.exists():
+                raise UsfmaeError(f"{data}: no preprocessed images; run notebook 02 (usfmae clean) first or pass "
+                                  "--data")
+            pack_store(data, store_dir, params.get("img_size", DEFAULTS["img_size"]),
+                       progress=not args.no_progress,
+                       heldout_per_anatomy=params.get("heldout_per_anatomy", DEFAULTS["heldout_per_anatomy"]),
+                       seed=params.get("seed", DEFAULTS["seed"]))
+        if world > 1:
+            dist.barrier()
+        summary = train(store_dir, run_dir, resume=args.resume, progress=not args.no_progress, **params)
     if rank == 0:
         print(f"pretraining done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
               f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}")
@@ -533,8 +665,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run_cli(args)
-    except UsfmaeError as err:
-        print(f"usfmae pretrain: error: {err}", file=sys.stderr)
+    except (UsfmaeError, OSError) as err:
+        from .cli import user_error
+
+        message = user_error(err)
+        if message is None:
+            raise
+        print(f"usfmae pretrain: error: {message}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -38,6 +38,7 @@ import nbformat
 import yaml
 
 from usfmae_lib import UsfmaeError, atomic_write_text
+from usfmae_lib.safety import folder_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -145,7 +146,11 @@ def notebook_parameters(nb: nbformat.NotebookNode, name: str = "notebook") -> di
 
 def parse_value(text: str):
     """`-p key=value` value: YAML scalar/list/dict (`3`, `0.5`, `true`, `[1, 2]`), `1e-3` as float."""
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise UsfmaeError(f"value {text!r} is not valid YAML{_yaml_error_text(err)}; quote it (key='\"text\"') "
+                          "or fix the brackets") from None
     if isinstance(value, str):
         try:  # YAML 1.1 reads '1e-3' as a string; users mean a number
             return float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
@@ -159,9 +164,15 @@ def load_params(files=(), overrides=()) -> tuple[dict, dict]:
     params, origin = {}, {}
     for f in files:
         f = Path(f)
-        if not f.exists():
-            raise UsfmaeError(f"{f}: parameter file not found")
-        data = yaml.safe_load(f.read_text()) or {}
+        if not f.is_file():
+            raise UsfmaeError(f"{f}: parameter file not found" + (" (it is a folder)" if f.is_dir() else ""))
+        try:
+            data = yaml.safe_load(f.read_text()) or {}
+        except UnicodeDecodeError as err:
+            raise UsfmaeError(f"{f}: not a text file ({err.reason} at byte {err.start}); pass a YAML file") from err
+        except yaml.YAMLError as err:
+            raise UsfmaeError(f"{f}{_yaml_error_text(err)}; fix the YAML there (a space after ':', "
+                              "closed brackets and quotes, spaces not tabs)") from err
         if not isinstance(data, dict):
             raise UsfmaeError(f"{f}: a parameter file must be a YAML mapping of name: value")
         params.update(data)
@@ -173,6 +184,19 @@ def load_params(files=(), overrides=()) -> tuple[dict, dict]:
         params[key.strip()] = parse_value(text)
         origin[key.strip()] = "-p"
     return params, origin
+
+
+def _yaml_error_text(err: yaml.YAMLError) -> str:
+    """', line L, column C: <problem> (<context> at line L2)' from a PyYAML error (lines from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f"{where}: YAML syntax error: {problem}"
 
 
 def check_params(params: dict, defaults: dict, notebook: str, origin: dict | None = None) -> dict:
@@ -269,29 +293,30 @@ def run_notebook(
     step_dir.mkdir(parents=True, exist_ok=True)
     executed = step_dir / f"{stem}.ipynb"
 
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="usfmae-run-") as tmp:
-        source = Path(tmp) / f"{stem}.ipynb"
-        nbformat.write(nb, source)
-        old_path = os.environ.get("JUPYTER_PATH")
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(_kernelspec(Path(tmp))), old_path]))
-        try:
-            papermill.execute_notebook(
-                str(source),
-                str(executed),
-                parameters=params,
-                kernel_name=KERNEL_NAME,
-                language="python",
-                progress_bar=progress,
-                log_output=log_output,
-            )
-        except PapermillExecutionError as err:
-            raise UsfmaeError(_describe_failure(nb, notebook, err, executed)) from None
-        finally:
-            if old_path is None:
-                os.environ.pop("JUPYTER_PATH", None)
-            else:
-                os.environ["JUPYTER_PATH"] = old_path
+    with folder_lock(out_dir, f"usfmae run {stem}"):  # one run writes a study folder at a time
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="usfmae-run-") as tmp:
+            source = Path(tmp) / f"{stem}.ipynb"
+            nbformat.write(nb, source)
+            old_path = os.environ.get("JUPYTER_PATH")
+            os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(_kernelspec(Path(tmp))), old_path]))
+            try:
+                papermill.execute_notebook(
+                    str(source),
+                    str(executed),
+                    parameters=params,
+                    kernel_name=KERNEL_NAME,
+                    language="python",
+                    progress_bar=progress,
+                    log_output=log_output,
+                )
+            except PapermillExecutionError as err:
+                raise UsfmaeError(_describe_failure(nb, notebook, err, executed)) from None
+            finally:
+                if old_path is None:
+                    os.environ.pop("JUPYTER_PATH", None)
+                else:
+                    os.environ["JUPYTER_PATH"] = old_path
     return RunResult(notebook, executed, step_dir, time.perf_counter() - start, params)
 
 
@@ -350,7 +375,8 @@ def reproduce(
 
     A step is skipped when its notebook, parameter file, overrides, the library's code and every
     step before it are unchanged since it last succeeded (`force=True` redoes it). Writes
-    `DIR/index.md` and returns its path.
+    `DIR/index.md` and returns its path. A second reproduce (or run) into the same DIR while one
+    is going stops with a message.
     """
     if profile not in PROFILES:
         raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
@@ -371,6 +397,13 @@ def reproduce(
     if unknown:  # a name no step has is a typo: refuse it before anything runs
         raise UsfmaeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
 
+    with folder_lock(out_dir, f"usfmae reproduce --profile {profile}"):
+        return _reproduce_steps(plan, overrides, profile, out_dir, state_dir, force, progress)
+
+
+def _reproduce_steps(plan, overrides, profile: str, out_dir: Path, state_dir: Path, force: bool,
+                     progress: bool) -> Path:
+    """reproduce's loop over the steps, under the study folder's lock."""
     code = _code_fingerprint()
     upstream, records = "", []
     for step, notebook, nb, params_file, names in plan:

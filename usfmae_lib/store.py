@@ -103,14 +103,31 @@ def split_heldout(table: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> tup
 
 
 def _read_rgb(path: Path, size: int) -> np.ndarray | None:
-    """uint8 RGB [size, size, 3], or None when the file cannot be decoded."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)  # grey is replicated to 3 channels
-    if img is None:
+    """uint8 RGB [size, size, 3] by curation's one decode policy (`read_image_file`), or None
+    when that policy refuses the file (missing, truncated, too small, ...)."""
+    from .curation_readers import Reject, read_image_file
+
+    try:
+        img = read_image_file(path)
+    except Reject:
         return None
     if img.shape[:2] != (size, size):  # area filter when shrinking, as the preprocessing does
         shrink = img.shape[0] > size or img.shape[1] > size
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def _refusal(path: Path) -> str:
+    """Why the decode policy refuses a file, in the words curate and clean use."""
+    from .curation_readers import Reject, read_image_file
+
+    if not path.exists():
+        return "missing file"
+    try:
+        read_image_file(path)
+    except Reject as rej:
+        return f"{rej.reason}: {rej.detail}" if rej.detail else rej.reason
+    return "unreadable image"
 
 
 def _fingerprint(src: Path, paths, size: int) -> str:
@@ -198,7 +215,7 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
     if index.empty:
         raise UsfmaeError(f"{src}: none of the {len(paths)} images could be read; see {store_dir / 'rejects.csv'}")
     atomic_write(store_dir / "index.parquet", lambda tmp: index.to_parquet(tmp, index=False))
-    reasons = ["unreadable image" if (src / r).exists() else "missing file" for r in rejects]
+    reasons = [_refusal(src / r) for r in rejects]
     pd.DataFrame({"path": rejects, "reason": reasons}).to_csv(store_dir / "rejects.csv", index=False)
     _write_json(meta_file, {"version": STORE_VERSION, "source": str(src.resolve()), "img_size": img_size,
                             "n_images": len(index), "n_rejected": len(rejects), "n_shards": n_shards,
@@ -375,4 +392,10 @@ def make_loader(dataset: StoreDataset, sampler: EpochSampler, batch_size: int, w
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
         collate_fn=_keep_batch, pin_memory=pin_memory, persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_loader_worker_init)
+
+
+def _loader_worker_init(worker_id: int):
+    from .safety import end_with_parent
+
+    end_with_parent()  # a killed run leaves no loader worker behind

@@ -455,6 +455,12 @@ def resolve_config(seed: int = 0, profile: str = "smoke", **overrides) -> dict:
     return cfg
 
 
+def tree_dir(out_dir) -> pathlib.Path:
+    """Where the study keeps its synthetic raw data: `<out_dir>/synthetic/`, a raw root beside
+    the step folders (not inside 01_curation/, whose outputs must not hold their own input)."""
+    return pathlib.Path(out_dir) / "synthetic"
+
+
 def generate_tree(out_dir, seed: int = 0, profile: str = "smoke", workers: int | None = None,
                   progress: bool = True, **overrides) -> pathlib.Path:
     """Write the whole synthetic tree under out_dir (see module docstring) and synth.json.
