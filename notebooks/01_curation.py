@@ -37,6 +37,7 @@ profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 data_roots = []  # real dataset folders; empty = the synthetic tree made by `usfmae synth`
+synthetic_profile = ""  # size of that tree: smoke, quick or paper; "" = this profile's own (the dry run: smoke)
 video_fps = 3.0  # frames sampled per second of video time (paper: 3); 0 = every frame
 slice_axis = 0  # volume axis to slice, of the (z, y, x) array
 slice_step = 1  # keep every n-th slice of a 3D volume
@@ -111,7 +112,10 @@ from usfmae_lib import synthetic
 
 synth_dir = synthetic.tree_dir(out_dir)  # a raw root beside the step folders
 if not data_roots:
-    synthetic.generate_tree(synth_dir, seed=seed, profile=profile, workers=workers or None)
+    tree_size = synthetic_profile or profile
+    if tree_size != profile:
+        print(f"synthetic tree at {tree_size} size (synthetic_profile), not {profile}'s")
+    synthetic.generate_tree(synth_dir, seed=seed, profile=tree_size, workers=workers or None)
 
 # %% [markdown]
 # One image per anatomy, the two probe geometries (linear: a rectangle; curvilinear and phased:

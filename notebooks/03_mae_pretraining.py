@@ -29,7 +29,8 @@
 # 4. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
 #
 # Every difference between the paper and the official code is a parameter below; see
-# `docs/pretraining.md`. Run headless:
+# `docs/pretraining.md`. The `paper` profile follows the paper's text, the `official` profile
+# the official code (75% mask, from the ImageNet MAE file, ...). Run headless:
 # `usfmae run notebooks/03_mae_pretraining.ipynb -f params/smoke/03_mae_pretraining.yaml`.
 # Outputs land in `<out_dir>/03_mae_pretraining/`.
 
@@ -38,6 +39,7 @@ profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 model = "mae_vit_tiny_patch16_dec128d2b"  # named configuration (paper: mae_vit_base_patch16_dec512d8b)
+model_overrides = {}  # constructor overrides of the config, e.g. {decoder_num_heads: 8} (paper's text; config: 16)
 img_size = 112  # input side in pixels (paper: 224)
 mask_ratio = 0.25  # fraction of patches hidden (paper: 0.25; official code: 0.75)
 norm_pix_loss = False  # normalise each target patch (paper: False, raw pixels; reference MAE: True)
@@ -50,11 +52,12 @@ weight_decay = 0.01  # paper: 0.01
 decay_all = False  # decay biases and norms too (official code: True; reference MAE: False)
 betas = [0.9, 0.95]  # AdamW betas (reference MAE; official code: AdamW default [0.9, 0.999])
 warmup_fraction = 0.1  # linear warmup over the first 10% of steps, then half-cycle cosine
+min_lr = 0.0  # the cosine's floor (official code: 1e-5)
 clip_grad = 1.0  # gradient-norm clipping (paper: 1.0)
 rot_degrees = [0.0, 90.0]  # rotation range (paper: 0-90 deg)
 flip_p = 0.5  # horizontal and vertical flip probability, each (paper: 0.5)
 crop_scale = [0.5, 2.0]  # crop area / image area (paper: 0.5x-2.0x; above 1 zooms out)
-init_checkpoint = None  # optional local MAE checkpoint to start from (official code: ImageNet MAE)
+init_checkpoint = None  # optional local MAE checkpoint to start from (official code: ImageNet MAE file)
 precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
 compile = False  # torch.compile the model
 checkpoint_every = 0  # steps between checkpoints; 0 = every epoch
@@ -62,6 +65,7 @@ log_every = 20  # steps between host syncs (per-step loss rows are written then)
 workers = -1  # DataLoader processes; -1 = auto
 heldout_per_anatomy = 20  # images per anatomy kept out of pretraining for notebook 04 (paper: 0)
 threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
+max_steps = 0  # stop after this many optimiser steps (0 = all epochs; the dry run: 1-2), with the full schedule
 
 # %%
 from pathlib import Path
@@ -82,6 +86,7 @@ clean_dir = Path(out_dir) / "02_preprocessing" / "clean"
 if not clean_dir.is_dir():
     raise UsfmaeError(f"{clean_dir} does not exist: run notebook 02 first "
                       f"(usfmae run notebooks/02_preprocessing.ipynb -f params/{profile}/02_preprocessing.yaml)")
+pretrain.check_init_checkpoint(init_checkpoint, step_dir)  # a missing start file stops here, before packing
 print(f"profile={profile}  outputs -> {step_dir}")
 
 # %% [markdown]
@@ -117,13 +122,14 @@ index.groupby(["dataset", "anatomy"]).size().rename("images").reset_index()
 # resume. Below: four images, then the views of five epochs, then a fixed 2x zoom-out.
 
 # %%
-params = dict(model=model, img_size=img_size, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss,
-              epochs=epochs, batch_size=batch_size, lr=lr, blr_scaling=blr_scaling, blr_batch=blr_batch,
-              weight_decay=weight_decay, decay_all=decay_all, betas=betas,
-              warmup_fraction=warmup_fraction, clip_grad=clip_grad, rot_degrees=rot_degrees,
+params = dict(model=model, model_overrides=model_overrides, img_size=img_size, mask_ratio=mask_ratio,
+              norm_pix_loss=norm_pix_loss, epochs=epochs, batch_size=batch_size, lr=lr, blr_scaling=blr_scaling,
+              blr_batch=blr_batch, weight_decay=weight_decay, decay_all=decay_all, betas=betas,
+              warmup_fraction=warmup_fraction, min_lr=min_lr, clip_grad=clip_grad, rot_degrees=rot_degrees,
               flip_p=flip_p, crop_scale=crop_scale, init_checkpoint=init_checkpoint, seed=seed,
               precision=precision, compile=compile, checkpoint_every=checkpoint_every,
-              log_every=log_every, workers=workers, threads=threads, heldout_per_anatomy=heldout_per_anatomy)
+              log_every=log_every, workers=workers, threads=threads, heldout_per_anatomy=heldout_per_anatomy,
+              max_steps=max_steps)
 augment = pretrain.augment_config(pretrain.resolve_params(**params))
 dataset = store.StoreDataset(store_dir, seed, num_patches=1)
 shown = np.linspace(0, len(dataset) - 1, 4).astype(int)
@@ -147,7 +153,8 @@ for r, i in enumerate(shown):
         axes[r, c].set_axis_off()
 for c, title in enumerate(["stored image"] + [f"epoch {e}" for e in range(5)] + ["scale 2.0 (zoom-out)"]):
     axes[0, c].set_title(title, fontsize=9)
-fig.suptitle("Pretraining augmentation: rotation 0-90 deg, flips, crop 0.5x-2.0x (black padding)")
+fig.suptitle(f"Pretraining augmentation: rotation {rot_degrees[0]:g}-{rot_degrees[1]:g} deg, flips p {flip_p:g}, "
+             f"crop {crop_scale[0]:g}x-{crop_scale[1]:g}x (black padding)")
 fig.tight_layout()
 fig.savefig(step_dir / "fig_augmentation.png", dpi=110)
 
@@ -163,6 +170,8 @@ fig.savefig(step_dir / "fig_augmentation.png", dpi=110)
 
 # %%
 summary = pretrain.train(store_dir, step_dir, resume=True, progress=False, **params)
+print(f"ran {summary['last_step']} of the schedule's {summary['steps']} steps on {summary['device']} in "
+      f"{summary['precision_run']} (precision requested: {precision})")
 pd.Series(summary).to_frame("value")
 
 # %%
@@ -202,7 +211,7 @@ pd.DataFrame([{**summary, "loss_first_steps": first, "loss_last_steps": last}]).
 checkpoint = step_dir / "checkpoints" / pretrain.CHECKPOINT
 trained = mae.load_model(checkpoint)
 encoder_file = mae.export_encoder(trained, step_dir / "checkpoints" / "encoder.safetensors")
-cfg = mae.CONFIGS[model]
+cfg = {**mae.CONFIGS[model], **model_overrides}
 vit = timm.models.vision_transformer.VisionTransformer(
     img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
     num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=0)

@@ -38,6 +38,7 @@ mask_ratios = [0.1, 0.25, 0.5, 0.75, 0.9]  # ratios of the sweep
 panel_mask_ratios = [0.25, 0.75]  # reconstruction panels at these ratios (paper: 25%; official code: 75%)
 n_images = 20  # images per anatomy in the sweep (a seeded sample)
 clean_dir = ""  # "" = <out_dir>/02_preprocessing/clean; or any folder of PNGs with an index.csv
+data_root = None  # with no cleaned tree (released weights): the evaluation sets' folder (BUSBRA/, OTU_2d/, ...)
 norm_pix_stats = "visible"  # norm_pix_loss models: patch stats for hidden patches, "visible" | "oracle"
 norm_pix_loss = None  # None = as the checkpoint records (a bare state dict records nothing: False)
 interactive = False  # True in JupyterLab: widgets (image, mask ratio, seed); headless runs draw static figures
@@ -87,12 +88,19 @@ img_size, patch = info["img_size"], info["patch_size"]
 # `n_images` per anatomy. When notebook 03 records the images it held out of pretraining
 # (`03_mae_pretraining/heldout.csv`), only those are used; otherwise the sample may include images the
 # model trained on, and the printout says so. For strictly unseen images, point `clean_dir` at
-# another cleaned tree (e.g. a downstream dataset run through notebook 02).
+# another cleaned tree (e.g. a downstream dataset run through notebook 02). For weights pretrained
+# elsewhere (the released USF-MAE) with no cleaned tree here, `data_root` gives the evaluation sets'
+# images (BUS-BRA, MMOTU-2D, GIST514-DB as published, not run through annotation removal).
 
 # %%
 clean = Path(clean_dir) if clean_dir else Path(out_dir) / plots.DEFAULT_CLEAN_DIR
-index = plots.read_index(clean)
-candidates, held_out = plots.heldout_rows(index, out_dir)
+if data_root and not (clean / "index.csv").is_file():  # weights pretrained elsewhere: the evaluation images
+    clean = Path(data_root)
+    index = candidates = plots.evaluation_index(clean)
+    held_out = True  # the evaluation sets were kept out of pretraining
+else:
+    index = plots.read_index(clean)
+    candidates, held_out = plots.heldout_rows(index, out_dir)
 sample = plots.pick_images(candidates, n_images, seed)
 print(f"{len(index)} images in {clean}; sample of {len(sample)} "
       f"({'held out of pretraining' if held_out else 'NOT held out: pretraining may have seen them'})")

@@ -20,12 +20,15 @@
 # gastrointestinal (GIST514-DB) tumours and compares it with ImageNet VGG-19, ResNet-50, ViT-B
 # and UltraSam. This notebook:
 #
-# 1. loads each benchmark with its official split (real layout, or the synthetic twin of notebook 01);
-# 2. runs the grid of models x datasets: the paper's sweep (lr x wd x batch) selected on a validation
-#    score (`select_on`) with seed 0, then `n_seeds` seeds of the chosen config (`usfmae finetune`
-#    runs one cell);
-# 3. adds a linear probe of frozen encoders and label-efficiency curves (USF-MAE vs the same
-#    architecture from scratch at a few fractions of the training labels).
+# 1. loads each benchmark with its official splits (real layout, or the synthetic twin of notebook
+#    01): BUS-BRA's 5-fold cross-validation and GIST514-DB's 5 splits, each fold a test set once, as
+#    the paper evaluates them; MMOTU-2D's one train/test split;
+# 2. runs the grid of models x datasets x folds: the paper's sweep (lr x wd x batch) selected on each
+#    fold's validation score (`select_on`) with seed 0, then `n_seeds` seeds of the chosen config
+#    (`usfmae finetune` runs one cell, every fold); a Table 2 cell is the mean over folds;
+# 3. adds a linear probe of frozen encoders on every fold and label-efficiency curves on each
+#    dataset's first fold (USF-MAE vs the same architecture from scratch at a few fractions of the
+#    training labels).
 #
 # Every run is resumable (`runs/.../metrics.json`); rerunning the notebook skips finished runs.
 # Every row says where its weights came from (`init`): a baseline without ImageNet weights on
@@ -40,11 +43,12 @@ out_dir = "outputs/quick"
 seed = 0
 datasets = ["bus-bra", "mmotu-2d", "gist514"]  # benchmarks to run
 models = ["usf-mae", "scratch"]  # encoders to compare (also: vit-b, resnet-50, vgg-19, ultrasam)
-n_seeds = 3  # independent fine-tuning runs per cell of the table, with the chosen config
+n_seeds = 3  # fine-tuning runs per fold with the chosen config (seeds 0..n_seeds-1)
 data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/; None = synthetic twins from notebook 01
 checkpoint = None  # MAE checkpoint; None = <out_dir>/03_mae_pretraining/checkpoints/checkpoint-last.pth
 ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when models has ultrasam)
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
+missing_weights = "random"  # baseline without ImageNet weights: random (labelled RANDOM INIT in every table) or skip
 img_size = 0  # input side; 0 = the checkpoint's pretraining size (paper: 224)
 epochs = 15  # maximum epochs per run
 patience = 0  # early stopping: epochs without a better validation score (0 = run all epochs, keep the best)
@@ -58,10 +62,13 @@ pool = "token"  # ViT models: token (cls -> head, the paper) or avg (global aver
 probe_models = ["usf-mae", "scratch"]  # linear probe of these frozen encoders
 label_fractions = [0.1, 1.0]  # label-efficiency points (paper-style full set: [0.01, 0.1, 0.25, 1.0])
 label_seeds = 3  # seeds per label-efficiency point
-busbra_fold = 1  # BUS-BRA test fold (1-5)
-gist_split = 0  # GIST514-DB split (0-4)
+busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA test folds of 5-fold-cv.csv (paper: all five)
+gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits (all five, as BUS-BRA's folds)
+val_fraction = 0.15  # MMOTU-2D and GIST514-DB: share of the training set carved out for validation (paper: not stated)
 n_bootstrap = 1000  # bootstrap resamples for the 95% intervals
 device = "auto"  # auto = cuda when available
+max_steps = 0  # optimiser steps per fine-tuning run, then validate and stop (0 = no limit; the dry run: 1)
+max_images = 0  # images per part (train, val, test) of each split, a seeded sample by class (0 = all; dry run)
 
 # %%
 import json
@@ -72,7 +79,7 @@ import pandas as pd
 
 from usfmae_lib import UsfmaeError
 from usfmae_lib import finetune as ft
-from usfmae_lib.datasets import load_split
+from usfmae_lib.datasets import cap_split, load_split, official_folds
 
 STEP = "05_finetuning"
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
@@ -100,43 +107,60 @@ for m in models:
     found = [p for p in (Path(weights_dir) / f"{m}{ext}" for ext in (".safetensors", ".pth")) if p.exists()] if weights_dir else []
     weights[m] = found[0] if found else None
 checkpoints = {"usf-mae": mae_checkpoint, "scratch": mae_checkpoint, "ultrasam": ultrasam_checkpoint}
+unavailable = [m for m in dict.fromkeys(models + probe_models) if not ft.imagenet_weights_available(m, weights.get(m))]
+if unavailable and missing_weights == "skip":
+    print(f"skipped, no ImageNet weights here (missing_weights = 'skip'): {', '.join(unavailable)}")
+    models = [m for m in models if m not in unavailable]
+    probe_models = [m for m in probe_models if m not in unavailable]
+elif unavailable:
+    print(f"from RANDOM weights, no ImageNet weights here (labelled in every row): {', '.join(unavailable)}")
 print(f"checkpoint {mae_checkpoint} (pretrained at {mae_size} px); fine-tuning at {size} px; "
       f"{'synthetic twins' if synthetic else 'data_root ' + str(data_root)}")
 
 # %%
-splits = {}
+folds = {"bus-bra": busbra_folds, "gist514": gist_splits}
+splits = {}  # (dataset, fold) -> Split
 for d in datasets:
-    options = {"fold": busbra_fold} if d == "bus-bra" else {"fold": gist_split} if d == "gist514" else {}
-    splits[d] = load_split(d, roots[d], seed=seed, **options)
-    print(f"{d}: {splits[d].split}; images per class and part:")
-    print(splits[d].summary().to_string(), "\n")
+    for k in official_folds(d, folds.get(d)):
+        splits[(d, k)] = cap_split(load_split(d, roots[d], seed=seed, fold=k, val_fraction=val_fraction),
+                                   max_images, seed)
+    first = splits[(d, official_folds(d, folds.get(d))[0])]
+    ks = [k for (dd, k) in splits if dd == d]
+    print(f"{d}: {len(ks)} fold(s) {ks}; the first, {first.split}, images per class and part:")
+    print(first.summary().to_string())
+    if d != "bus-bra":  # BUS-BRA has official validation marks; the others lose val_fraction of training
+        n_official = len(first.train) + len(first.val)
+        print(f"val_fraction {val_fraction:g}: {len(first.val)} of the {n_official} official training images "
+              f"validate, {len(first.train)} train ({100 * len(first.train) / n_official:.0f}%)")
+    print()
 
 # %% [markdown]
-# ## The grid: sweep on validation, then seeds
-# For each (dataset, model): every config of the sweep with seed 0, the best validation score wins,
-# then `n_seeds` seeds of that config; test metrics with bootstrap 95% intervals.
+# ## The grid: sweep on validation, then seeds, on every fold
+# For each (dataset, fold, model): every config of the sweep with seed 0, the best validation score
+# of that fold wins (no fold's test set picks anything), then `n_seeds` seeds of that config; test
+# metrics with bootstrap 95% intervals. Each fold has its own run folders (`runs/<dataset>/fold<k>/`).
 
 # %%
 base = ft.TrainConfig(epochs=epochs, patience=patience, img_size=size, pool=pool, select_on=select_on,
-                      head_norm=head_norm, layer_decay=layer_decay)
+                      head_norm=head_norm, layer_decay=layer_decay, max_steps=max_steps)
 configs = ft.sweep_configs(base, lrs, weight_decays, batch_sizes)
 print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}")
 t0 = time.time()
 cells, sweeps, chosen, data = [], [], {}, {}
-for d in datasets:
-    data[d] = ft.prepare_data(splits[d], size)
+for (d, k), split in splits.items():
+    data[(d, k)] = ft.prepare_data(split, size)
     for m in models:
         kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m), device=device, n_bootstrap=n_bootstrap)
-        cfg, sweep = ft.select_config(data[d], m, configs, runs, **kw)
+        cfg, sweep = ft.select_config(data[(d, k)], m, configs, runs, **kw)
         sweeps.append(sweep)
-        chosen[(d, m)] = cfg
-        cell = pd.DataFrame([ft.finetune_run(data[d], m, cfg, s, runs, **kw) for s in range(n_seeds)])
+        chosen[(d, k, m)] = cfg
+        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **kw) for s in range(n_seeds)])
         cell["selected"] = cfg.tag()
         cells.append(cell)
 results = pd.concat(cells, ignore_index=True)
 print(f"grid done in {time.time() - t0:.0f} s")
-results[["dataset", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision", "recall",
-         "f1", "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
+results[["dataset", "fold", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision",
+         "recall", "f1", "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
 
 # %% [markdown]
 # ## Linear probe of frozen encoders
@@ -145,25 +169,27 @@ results[["dataset", "model", "seed", "init", "selected", "val_balanced_accuracy"
 
 # %%
 probes = []
-for d in datasets:
+for (d, k) in splits:
     for m in probe_models:
         kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m) if m in weights else None, device=device,
                   n_bootstrap=n_bootstrap)
-        probes.append(ft.linear_probe(data[d], m, seed, runs, pool=pool, **kw))
+        probes.append(ft.linear_probe(data[(d, k)], m, seed, runs, pool=pool, **kw))
 probe = pd.DataFrame(probes)
-probe[["dataset", "model", "init", "probe_C", "val_f1", "f1", "f1_low", "f1_high"]].round(3) if len(probe) else probe
+probe[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", "f1_high"]].round(3) if len(probe) else probe
 
 # %% [markdown]
 # ## Label efficiency: USF-MAE vs the same architecture from scratch
 # Training labels subsampled per class (at least one each, seeded); validation and test unchanged;
-# each model uses the config chosen on all labels.
+# each model uses the config chosen on all labels. On each dataset's first fold only: the curve
+# costs `len(label_fractions) x label_seeds` runs per model, and its point is the shape, not Table 2.
 
 # %%
 curves = []
 for d in datasets:
+    k = official_folds(d, folds.get(d))[0]
     for m in ("usf-mae", "scratch"):
-        cfg = chosen.get((d, m)) or configs[0]
-        curves.append(ft.label_efficiency(data[d], m, cfg, runs, fractions=label_fractions, n_seeds=label_seeds,
+        cfg = chosen.get((d, k, m)) or configs[0]
+        curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=label_seeds,
                                           checkpoint=mae_checkpoint, device=device, n_bootstrap=n_bootstrap))
 label_curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
 label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "f1"]].mean().round(3) if len(label_curve) else label_curve
@@ -179,8 +205,9 @@ for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_ind
     table.to_csv(step_dir / f"{name}.csv", index=False)
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, n_configs=len(configs),
+             folds={d: [k for (dd, k) in splits if dd == d] for d in datasets}, val_fraction=val_fraction,
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
              patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay,
-             label_fractions=label_fractions, n_bootstrap=n_bootstrap)
+             label_fractions=label_fractions, n_bootstrap=n_bootstrap, max_steps=max_steps, max_images=max_images)
 (step_dir / "setup.json").write_text(json.dumps(setup, indent=1))
 print(sorted(p.name for p in step_dir.iterdir()))

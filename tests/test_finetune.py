@@ -64,7 +64,7 @@ def test_missing_checkpoints_are_clear_errors(tmp_path):
 def test_init_column_is_honest_about_imagenet_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ft, "find_imagenet_weights", lambda name: None)  # an empty cache
     model, init, _ = ft.build_classifier("resnet-50", 2, 32)
-    assert init == "random: no ImageNet weights found"
+    assert init.startswith("random: no ImageNet weights found") and ft.TIMM_NAMES["resnet-50"] in init
     assert "WARNING" in capsys.readouterr().out
     # a local file of weights is used, and said so
     torch.manual_seed(1)
@@ -72,7 +72,7 @@ def test_init_column_is_honest_about_imagenet_weights(tmp_path, monkeypatch, cap
     path = tmp_path / "resnet-50.pth"
     torch.save({k: v for k, v in reference.items() if not k.startswith("fc.")}, path)
     loaded, init, _ = ft.build_classifier("resnet-50", 2, 32, weights=path)
-    assert init == f"imagenet (file: {path})"
+    assert init == f"imagenet-1k resnet50.tv_in1k (file: {path}, taken to hold resnet50.tv_in1k)"
     assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
 
 
@@ -230,3 +230,69 @@ def test_layer_decay_gives_lower_blocks_smaller_learning_rates(checkpoint):
     assert lr_of[id(named["patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.125)
     plain = ft.make_optimiser(model, ft.TrainConfig(lr=1e-3))
     assert {g["lr"] for g in plain.param_groups} == {1e-3}
+
+
+# ---------------------------------------------------------------------------- max_steps, max_images (the dry run)
+def test_max_steps_stops_training_validates_that_epoch_and_keeps_the_best(tiny_data, checkpoint, monkeypatch):
+    path, _ = checkpoint
+    steps = []
+    make = ft.make_optimiser
+
+    def counting(model, cfg):
+        optimiser = make(model, cfg)
+        optimiser.register_step_pre_hook(lambda *_: steps.append(1))
+        return optimiser
+
+    monkeypatch.setattr(ft, "make_optimiser", counting)
+    torch.manual_seed(0)
+    model, _, _ = ft.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
+    per_epoch = len(tiny_data.split.train) // 8
+    cfg = ft.TrainConfig(epochs=5, patience=0, batch_size=8, img_size=32, max_steps=per_epoch + 1)
+    result = ft.train(model, tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
+    assert len(steps) == per_epoch + 1 == result["steps_run"]  # stops inside the second epoch
+    history = pd.DataFrame(result["history"])
+    assert history["steps"].tolist() == [per_epoch, per_epoch + 1] and result["epochs_run"] == 2
+    assert result["best_epoch"] in history.index and history["val_loss"].notna().all()  # the cut epoch is validated
+
+
+def test_max_steps_is_part_of_the_run_identity_but_leaves_existing_names_alone(tiny_data, checkpoint, tmp_path):
+    cfg = ft.TrainConfig(epochs=1, batch_size=16, img_size=32)
+    assert "max" not in cfg.tag() and "max_steps" not in cfg.identity()  # runs made before max_steps: same folder, reused
+    cut = ft.TrainConfig(epochs=1, batch_size=16, img_size=32, max_steps=1)
+    assert cut.tag() == cfg.tag() + "_max1steps" and cut.identity()["max_steps"] == 1
+    row = ft.finetune_run(tiny_data, "scratch", cut, 0, tmp_path, checkpoint=checkpoint[0], n_bootstrap=10, log=None)
+    assert row["max_steps"] == 1 and row["steps_run"] == 1 and row["run"].split("/")[4].endswith("_max1steps")
+    with pytest.raises(UsfmaeError, match="max_steps"):
+        ft.TrainConfig(max_steps=-1)
+
+
+def test_the_sweep_picks_the_best_of_several_configs_on_validation(tiny_data, tmp_path, monkeypatch):
+    """select_config over two configs (the profiles' grids have one; the paper's has eight)."""
+    configs = ft.sweep_configs(ft.TrainConfig(epochs=1, img_size=32), [3e-4, 1e-3], [0.01], [16])
+    scores = {3e-4: 0.5, 1e-3: 0.75}
+
+    def fake_run(data, model_name, cfg, seed, runs, **kw):
+        return {"val_balanced_accuracy": scores[cfg.lr], "val_f1": 0.0, "val_loss": 1.0, "lr": cfg.lr}
+
+    monkeypatch.setattr(ft, "finetune_run", fake_run)
+    chosen, table = ft.select_config(tiny_data, "scratch", configs, tmp_path)
+    assert chosen.lr == 1e-3 and len(table) == 2
+    scores[3e-4] = 0.75  # a tie: the first in grid order
+    assert ft.select_config(tiny_data, "scratch", configs, tmp_path)[0].lr == 3e-4
+
+
+def test_cap_split_keeps_a_few_images_per_part_and_every_class_it_can():
+    from usfmae_lib.datasets import cap_split
+
+    split = load_split("folder", BUSI, positive="malignant", seed=0)
+    assert cap_split(split, 0) is split
+    small = cap_split(split, 4, seed=1)
+    for name, part in small.parts().items():
+        full = split.parts()[name]
+        assert len(part) == min(4, len(full)) and set(part["path"]) <= set(full["path"])
+        assert part["label"].nunique() == min(4, full["label"].nunique())  # the classes in turn
+    assert not set(small.train["group"]) & set(small.test["group"])
+    assert "capped at 4 images per part" in small.split
+    assert cap_split(split, 4, seed=1).test.equals(small.test)  # seeded
+    with pytest.raises(UsfmaeError, match="max_images"):
+        cap_split(split, -1)

@@ -285,7 +285,7 @@ def test_unreadable_imagenet_weights_name_the_file_cause_and_expected_weights(tm
     rc = _finetune("vit-b", tmp_path, "--weights", str(weights))
     cause = {"random bytes": "not a checkpoint", "truncated zip": "truncated", "missing": "does not exist"}[how]
     _assert_message(rc, capsys.readouterr().err, weights, cause,
-                    *(["vit_base_patch16_224 ImageNet weights"] if how != "missing" else []))
+                    *(["vit_base_patch16_224.augreg_in1k ImageNet-1k weights"] if how != "missing" else []))
 
 
 def test_imagenet_weights_of_another_model_name_the_mismatched_keys(tmp_path, capsys):

@@ -383,3 +383,26 @@ def test_ddp_two_gloo_processes_give_the_gradient_of_one_process_with_twice_the_
     assert set(ddp) == set(one) and len(one) > 10
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+# ---------------------------------------------------------------------------- max_steps (the dry run)
+def test_max_steps_stops_early_with_the_full_schedule_writes_checkpoint_and_log_and_resumes(store_dir, tmp_path):
+    short = pretrain.train(store_dir, tmp_path / "short", progress=False, **{**RUN, "max_steps": 3})
+    total = short["steps"]
+    assert short["last_step"] == 3 < total and short["precision_run"] == "fp32"  # a CPU: auto falls back to fp32
+    ckpt = tmp_path / "short" / "checkpoints" / pretrain.CHECKPOINT
+    assert torch.load(ckpt, weights_only=True)["step"] == 3  # written at the stop, as at the end of a run
+    log = pd.read_csv(tmp_path / "short" / "log.csv")
+    assert log.step.tolist() == [1, 2, 3]
+    warmup = int(RUN.get("warmup_fraction", 0.1) * total)  # the lrs of the full run's first steps
+    np.testing.assert_allclose(log.lr, [1e-3 * pretrain.lr_factor(s, warmup, total) for s in range(3)], rtol=1e-5)
+    again = pretrain.train(store_dir, tmp_path / "short", resume=True, progress=False, **{**RUN, "max_steps": 3})
+    assert again["seconds"] == 0.0 and len(pd.read_csv(tmp_path / "short" / "log.csv")) == 3  # done: a no-op
+    # the cut run goes on to the end (max_steps may change on resume) and ends where an uncut run ends
+    pretrain.train(store_dir, tmp_path / "short", resume=True, progress=False, **RUN)
+    pretrain.train(store_dir, tmp_path / "whole", progress=False, **RUN)
+    a, b = _weights(ckpt), _weights(tmp_path / "whole" / "checkpoints" / pretrain.CHECKPOINT)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert pd.read_csv(tmp_path / "short" / "log.csv").step.tolist() == list(range(1, total + 1))
+    with pytest.raises(UsfmaeError, match="max_steps must be >= 0"):
+        pretrain.train(store_dir, tmp_path / "bad", progress=False, **{**RUN, "max_steps": -1})

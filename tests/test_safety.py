@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from usfmae_lib import UsfmaeError, cli
-from usfmae_lib import curation, preprocess
+from usfmae_lib import curation, preprocess, safety
 from usfmae_lib.safety import check_output, folder_lock
 
 PY = sys.executable
@@ -110,7 +110,8 @@ def _hold_lock_in_child(folder: Path) -> subprocess.Popen:
     return child
 
 
-def test_a_second_run_into_a_locked_folder_stops_and_a_killed_holder_frees_it(tmp_path, capsys):
+def test_a_second_run_into_a_locked_folder_stops_and_a_killed_holder_frees_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(safety, "GRACE_S", 0.5)
     scans(tmp_path / "A", 2)
     out = tmp_path / "out"
     child = _hold_lock_in_child(out)
@@ -141,7 +142,41 @@ def test_the_lock_is_reentrant_in_one_process_and_refuses_others(tmp_path):
     assert _try_lock_in_child(tmp_path).returncode == 0
 
 
-def test_reproduce_refuses_a_second_run_into_the_same_folder(tmp_path, capsys):
+def test_a_forked_worker_does_not_keep_a_killed_runs_lock(tmp_path):
+    """A DataLoader worker forked by a run shares the run's lock descriptor; after kill -9 of the
+    run the lock must go at once, not when the worker has exited."""
+    code = ("import os, sys, time\nfrom usfmae_lib.safety import folder_lock, end_with_parent\n"
+            "with folder_lock(sys.argv[1], 'run'):\n"
+            "    if os.fork() == 0:\n        end_with_parent(); time.sleep(30); os._exit(0)\n"
+            "    print('held', flush=True); time.sleep(60)\n")
+    run = subprocess.Popen([PY, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert run.stdout.readline().strip() == "held"
+    time.sleep(0.3)  # the worker is up
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    start = time.monotonic()
+    with folder_lock(tmp_path, "next run"):
+        assert time.monotonic() - start < 1.0
+
+
+def test_end_with_parent_closes_the_inherited_lock_descriptors(tmp_path):
+    with folder_lock(tmp_path, "run"):
+        (fd,) = safety._held.values()
+        pid = os.fork()
+        if pid == 0:  # the worker: after end_with_parent its copy of the lock descriptor is gone
+            safety.end_with_parent()
+            try:
+                os.fstat(fd)
+                os._exit(1)
+            except OSError:
+                os._exit(0 if not safety._held else 2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        os.fstat(fd)  # the run's own descriptor, and so its lock, are untouched
+
+
+def test_reproduce_refuses_a_second_run_into_the_same_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(safety, "GRACE_S", 0.5)
     child = _hold_lock_in_child(tmp_path / "study")
     try:
         rc = cli.main(["reproduce", "--profile", "smoke", "--out", str(tmp_path / "study"), "--steps", "06_results"])

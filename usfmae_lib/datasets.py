@@ -51,6 +51,7 @@ class Split:
     train: pd.DataFrame = field(repr=False)  # columns: path, label, group
     val: pd.DataFrame = field(repr=False)
     test: pd.DataFrame = field(repr=False)
+    fold: int = 0  # the official fold (BUS-BRA 1-5) or split (GIST514-DB 0-4); 0 where there is one split
 
     def parts(self) -> dict[str, pd.DataFrame]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -212,7 +213,7 @@ def load_busbra(root, fold: int = 1, cv_file: str = "5-fold-cv.csv", **_) -> Spl
     name = f"fold {fold} of {cv_file}"
     if moved:
         name += f", {valid} kept whole by patient ({len(moved)} moved)"
-    return _check_images(Split("bus-bra", name, classes, 1, **parts))
+    return _check_images(Split("bus-bra", name, classes, 1, **parts, fold=fold))
 
 
 # ---------------------------------------------------------------------------- MMOTU-2D and GIST514-DB lists
@@ -296,7 +297,7 @@ def load_gist514(root, fold: int = 0, val_fraction: float = 0.15, seed: int = 0,
     train, test = _read_coco(train_path, images), _read_coco(test_path, images)
     _check_lists_disjoint(train, test, train_path, test_path)
     train, val = _split_by_group(train, val_fraction, seed)
-    return _check_images(Split("gist514", f"split {fold}", ["leiomyoma", "GIST"], 1, train, val, test))
+    return _check_images(Split("gist514", f"split {fold}", ["leiomyoma", "GIST"], 1, train, val, test, fold=fold))
 
 
 # ---------------------------------------------------------------------------- any folder
@@ -423,8 +424,51 @@ LOADERS = {"bus-bra": load_busbra, "mmotu-2d": load_mmotu, "gist514": load_gist5
 SYNTHETIC_FOLDERS = {"bus-bra": "BUSBRA", "mmotu-2d": "OTU_2d", "gist514": "usd514_jpeg_roi"}
 
 
+# The paper evaluates BUS-BRA "on the official split in 5-fold cross-validation": every fold is a
+# test set once. GIST514-DB ships five splits the same way. The others have one official split.
+OFFICIAL_FOLDS = {"bus-bra": (1, 2, 3, 4, 5), "gist514": (0, 1, 2, 3, 4)}
+
+
+def official_folds(dataset: str, folds=None) -> list[int]:
+    """The folds to run: every official fold by default (the paper's protocol), or those asked,
+    checked against the dataset's folds. Datasets with one split have the single fold 0."""
+    known = OFFICIAL_FOLDS.get(dataset, (0,))
+    if folds is None or (isinstance(folds, (list, tuple)) and not folds):
+        return list(known)
+    folds = [int(f) for f in (folds if isinstance(folds, (list, tuple)) else [folds])]
+    bad = [f for f in folds if f not in known]
+    if bad:
+        raise UsfmaeError(f"{dataset} has no fold {bad[0]}; its official folds are {list(known)}")
+    return folds
+
+
 def load_split(dataset: str, root, **options) -> Split:
     """Dispatch by name: bus-bra, mmotu-2d, gist514 or folder. Options go to the loader."""
     if dataset not in LOADERS:
         raise UsfmaeError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return LOADERS[dataset](root, **options)
+
+
+def cap_split(split: Split, max_images: int, seed: int = 0) -> Split:
+    """The split with at most `max_images` images in each part (train, val, test): a seeded sample
+    that takes the classes in turn (so every class a part has stays in it while max_images allows),
+    rows kept in their order. 0 = the split unchanged. For dry runs and quick checks: the parts stay
+    disjoint (subsets of a checked split), and the split's name says it was capped."""
+    if max_images < 0:
+        raise UsfmaeError(f"max_images must be >= 0 (0 = every image), got {max_images}")
+    if not max_images or all(len(df) <= max_images for df in split.parts().values()):
+        return split
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts = {}
+    for name, df in split.parts().items():
+        if len(df) <= max_images:
+            parts[name] = df
+            continue
+        by_class = [rng.permutation(np.flatnonzero(df["label"].to_numpy() == c)).tolist()
+                    for c in sorted(df["label"].unique())]
+        turns = [rows[i] for i in range(max(map(len, by_class))) for rows in by_class if i < len(rows)]
+        parts[name] = df.iloc[sorted(turns[:max_images])].reset_index(drop=True)
+    return Split(split.dataset, f"{split.split}, capped at {max_images} images per part", split.classes,
+                 split.positive, parts["train"], parts["val"], parts["test"], split.fold)

@@ -8,18 +8,20 @@ Models (`build_classifier`), all timm:
                checkpoint (strict: only the new head may be missing); cls token -> head as in the
                paper, or global average pooling (pool="avg": the encoder's final norm becomes fc_norm)
     scratch    the same architecture, random init: the control that says what pretraining adds
-    vit-b      vit_base_patch16_224        resnet-50  resnet50
-    vgg-19     vgg19_bn (batch norm: VGG-19 without it rarely trains from random init with AdamW
-               at these learning rates, which would make a random-init baseline look worse than it is)
+    vit-b      vit_base_patch16_224.augreg_in1k   resnet-50  resnet50.tv_in1k   vgg-19  vgg19.tv_in1k
+               (ImageNet-1k weights, as the paper describes its baselines; each fed inputs normalised
+               with its own tag's mean/std, e.g. 0.5 for the ViT)
     ultrasam   samvit_base_patch16 (SAM ViT-B image encoder + neck) from a user-supplied UltraSam or
                SAM checkpoint; see load_sam_encoder for the key layouts read
 ImageNet weights come from a local file (`weights=`) or timm's Hugging Face cache (looked up offline);
-otherwise the model starts from random weights, a warning is printed, and the `init` column says so.
+otherwise the model starts from random weights, a warning is printed, and the `init` column says so
+(or, with missing_weights="skip", it is not run).
 
 Data: every image of a split is decoded and resized once (cv2.INTER_AREA, squashed to a square as the
 paper does) into a uint8 cache [N, 3, S, S]; training batches are augmented per sample (rotation
 0-90 deg, flips, resized crop) by the pretraining step's batched affine resample (store.augment_batch)
-on the training device, and ImageNet-normalised.
+on the training device, and normalised with the model's own input statistics (ImageNet's for
+USF-MAE and scratch, as the paper says).
 Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), linear warmup then cosine per
 step, early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
 everything positive) with the best weights kept, bf16 autocast on CUDA. `head_norm` puts MAE's linear-probe
@@ -29,6 +31,7 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -51,10 +54,22 @@ from .metrics import bootstrap_intervals, classification_metrics
 from .store import N_AUG, AugmentConfig, augment_batch
 
 MODELS = ("usf-mae", "scratch", "vit-b", "resnet-50", "vgg-19", "ultrasam")
-TIMM_NAMES = {"vit-b": "vit_base_patch16_224", "resnet-50": "resnet50", "vgg-19": "vgg19_bn",
-              "ultrasam": "samvit_base_patch16"}
+# The exact timm tag of each baseline: the ImageNet-1k weights it loads, and so the input statistics
+# (pretrained_cfg mean/std) it is fed. The paper: VGG-19 and ResNet-50 "pre-trained on ImageNet ILSVRC-2012",
+# ViT-Base "pre-trained on ImageNet (the same 1.2M images, 1000-class dataset)". See docs/finetuning.md.
+#   vit-b      vit_base_patch16_224.augreg_in1k  ViT-B/16 trained on ImageNet-1k only (AugReg); mean/std 0.5
+#   resnet-50  resnet50.tv_in1k                  torchvision's classic ResNet-50 (V1); ImageNet mean/std
+#   vgg-19     vgg19.tv_in1k                     torchvision's plain VGG-19 (no batch norm); ImageNet mean/std
+#   ultrasam   samvit_base_patch16               architecture only: the weights come from --checkpoint
+TIMM_NAMES = {"vit-b": "vit_base_patch16_224.augreg_in1k", "resnet-50": "resnet50.tv_in1k",
+              "vgg-19": "vgg19.tv_in1k", "ultrasam": "samvit_base_patch16"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A baseline whose ImageNet weights are neither given nor in the cache: "random" trains it from random
+# init (init column "random: no ImageNet weights found ..."), "skip" leaves it out (build_classifier raises
+# MissingWeights; callers check imagenet_weights_available first).
+MISSING_WEIGHTS = ("random", "skip")
+PAPER_IMG_SIZE = 224  # the paper resizes every image to 224 x 224 (section 2.2)
 # the paper's baseline sweep (STUDY.md section 5)
 SWEEP = dict(lr=[3e-4, 1e-3], weight_decay=[0.01, 0.001], batch_size=[32, 64])
 LABEL_FRACTIONS = (0.01, 0.1, 0.25, 1.0)
@@ -87,17 +102,29 @@ class TrainConfig:
     select_on: str = "balanced_accuracy"  # validation score that picks the epoch and the sweep's config: one of SELECT_ON
     head_norm: bool = False  # BatchNorm (no affine) in front of the head, as MAE's linear probe; see add_head_norm
     layer_decay: float = 1.0  # ViT lr x this per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off
+    max_steps: int = 0  # stop after this many optimiser steps, then validate that epoch (0 = no limit; the dry run)
 
     def __post_init__(self):
         if self.select_on not in SELECT_ON:
             raise UsfmaeError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
+        if self.max_steps < 0:
+            raise UsfmaeError(f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+
+    def identity(self) -> dict:
+        """The config as a run's identity records it: every knob, except max_steps when it is 0 (off),
+        so that runs finished before max_steps existed keep theirs and are reused."""
+        knobs = asdict(self)
+        if not self.max_steps:
+            knobs.pop("max_steps")
+        return knobs
 
     def tag(self) -> str:
         """Folder name of the knobs that differ between runs of a sweep."""
         return (f"lr{self.lr:g}_wd{self.weight_decay:g}_bs{self.batch_size}_ep{self.epochs}_px{self.img_size}_{self.pool}"
                 + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else "")
                 + (f"_sel-{self.select_on}" if self.select_on != "balanced_accuracy" else "")
-                + ("_bnhead" if self.head_norm else ""))
+                + ("_bnhead" if self.head_norm else "")
+                + (f"_max{self.max_steps}steps" if self.max_steps else ""))
 
     def score(self, val: dict) -> float:
         """The validation score to maximise (loss is negated)."""
@@ -181,23 +208,126 @@ def _shape_mismatches(model: nn.Module, state: dict) -> list[str]:
             if k in expected and v.shape != expected[k].shape]
 
 
-def find_imagenet_weights(timm_name: str) -> Path | None:
-    """A file of timm's ImageNet weights already in the Hugging Face cache (never downloads)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+class MissingWeights(UsfmaeError):
+    """A baseline's ImageNet weights are not available and missing_weights="skip" was asked for."""
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """How a model's inputs are normalised, as its weights were trained: (x / 255 - mean) / std per
+    channel. interpolation and crop_pct are the tag's, for the record only: images here are squashed to a
+    square with cv2.INTER_AREA (read_image), as the paper resizes them, never centre-cropped."""
+    mean: tuple
+    std: tuple
+    source: str
+    interpolation: str = ""
+    crop_pct: float | None = None
+
+
+IMAGENET_STATS = InputStats(IMAGENET_MEAN, IMAGENET_STD, "ImageNet mean/std (the paper's, section 2.2)")
+STATS_ATTR = "usfmae_input_stats"  # the model attribute build_classifier sets
+
+
+def input_stats(model: nn.Module) -> InputStats:
+    """The statistics `model` is fed (set by build_classifier); ImageNet's for a model built elsewhere."""
+    return getattr(model, STATS_ATTR, None) or IMAGENET_STATS
+
+
+def set_input_stats(model: nn.Module, stats: InputStats) -> nn.Module:
+    """Attach the input statistics to the model (in place): normalise/train/predict/features read them."""
+    setattr(model, STATS_ATTR, stats)  # a plain attribute: not a parameter, not in the state dict
+    return model
+
+
+def _pretrained_cfg(timm_name: str):
     import timm
-    from huggingface_hub import try_to_load_from_cache
     cfg = timm.models.get_pretrained_cfg(timm_name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    if not hub_id:
-        return None
-    repo, _, _rev = hub_id.partition("@")
+    if cfg is None:
+        raise UsfmaeError(f"timm {timm.__version__} knows no pretrained weights {timm_name!r}; "
+                          f"pick one of timm.list_pretrained({timm_name.partition('.')[0] + '*'!r})")
+    return cfg
+
+
+def timm_tag(timm_name: str) -> str:
+    """'arch.tag' of the weights timm resolves `timm_name` to (an untagged name gets timm's default tag)."""
+    cfg = _pretrained_cfg(timm_name)
+    arch = timm_name.partition(".")[0]
+    return f"{arch}.{cfg.tag}" if cfg.tag else arch
+
+
+def in1k_only(timm_name: str) -> bool:
+    """True for weights trained on ImageNet-1k alone (tag ends in in1k, no in21k/in12k or fine-tune step)."""
+    parts = (_pretrained_cfg(timm_name).tag or "").split("_")
+    return parts[-1] == "in1k" and "ft" not in parts and not {"in21k", "in22k", "in12k"} & set(parts)
+
+
+def _weights_label(timm_name: str) -> str:
+    return "imagenet-1k" if in1k_only(timm_name) else "imagenet"
+
+
+def tag_input_stats(timm_name: str) -> InputStats:
+    """The mean/std (and interpolation, crop) in the pretrained_cfg of the exact tag `timm_name`."""
+    cfg = _pretrained_cfg(timm_name)
+    return InputStats(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std),
+                      f"pretrained_cfg of {timm_tag(timm_name)}", cfg.interpolation or "", cfg.crop_pct)
+
+
+def _hub_repo(timm_name: str) -> str:
+    """The Hugging Face repo of the tag's weights ('' when timm names none)."""
+    cfg = _pretrained_cfg(timm_name)
+    repo = (getattr(cfg, "hf_hub_id", None) or "").partition("@")[0]
     if repo.endswith("/"):  # timm's shorthand "timm/" + model name
-        repo = repo + f"{timm_name}.{cfg.tag}" if cfg.tag else repo + timm_name
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+        repo += timm_tag(timm_name)
+    return repo
+
+
+def find_imagenet_weights(timm_name: str) -> Path | None:
+    """The file of the tag's weights already in the Hugging Face cache, in its layout
+    (hub/models--timm--<arch>.<tag>/snapshots/<rev>/model.safetensors); never downloads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import try_to_load_from_cache
+    repo = _hub_repo(timm_name)
+    if not repo:
+        return None
+    extra = getattr(_pretrained_cfg(timm_name), "hf_hub_filename", None)
+    for filename in ("model.safetensors", "pytorch_model.bin", *([extra] if extra else [])):
         hit = try_to_load_from_cache(repo, filename)
         if isinstance(hit, str) and Path(hit).is_file():  # a link to a deleted blob is no file
             return Path(hit)
     return None
+
+
+def imagenet_weights_available(model_name: str, weights=None) -> bool:
+    """Whether build_classifier would start `model_name` from the weights it is meant to have: always
+    for usf-mae, scratch and ultrasam (no ImageNet weights involved: their checkpoint is required
+    elsewhere); for a timm baseline, a given `weights` file exists or the cache holds its tag's file."""
+    if model_name in ("usf-mae", "scratch", "ultrasam"):
+        return True
+    if model_name not in TIMM_NAMES:
+        raise UsfmaeError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
+    if weights:
+        return Path(weights).is_file()
+    return find_imagenet_weights(TIMM_NAMES[model_name]) is not None
+
+
+def input_size(model_name: str, requested: int = 0, checkpoint=None) -> int:
+    """The input side: `requested` when > 0, else the model's own: the MAE checkpoint's pretraining size
+    for usf-mae and scratch (224, the paper's, for scratch without a checkpoint), the tag's
+    pretrained_cfg input_size for vit-b / resnet-50 / vgg-19, and 224 for ultrasam (SAM's native 1024 is
+    ~20x the compute; the paper resizes every image to 224: pass requested=1024 for SAM's own)."""
+    if requested and requested > 0:
+        return int(requested)
+    if model_name in ("usf-mae", "scratch"):
+        if checkpoint:
+            return mae_checkpoint_info(checkpoint)[2]
+        if model_name == "usf-mae":
+            raise UsfmaeError("model usf-mae needs --checkpoint (its input size is the checkpoint's)")
+        return PAPER_IMG_SIZE
+    if model_name == "ultrasam":
+        return PAPER_IMG_SIZE
+    if model_name not in TIMM_NAMES:
+        raise UsfmaeError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
+    return int(_pretrained_cfg(TIMM_NAMES[model_name]).input_size[-1])
 
 
 def _resize_sam_state(state: dict, model: nn.Module) -> dict:
@@ -250,24 +380,32 @@ def load_sam_encoder(model: nn.Module, checkpoint) -> nn.Module:
 
 
 def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None, weights=None,
-                     pool: str = "token", mae_config: str | None = None) -> tuple[nn.Module, str, str]:
+                     pool: str = "token", mae_config: str | None = None,
+                     missing_weights: str = "random") -> tuple[nn.Module, str, str]:
     """(model, init, weights_id). `init` says where the weights came from, for every results row:
-    "usf-mae: <checkpoint>", "random (scratch control)", "imagenet (file: ...)",
-    "imagenet (timm cache: ...)", "random: no ImageNet weights found", "ultrasam: <checkpoint>"."""
+    "usf-mae: <checkpoint>", "random (scratch control, <config>)", "imagenet-1k <tag> (file: ...)",
+    "imagenet-1k <tag> (timm cache: ...)", "random: no ImageNet weights found (<tag>)",
+    "ultrasam: <checkpoint>". The model carries its input statistics (input_stats(model)): ImageNet
+    mean/std for usf-mae and scratch (the paper's), the tag's pretrained_cfg mean/std for a timm baseline,
+    SAM's (ImageNet's) for ultrasam. A baseline without weights: missing_weights="random" trains it from
+    random init, loudly; "skip" raises MissingWeights."""
     import timm
+    if missing_weights not in MISSING_WEIGHTS:
+        raise UsfmaeError(f"missing_weights must be one of {', '.join(MISSING_WEIGHTS)}, got {missing_weights!r}")
     if name in ("usf-mae", "scratch"):
         if name == "usf-mae" and not checkpoint:
             raise UsfmaeError("model usf-mae needs --checkpoint (an MAE checkpoint from notebook 03, e.g. "
                               "OUT/03_mae_pretraining/checkpoints/checkpoint-last.pth)")
         config, overrides = (mae_checkpoint_info(checkpoint)[1::2] if checkpoint
                              else (mae_config or mae.CPU_CONFIG, {}))
-        model = mae_vit(config, num_classes, img_size, pool, overrides)
+        model = set_input_stats(mae_vit(config, num_classes, img_size, pool, overrides), IMAGENET_STATS)
         if name == "scratch":
             return model, f"random (scratch control, {config})", f"random:{config}"
         return load_mae_encoder(model, checkpoint), f"usf-mae: {checkpoint}", _file_id(checkpoint)
     if name not in TIMM_NAMES:
         raise UsfmaeError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     timm_name = TIMM_NAMES[name]
+    stats = tag_input_stats(timm_name)
     kwargs = dict(num_classes=num_classes)
     if name in ("vit-b", "ultrasam"):
         kwargs["img_size"] = img_size
@@ -278,28 +416,32 @@ def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None
             raise UsfmaeError("model ultrasam needs --checkpoint: the UltraSam weights (UltraSam.pth from "
                               "github.com/CAMMA-public/UltraSam, saved as a plain state dict) or any SAM ViT-B "
                               "checkpoint; no public copy is fetched")
-        model = timm.create_model(timm_name, **kwargs)
+        model = set_input_stats(timm.create_model(timm_name, **kwargs), stats)  # SAM's pixel mean/std: ImageNet's
         return load_sam_encoder(model, checkpoint), f"ultrasam: {checkpoint}", _file_id(checkpoint)
+    tag = timm_tag(timm_name)
     source = Path(weights) if weights else find_imagenet_weights(timm_name)
     if weights and not source.is_file():
-        raise UsfmaeError(f"ImageNet weights file {weights} for {name} does not exist; fix the path or leave it empty")
+        raise UsfmaeError(f"ImageNet weights file {weights} for {name} does not exist; fix the path or leave it "
+                          f"empty (it must hold {_expected_imagenet_file(timm_name)})")
     if source is None:
-        warn(f"{name}: no ImageNet weights ({timm_name}) given or in the Hugging Face cache; "
-             "starting from RANDOM weights (init column says so)")
-        return timm.create_model(timm_name, **kwargs), "random: no ImageNet weights found", f"random:{timm_name}"
+        where = f"no --weights file, and not in the Hugging Face cache as {_hub_repo(timm_name) or 'any repo'}"
+        if missing_weights == "skip":
+            raise MissingWeights(f"{name}: no ImageNet weights {tag}: {where}; skipped (missing_weights='skip')")
+        warn(f"{name}: no ImageNet weights {tag}: {where}; starting from RANDOM weights (init column says so); "
+             f"pass {_expected_imagenet_file(timm_name)} as --weights, or skip missing baselines")
+        model = set_input_stats(timm.create_model(timm_name, **kwargs), stats)
+        return model, f"random: no ImageNet weights found ({tag})", f"random:{tag}"
     model = _timm_with_imagenet_weights(name, timm_name, source, from_cache=not weights, **kwargs)
-    kind = "file" if weights else "timm cache"
-    return model, f"imagenet ({kind}: {source})", _file_id(source)
+    kind = f"file: {source}, taken to hold {tag}" if weights else f"timm cache: {source}"
+    return set_input_stats(model, stats), f"{_weights_label(timm_name)} {tag} ({kind})", f"{tag}:{_file_id(source)}"
 
 
 def _expected_imagenet_file(timm_name: str) -> str:
-    """What an ImageNet weights file for `timm_name` is, for messages: timm's Hugging Face repo and tag."""
-    import timm
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    repo = (getattr(cfg, "hf_hub_id", None) or "").partition("@")[0] if cfg else ""
-    if repo.endswith("/"):  # timm's shorthand "timm/" + model name, as find_imagenet_weights reads it
-        repo += f"{timm_name}.{cfg.tag}" if cfg.tag else timm_name
-    return f"timm's {timm_name} ImageNet weights" + (f" (model.safetensors of Hugging Face {repo})" if repo else "")
+    """What an ImageNet weights file for `timm_name` is, for messages: the exact tag and its Hugging Face repo."""
+    repo = _hub_repo(timm_name)
+    data = "ImageNet-1k" if in1k_only(timm_name) else "ImageNet"
+    return (f"timm's {timm_tag(timm_name)} {data} weights"
+            + (f" (model.safetensors of Hugging Face {repo})" if repo else ""))
 
 
 def _timm_with_imagenet_weights(name: str, timm_name: str, source: Path, from_cache: bool, **kwargs) -> nn.Module:
@@ -312,7 +454,7 @@ def _timm_with_imagenet_weights(name: str, timm_name: str, source: Path, from_ca
     import timm
     expected = _expected_imagenet_file(timm_name)
     fix = (f"delete it from the Hugging Face cache and download {expected} again" if from_cache
-           else f"--weights for {name} must be {expected}")
+           else f"--weights for {name} must be {expected} (read as that tag's weights, fed its input statistics)")
     raw = mae._read_checkpoint(source, fix=fix)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the wrappers timm reads
         if isinstance(raw.get(key), dict):
@@ -458,11 +600,40 @@ def make_augment(cfg: TrainConfig) -> AugmentConfig:
     return AugmentConfig(rot_degrees=(0.0, float(cfg.rotate_degrees)), crop_scale=tuple(cfg.crop_scale))
 
 
-def normalise(images: torch.Tensor, device) -> torch.Tensor:
-    """uint8 [N, 3, S, S] -> float ImageNet-normalised on `device`."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+def _stats_of(stats) -> InputStats:
+    """InputStats from InputStats, a model (its input_stats) or None (ImageNet's)."""
+    if stats is None:
+        return IMAGENET_STATS
+    return stats if isinstance(stats, InputStats) else input_stats(stats)
+
+
+def normalise(images: torch.Tensor, device, stats: InputStats | nn.Module | None = None) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float (x / 255 - mean) / std on `device`, with `stats` (InputStats, or a model
+    whose input_stats are read; None: ImageNet's)."""
+    stats = _stats_of(stats)
+    mean = torch.tensor(stats.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stats.std, device=device).view(1, 3, 1, 1)
     return (images.to(device, non_blocking=True).float() / 255 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_to(stats: InputStats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1, 3, 1, 1] on device that turn ImageNet-normalised x into `stats`-normalised x,
+    made once per device (a host-to-device copy every step would make the host wait)."""
+    m0, s0 = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+    m1, s1 = torch.tensor(stats.mean, dtype=torch.float64), torch.tensor(stats.std, dtype=torch.float64)
+    # (x * s0 + m0 - m1) / s1 = x * (s0 / s1) + (m0 - m1) / s1
+    return ((s0 / s1).float().view(1, 3, 1, 1).to(device), ((m0 - m1) / s1).float().view(1, 3, 1, 1).to(device))
+
+
+def renormalise(x: torch.Tensor, stats: InputStats | nn.Module | None) -> torch.Tensor:
+    """ImageNet-normalised float (what store.augment_batch returns) -> normalised with `stats`
+    (unchanged, not even copied, when they are ImageNet's)."""
+    stats = _stats_of(stats)
+    if tuple(stats.mean) == IMAGENET_MEAN and tuple(stats.std) == IMAGENET_STD:
+        return x
+    scale, shift = _imagenet_to(stats, x.device)
+    return x * scale + shift
 
 
 # ============================================================================ training
@@ -472,23 +643,26 @@ def _autocast(device):
 
 @torch.no_grad()
 def _in_batches(model, images: torch.Tensor, device, batch_size: int, fn) -> torch.Tensor:
-    """fn(model, normalised batch) over images in eval mode, under autocast; float32 on the CPU."""
+    """fn(model, normalised batch) over images in eval mode, under autocast; float32 on the CPU.
+    Batches are normalised with the model's own input statistics (input_stats(model))."""
     model.eval()
+    stats = input_stats(model)
     out = []
     for i in range(0, len(images), batch_size):
         with _autocast(device):
-            out.append(fn(model, normalise(images[i:i + batch_size], device)).float().cpu())
+            out.append(fn(model, normalise(images[i:i + batch_size], device, stats)).float().cpu())
     return torch.cat(out)
 
 
 def predict(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
-    """Class probabilities [N, C] (float64)."""
+    """Class probabilities [N, C] (float64) of uint8 images, normalised with the model's input statistics."""
     logits = _in_batches(model, images, device, batch_size, lambda m, x: m(x))
     return F.softmax(logits, 1).double().numpy()
 
 
 def features(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
-    """Pooled features [N, D] of a classifier's trunk (its head bypassed)."""
+    """Pooled features [N, D] of a classifier's trunk (its head bypassed), inputs normalised with the
+    model's input statistics."""
     pooled = _in_batches(model, images, device, batch_size,
                          lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True).flatten(1))
     return pooled.numpy()
@@ -515,7 +689,10 @@ def make_optimiser(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, device="auto",
           positive: int | None = None, log=print) -> dict:
     """Fine-tune `model` in place on data.images["train"][train_index]; keep the weights of the
-    epoch with the best validation score (cfg.select_on; ties: lower validation loss). Returns the history."""
+    epoch with the best validation score (cfg.select_on; ties: lower validation loss). Returns the history.
+
+    cfg.max_steps > 0 stops after that many optimiser steps: the epoch they end in is validated like
+    any other (and kept if it is the best); the lr schedule stays that of all cfg.epochs."""
     device = pick_device(device) if isinstance(device, str) else device
     order_rng = torch.Generator().manual_seed(seed)  # data order
     aug_rng = torch.Generator().manual_seed(seed + 1_000_003)  # augmentation parameters
@@ -533,15 +710,18 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     augment = make_augment(cfg)
     y_val = data.labels["val"].numpy()
     best = dict(score=-float("inf"), loss=float("inf"), epoch=-1, state=None, val=None)
-    history = []
+    history, step = [], 0
     for epoch in range(cfg.epochs):
         model.train()
         t0, losses = time.time(), []
         perm = torch.randperm(n, generator=order_rng)
         for s in range(steps_per_epoch):
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
             idx = perm[s * batch:(s + 1) * batch]
             u = torch.rand(len(idx), N_AUG, generator=aug_rng).to(device)  # [B, N_AUG] uniforms
-            x = augment_batch(x_train[idx].permute(0, 2, 3, 1), u, augment, cfg.img_size)  # [B, 3, S, S]
+            x = renormalise(augment_batch(x_train[idx].permute(0, 2, 3, 1), u, augment, cfg.img_size),
+                            model)  # [B, 3, S, S], ImageNet-normalised -> the model's input statistics
             with _autocast(device):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg.label_smoothing)
@@ -549,13 +729,14 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
             loss.backward()
             optimiser.step()
             schedule.step()
+            step += 1
             losses.append(loss.item())
         prob = predict(model, data.images["val"], device)
         val = classification_metrics(y_val, prob, positive)
         val["loss"] = val_loss = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
         history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss, val_f1=val["f1"],
                             val_balanced_accuracy=val["balanced_accuracy"], val_roc_auc=val["roc_auc"],
-                            seconds=time.time() - t0))
+                            steps=step, seconds=time.time() - t0))
         score = cfg.score(val)
         if score > best["score"] or (score == best["score"] and val_loss < best["loss"]):
             best = dict(score=score, loss=val_loss, epoch=epoch, val=val,
@@ -565,13 +746,19 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
                 f"val f1 {val['f1']:.3f}  val bal. acc {val['balanced_accuracy']:.3f}  ({history[-1]['seconds']:.1f} s)")
         if cfg.patience and epoch - best["epoch"] >= cfg.patience:
             break
+        if cfg.max_steps and step >= cfg.max_steps:
+            if log:
+                log(f"  stopped after max_steps = {cfg.max_steps} optimiser steps (of {total})")
+            break
     model.load_state_dict(best["state"])
-    return dict(history=history, best_epoch=best["epoch"], best_val=best["val"], epochs_run=len(history))
+    return dict(history=history, best_epoch=best["epoch"], best_val=best["val"], epochs_run=len(history),
+                steps_run=step)
 
 
 # ============================================================================ runs on disk
-def run_dir(runs, dataset: str, model: str, mode: str, tag: str, seed: int, fraction: float) -> Path:
-    return Path(runs) / dataset / model / mode / tag / f"seed{seed}_frac{fraction:g}"
+def run_dir(runs, dataset: str, fold: int, model: str, mode: str, tag: str, seed: int, fraction: float) -> Path:
+    """One run's folder: every fold, model, mode, config, seed and label fraction has its own."""
+    return Path(runs) / dataset / f"fold{fold}" / model / mode / tag / f"seed{seed}_frac{fraction:g}"
 
 
 def _finished(directory: Path, identity: dict) -> dict | None:
@@ -609,10 +796,11 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     """One fine-tuning run (resumable): returns its results row (also in metrics.json)."""
     split = data.split
     cfg = TrainConfig(**{**asdict(cfg), "img_size": data.img_size})
-    directory = run_dir(runs, split.dataset, model_name, "finetune", cfg.tag(), seed, fraction)
+    directory = run_dir(runs, split.dataset, split.fold, model_name, "finetune", cfg.tag(), seed, fraction)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     weights_id = (_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
-    identity = dict(config=asdict(cfg), split=split.split, n=[len(df) for df in split.parts().values()],
+    identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
+                    tag=TIMM_NAMES.get(model_name),  # the weights' tag sets the input statistics
                     weights=weights_id, mae_config=mae_config if model_name == "scratch" else None,
                     n_bootstrap=n_bootstrap)
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as stored
@@ -633,11 +821,13 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     result = train(model, data, cfg, seed, index, device, split.positive, log)
     device_ = next(model.parameters()).device
     prob = predict(model, data.images["test"], device_)
-    row = dict(dataset=split.dataset, split=split.split, model=model_name, mode="finetune", init=init, seed=seed,
+    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, model=model_name, mode="finetune", init=init,
+               seed=seed,
                fraction=fraction, n_classes=len(split.classes), n_train=len(index), n_val=len(split.val),
                n_test=len(split.test),
                img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
+               max_steps=cfg.max_steps, steps_run=result["steps_run"],
                select_on=cfg.select_on, **{f"val_{k}": result["best_val"][k] for k in SELECT_ON},  # select_config's
                train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
     directory.mkdir(parents=True, exist_ok=True)
@@ -654,9 +844,10 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     from sklearn.preprocessing import StandardScaler
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
-    directory = run_dir(runs, split.dataset, model_name, "probe", tag, seed, 1.0)
+    directory = run_dir(runs, split.dataset, split.fold, model_name, "probe", tag, seed, 1.0)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
+                    tag=TIMM_NAMES.get(model_name),
                     weights=(_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights)))
     done = _finished(directory, identity)
     if done:
@@ -681,7 +872,8 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     prob = _full_proba(clf, feats["test"], len(split.classes))
     if log:
         log(f"{split.dataset} {model_name} linear probe: C={c:g}, val f1 {val_f1:.3f}; init {init}")
-    row = dict(dataset=split.dataset, split=split.split, model=model_name, mode="probe", init=init, seed=seed,
+    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, model=model_name, mode="probe", init=init,
+               seed=seed,
                fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
                img_size=data.img_size, probe_C=c, pool=pool, val_f1=val_f1, run=directory.relative_to(runs).as_posix())
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
@@ -752,7 +944,12 @@ def add_cli(subparsers):
     p.add_argument("--weights", help="local ImageNet weights file for vit-b / resnet-50 / vgg-19")
     p.add_argument("--mae-config", default=None, help=f"scratch without --checkpoint: one of {', '.join(mae.CONFIGS)}")
     p.add_argument("--out", default="finetune_runs", help="folder for runs/ and results.csv (default finetune_runs)")
-    p.add_argument("--img-size", type=int, default=None, help="input side (default: the checkpoint's, else 224)")
+    p.add_argument("--img-size", type=int, default=0,
+                   help="input side (default 0: the model's own: the MAE checkpoint's pretraining size for usf-mae and "
+                        "scratch, the ImageNet tag's for the baselines, 224 for ultrasam)")
+    p.add_argument("--missing-weights", choices=MISSING_WEIGHTS, default="random",
+                   help="a baseline whose ImageNet weights are not here: random = run from random init, labelled "
+                        "so in every row (default); skip = stop without running")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--lr", type=float, nargs="+", default=SWEEP["lr"])
@@ -764,11 +961,18 @@ def add_cli(subparsers):
     p.add_argument("--select-on", choices=SELECT_ON, default=TrainConfig.select_on,
                    help="validation score that picks the epoch and the sweep's config (default balanced_accuracy)")
     p.add_argument("--layer-decay", type=float, default=1.0, help="ViT layer-wise lr decay (1 = off, the paper)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop each run after this many optimiser steps, then validate (0 = no limit; a dry run)")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config (default 3)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (default 1)")
     p.add_argument("--probe", action="store_true", help="also a linear probe of the frozen encoder")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--fold", type=int, default=None, help="BUS-BRA fold (1-5) / GIST514 split (0-4)")
+    p.add_argument("--fold", type=int, nargs="+", default=None,
+                   help="only these official folds: BUS-BRA 1-5, GIST514-DB 0-4 (default: all of them, as the paper's "
+                        "5-fold cross-validation; one Table 2 cell is the mean over folds)")
+    p.add_argument("--val-fraction", type=float, default=0.15,
+                   help="MMOTU-2D, GIST514-DB, folder: share of the training set carved out for validation (0.15; "
+                        "the paper does not say); BUS-BRA uses its official valid_k marks")
     p.add_argument("--positive", default=None, help="folder dataset: name of the positive class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation (and folder test) split")
     p.add_argument("--device", default="auto")
@@ -777,45 +981,67 @@ def add_cli(subparsers):
 
 
 def _run_cli(args) -> int:
+    from .datasets import official_folds
+    from .results import fold_summary
     from .safety import check_output
 
     check_output(args.out, [args.root], "output folder")
-    options = dict(seed=args.split_seed)
-    if args.fold is not None:
-        options["fold"] = args.fold
-    if args.positive:
-        options["positive"] = args.positive
-    split = load_split(args.dataset, args.root, **options)
-    img_size = args.img_size
-    if img_size is None:
-        img_size = mae_checkpoint_info(args.checkpoint)[2] if args.checkpoint and args.model in ("usf-mae", "scratch") else 224
-    print(f"{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / {len(split.test)} test, "
-          f"classes {split.classes}; decoding at {img_size} px")
-    data = prepare_data(split, img_size)
-    base = TrainConfig(epochs=args.epochs, patience=args.patience, img_size=img_size, pool=args.pool,
-                       head_norm=args.head_norm, select_on=args.select_on, layer_decay=args.layer_decay)
-    configs = sweep_configs(base, args.lr, args.weight_decay, args.batch_size)
     out = Path(args.out)
     runs = out / "runs"
     kw = dict(checkpoint=args.checkpoint, weights=args.weights, mae_config=args.mae_config, device=args.device,
               n_bootstrap=args.bootstrap)
-    if args.fraction < 1:
-        cfg, _ = select_config(data, args.model, configs, runs, **kw)
-        table = label_efficiency(data, args.model, cfg, runs, fractions=[args.fraction], n_seeds=args.seeds, **kw)
-    else:
-        table = run_cell(data, args.model, configs, runs, n_seeds=args.seeds, **kw)
-    if args.probe:
-        table = pd.concat([table, pd.DataFrame([linear_probe(data, args.model, 0, runs, pool=args.pool, **kw)])])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    if args.missing_weights == "skip" and not imagenet_weights_available(args.model, args.weights):
+        print(f"{args.model}: no ImageNet weights ({TIMM_NAMES[args.model]}) given or in the Hugging Face cache; "
+              "skipped (--missing-weights skip)")
+        return 0
+    img_size = input_size(args.model, args.img_size, args.checkpoint)
+    base = TrainConfig(epochs=args.epochs, patience=args.patience, img_size=img_size, pool=args.pool,
+                       head_norm=args.head_norm, select_on=args.select_on, layer_decay=args.layer_decay,
+                       max_steps=args.max_steps)
+    configs = sweep_configs(base, args.lr, args.weight_decay, args.batch_size)
+    tables = []
+    for fold in official_folds(args.dataset, args.fold):
+        options = dict(seed=args.split_seed, val_fraction=args.val_fraction, fold=fold)
+        if args.positive:
+            options["positive"] = args.positive
+        split = load_split(args.dataset, args.root, **options)
+        print(f"\n{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / "
+              f"{len(split.test)} test, classes {split.classes}; decoding at {img_size} px")
+        data = prepare_data(split, img_size)
+        if args.fraction < 1:
+            cfg, _ = select_config(data, args.model, configs, runs, **kw)
+            table = label_efficiency(data, args.model, cfg, runs, fractions=[args.fraction], n_seeds=args.seeds, **kw)
+        else:
+            table = run_cell(data, args.model, configs, runs, n_seeds=args.seeds, **kw)
+        if args.probe:
+            table = pd.concat([table, pd.DataFrame([linear_probe(data, args.model, 0, runs, pool=args.pool, **kw)])])
+        tables.append(table)
+    table = pd.concat(tables, ignore_index=True)
+    merged = merge_results(out / "results.csv", table)
     metrics = [m for m in ("precision", "recall", "f1", "precision_macro", "recall_macro", "f1_macro",
                            "accuracy", "balanced_accuracy", "roc_auc") if m in table.columns]
     print(f"\ninit: {'; '.join(table['init'].unique())}")
     for (mode, fraction), g in table.groupby(["mode", "fraction"], sort=False):
-        print(f"\n{args.model} {mode} on {split.dataset} ({len(g)} run(s), {fraction:g} of the labels): "
-              "mean over seeds, 95% bootstrap interval of each run averaged")
+        s = fold_summary(g, metrics[0])
+        print(f"\n{args.model} {mode} on {args.dataset}, {fraction:g} of the labels: {s['n_folds']} fold(s) x "
+              f"{s['n_seeds']} seed(s); mean over folds of each fold's mean over seeds, sd "
+              f"{'between folds' if s['n_folds'] > 1 else 'over seeds'}, 95% bootstrap interval of each run averaged")
         for m in metrics:
-            print(f"  {m:18s} {g[m].mean():.3f} (sd {g[m].std(ddof=1) if len(g) > 1 else float('nan'):.3f})  "
-                  f"[{g[m + '_low'].mean():.3f}, {g[m + '_high'].mean():.3f}]")
-    print(f"\nresults: {out / 'results.csv'}")
+            s = fold_summary(g, m)
+            sd = f"sd {s['sd']:.3f}" if np.isfinite(s["sd"]) else "one run: no sd"
+            print(f"  {m:18s} {s['mean']:.3f} ({sd})  [{s['low']:.3f}, {s['high']:.3f}]")
+    print(f"\nresults: {out / 'results.csv'} ({len(merged)} rows: this call's {len(table)} and the runs already there)")
     return 0
+
+
+def merge_results(path, table: pd.DataFrame) -> pd.DataFrame:
+    """Add this call's rows to results.csv: a run already listed (same `run` folder) is replaced, every
+    other row is kept, so repeated `usfmae finetune` calls (other folds, models, datasets) accumulate."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size > 1:
+        old = pd.read_csv(path)
+        if "run" in old:
+            old = old[~old["run"].isin(set(table["run"]))]
+        table = pd.concat([old, table], ignore_index=True)
+    atomic_write_text(path, table.to_csv(index=False))
+    return table

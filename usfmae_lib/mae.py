@@ -287,8 +287,10 @@ def _read_checkpoint(path, fix: str | None = None) -> dict:
             obj = safetensors.torch.load_file(str(path))
         else:
             # weights_only: tensors and plain python containers only; anything that would call
-            # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed.
+            # mmap (zip files): tensors are read when used, so a caller that needs the encoder of a
+            # ViT-B training checkpoint (1.3 GB with its optimiser state) does not read all of it
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except Exception as err:  # every way a damaged or hostile file fails; diagnosed from its bytes
         cause = _unreadable_cause(path, kind, err)
         default_fix = PICKLE_FIX if cause.startswith("refused") else DEFAULT_FIX

@@ -127,17 +127,43 @@ def pick_images(index: pd.DataFrame, n_per_anatomy: int, seed: int = 0) -> pd.Da
     return store.sample_per_anatomy(index, n_per_anatomy, seed)
 
 
+# the evaluation sets' image folders and anatomies: images the released weights never trained on
+EVALUATION_IMAGES = {"BUSBRA/Images": "breast", "OTU_2d/images": "ovary", "usd514_jpeg_roi/images": "gastrointestinal"}
+
+
+def evaluation_index(data_root) -> pd.DataFrame:
+    """An index (path relative to data_root, dataset, anatomy) of the evaluation sets' images under
+    data_root (BUSBRA/, OTU_2d/, usd514_jpeg_roi/): what notebook 04 shows for weights pretrained
+    elsewhere (the released USF-MAE), when there is no cleaned tree of notebook 02. The paper kept
+    these sets out of pretraining, so every image is unseen."""
+    from .curation_readers import IMAGE_EXTS
+
+    root = Path(data_root)
+    rows = [dict(path=f.relative_to(root).as_posix(), dataset=folder.split("/")[0], anatomy=anatomy)
+            for folder, anatomy in EVALUATION_IMAGES.items() if (root / folder).is_dir()
+            for f in sorted((root / folder).iterdir()) if f.suffix.lower() in IMAGE_EXTS and not f.name.startswith(".")]
+    if not rows:
+        raise UsfmaeError(f"{root} holds none of {', '.join(EVALUATION_IMAGES)}: pass the folder that holds the "
+                          "evaluation sets as data_root, or a cleaned tree as clean_dir")
+    return pd.DataFrame(rows)
+
+
 def load_images(clean_dir, paths, img_size: int) -> np.ndarray:
-    """uint8 RGB [N, S, S, 3]; images of another size are resized (area) to img_size."""
+    """uint8 RGB [N, S, S, 3], read by the study's one decode policy; images of another size are
+    resized (area) to img_size."""
+    from .curation_readers import Reject, read_image_file
+
     out = []
     for rel in paths:
         file = Path(clean_dir) / rel
-        bgr = cv2.imread(str(file), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UsfmaeError(f"cannot read image {file}; re-run notebook 02 or remove it from index.csv")
-        if bgr.shape[:2] != (img_size, img_size):
-            bgr = cv2.resize(bgr, (img_size, img_size), interpolation=cv2.INTER_AREA)
-        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        try:
+            rgb = read_image_file(file)
+        except Reject as rej:
+            raise UsfmaeError(f"cannot read image {file}: {rej}; re-run notebook 02 or remove it from "
+                              "index.csv") from None
+        if rgb.shape[:2] != (img_size, img_size):
+            rgb = cv2.resize(rgb, (img_size, img_size), interpolation=cv2.INTER_AREA)
+        out.append(rgb)
     return np.stack(out)
 
 

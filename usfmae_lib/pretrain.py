@@ -9,15 +9,17 @@ mask 25%, AdamW lr 1e-3 wd 0.01 betas (0.9, 0.95), batch 64, linear warmup over 
 steps then half-cycle cosine (per step), gradient clipping 1.0, rotation 0-90 deg, flips,
 resized crop 0.5-2.0x (zoom-out padded black), 100 epochs. Each difference of the official code
 is a parameter: mask_ratio=0.75, blr_scaling=True with blr_batch=128 (lr x 128/256),
-betas=[0.9, 0.999] with decay_all=True (AdamW defaults, decay on every parameter), and
-init_checkpoint=<local ImageNet MAE file>.
+betas=[0.9, 0.999] with decay_all=True (AdamW defaults, decay on every parameter), min_lr=1e-5,
+and init_checkpoint=<local ImageNet MAE file> (a missing file stops the run before any work);
+params/official/03_mae_pretraining.yaml sets them all.
 
 Outputs in run_dir: checkpoints/checkpoint-last.pth (every `checkpoint_every` steps and at the
 end, atomic) and log.csv (step, epoch, loss, lr, images_per_s; one row per step). A checkpoint
 is a dict of tensors and plain python values, so torch.load(weights_only=True) reads it:
 model, optimizer, scheduler, scaler, step, epoch, rng (per rank), params. Resume is exact: a
 sample's augmentation and mask noise come from (seed, epoch, index) and the epoch's order from
-(seed, epoch), and the batches already done in the epoch are skipped.
+(seed, epoch), and the batches already done in the epoch are skipped. `max_steps` stops a run
+early (the dry run of `usfmae reproduce`) with the full run's schedule, so it can be resumed.
 """
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ from .store import AugmentConfig, EpochSampler, StoreDataset, augment_batch, mak
 
 STEP = "03_mae_pretraining"
 CHECKPOINT = "checkpoint-last.pth"
+# The ImageNet MAE the official USF-MAE code starts from (its init_checkpoint; nothing downloads it)
+IMAGENET_MAE_FILE = "mae_pretrain_vit_base_full.pth"
+IMAGENET_MAE_URL = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base_full.pth"
 
 # Every knob of a run, with the paper's values (plain python types: they go into checkpoints).
 DEFAULTS = dict(
@@ -59,7 +64,7 @@ DEFAULTS = dict(
     decay_all=False,  # False: no decay on biases and norms (reference MAE); official code: True
     betas=[0.9, 0.95],  # reference MAE; official code: AdamW default [0.9, 0.999]
     warmup_fraction=0.1,  # linear warmup over this fraction of all steps, then half-cycle cosine
-    min_lr=0.0,  # the cosine's floor
+    min_lr=0.0,  # the cosine's floor (reference MAE: 0; official code: 1e-5)
     clip_grad=1.0,  # max gradient norm (0 = off)
     rot_degrees=[0.0, 90.0],  # rotation range (paper: 0-90)
     flip_p=0.5,  # horizontal and vertical flips, each
@@ -75,9 +80,11 @@ DEFAULTS = dict(
     threads=0,  # torch CPU threads of the training process; 0 = torch's default (all cores)
     model_overrides={},  # constructor overrides of the named config (e.g. depth=2 for tests)
     heldout_per_anatomy=20,  # images per anatomy kept out of the store for notebook 04 (paper: 0)
+    max_steps=0,  # stop after this many optimiser steps (0 = the whole schedule); the lr schedule is still
+    # that of all `epochs`, so the steps run are the full run's first steps and a resume can go on from them
 )
 # parameters that may change when a run is resumed (they do not change what is computed)
-RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads")
+RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads", "max_steps")
 
 
 # ============================================================================ recipe pieces
@@ -130,6 +137,26 @@ def build_optimizer(model: torch.nn.Module, p: dict, lr: float, fused: bool = Fa
     else:
         groups = param_groups_weight_decay(model, p["weight_decay"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(p["betas"]), fused=fused or None)
+
+
+def check_init_checkpoint(init_checkpoint, run_dir) -> None:
+    """Stop before any work when a run would start from `init_checkpoint` and that file is
+    missing: UsfmaeError naming the file (absolute) and where it comes from. A run that resumes
+    from run_dir/checkpoints/checkpoint-last.pth never reads it, so it is not checked then."""
+    if not init_checkpoint or (Path(run_dir) / "checkpoints" / CHECKPOINT).exists():
+        return
+    path = Path(init_checkpoint)
+    if path.is_file():
+        return
+    what = "is a folder, not a file" if path.is_dir() else "does not exist"
+    origin = (f"{path.name} is the ImageNet MAE (ViT-B/16 with its decoder) of facebookresearch/mae, "
+              f"{IMAGENET_MAE_URL}, which the official USF-MAE code starts from"
+              if path.name == IMAGENET_MAE_FILE else
+              f"it must be a local MAE checkpoint of the same config (the official code's recipe starts "
+              f"from facebookresearch/mae's {IMAGENET_MAE_FILE}, {IMAGENET_MAE_URL})")
+    raise UsfmaeError(f"init_checkpoint {path.absolute()} {what}: {origin}; nothing here downloads it: "
+                      f"fetch it yourself and put it there, pass init_checkpoint=PATH (-p init_checkpoint=PATH), "
+                      "or set init_checkpoint to null to start from random weights")
 
 
 def load_init_checkpoint(model: torch.nn.Module, path) -> None:
@@ -257,6 +284,11 @@ def _amp_dtype(precision: str, device: torch.device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_run(amp_dtype) -> str:
+    """What a step computes in, in words: 'bf16 autocast', 'fp16 autocast' or 'fp32'."""
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp_dtype, "fp32")
+
+
 def batch_loss(model, batch: dict, p: dict, device: torch.device, augment: AugmentConfig | None,
                amp_dtype=None) -> torch.Tensor:
     """MAE loss of one loader batch: augment on the device unless the loader already did."""
@@ -327,6 +359,7 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
     if ckpt_file.exists() and not resume:
         raise UsfmaeError(f"{ckpt_file} exists: pass resume=True (--resume) to continue it, or use "
                           "another output folder (or delete it) to start over")
+    check_init_checkpoint(p["init_checkpoint"], run_dir)  # before the model and the data are built
     amp_dtype = _amp_dtype(p["precision"], device)
     if amp_dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         amp_dtype = torch.float16  # pre-Ampere GPUs: fp16 with a grad scaler
@@ -339,6 +372,9 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
         raise UsfmaeError(f"{store_dir}: {len(dataset)} images are fewer than one global batch "
                           f"({p['batch_size']} x {world}); lower batch_size or add images")
     total_steps = p["epochs"] * steps_per_epoch
+    if p["max_steps"] < 0:
+        raise UsfmaeError(f"max_steps must be >= 0 (0 = no limit), got {p['max_steps']}")
+    stop_step = min(total_steps, p["max_steps"]) if p["max_steps"] else total_steps  # the schedule's steps run
     warmup_steps = int(p["warmup_fraction"] * total_steps)
     checkpoint_every = p["checkpoint_every"] or steps_per_epoch
 
@@ -355,7 +391,8 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
         start_step = _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler)
         if rank == 0:
             _truncate_log(log_file, start_step)
-            print(f"resumed from {ckpt_file} at step {start_step} of {total_steps}")
+            print(f"resumed from {ckpt_file} at step {start_step} of {stop_step}"
+                  + (f" (max_steps; the schedule has {total_steps})" if stop_step < total_steps else ""))
     elif p["init_checkpoint"]:
         load_init_checkpoint(model, p["init_checkpoint"])
         model.to(device)
@@ -365,22 +402,23 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
     if p["compile"]:
         model = torch.compile(model)
 
-    summary = {"checkpoint": str(ckpt_file), "steps": total_steps, "epochs": p["epochs"],
+    summary = {"checkpoint": str(ckpt_file), "steps": total_steps, "last_step": stop_step, "epochs": p["epochs"],
                "steps_per_epoch": steps_per_epoch, "images": len(dataset), "world_size": world,
-               "global_batch": p["batch_size"] * world, "peak_lr": base_lr, "resumed_from": start_step or None}
-    if start_step >= total_steps:  # finished earlier: nothing to do
+               "global_batch": p["batch_size"] * world, "peak_lr": base_lr, "resumed_from": start_step or None,
+               "device": str(device), "precision_run": precision_run(amp_dtype)}
+    if start_step >= stop_step:  # finished earlier (or at max_steps): nothing to do
         return {**summary, "final_loss": _last_logged_loss(log_file), "seconds": 0.0, "images_per_s": float("nan")}
     if rank == 0 and (start_step == 0 or not log_file.exists()):
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(log_file, "w", newline="") as f:
             csv.writer(f).writerow(LOG_COLUMNS)
     log = _Log(log_file if rank == 0 else None, ckpt_file, steps_per_epoch, summary["global_batch"], world,
-               start_step, total_steps, progress and rank == 0)
+               start_step, stop_step, progress and rank == 0)
 
     # --- the loop: no host sync per step; losses stay on the device until the log flushes
     step, augment = start_step, augment_config(p)
     model.train()
-    while step < total_steps:
+    while step < stop_step:
         epoch, batch_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_position(epoch, batch_in_epoch * p["batch_size"])  # skip batches done before a resume
         for batch in loader:
@@ -395,12 +433,12 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
             scaler.update()
             scheduler.step()
             step += 1
-            save_now = step % checkpoint_every == 0 or step == total_steps
+            save_now = step % checkpoint_every == 0 or step == stop_step
             if save_now or step % p["log_every"] == 0:
                 log.flush(step)  # raises on a NaN/inf loss, before anything is saved
             if save_now:
                 _save(ckpt_file, raw_model, optimizer, scheduler, scaler, step, steps_per_epoch, p, world, rank)
-            if step >= total_steps:
+            if step >= stop_step:
                 break
     return {**summary, **log.close()}
 
@@ -637,6 +675,7 @@ def _run_cli(args) -> int:
     check_output(run_dir, [data], "pretraining folder")
     # rank 0 holds the folder from packing to the last checkpoint (train re-enters the same lock)
     with folder_lock(run_dir, "usfmae pretrain") if rank == 0 else contextlib.nullcontext():
+        check_init_checkpoint(params.get("init_checkpoint"), run_dir)  # before packing, which takes long
         if rank == 0:
             if not data.exists():
                 raise UsfmaeError(f"{data}: no preprocessed images; run notebook 02 (usfmae clean) first or pass "
@@ -649,7 +688,8 @@ def _run_cli(args) -> int:
             dist.barrier()
         summary = train(store_dir, run_dir, resume=args.resume, progress=not args.no_progress, **params)
     if rank == 0:
-        print(f"pretraining done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, "
+        print(f"pretraining done: {summary['last_step']} of {summary['steps']} steps ({summary['precision_run']}), "
+              f"final loss {summary['final_loss']:.4f}, "
               f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}")
     return 0
 

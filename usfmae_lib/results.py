@@ -3,14 +3,19 @@
     rows = pd.read_csv("OUT/05_finetuning/results.csv")   # one row per (dataset, model, seed)
     paths = write_table2(rows, "OUT/06_results")          # table2.csv / .md / .tex
 
-Ours: mean +/- sd over seeds of the headline precision / recall / F1 (positive class on
-BUS-BRA and GIST514-DB, micro average on MMOTU-2D, as the paper's equal P = R = F1 implies), the
-95% bootstrap interval over test images (each seed's interval, averaged over seeds), the number
-of seeds, and the init of every model. The best mean per column among our rows is marked.
+Ours: the headline precision / recall / F1 (positive class on BUS-BRA and GIST514-DB, micro
+average on MMOTU-2D, as the paper's equal P = R = F1 implies) as the mean over the official folds
+(BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits; MMOTU-2D has one split) of each fold's
+mean over seeds, +/- the sd between folds (over seeds where there is one fold), the 95% bootstrap
+interval over test images (each run's, averaged), the numbers of folds and seeds, and the init of
+every model. The best mean per column among our rows is marked. UltraSam's paper row is quoted
+from UltraSam's own paper, not rerun, and is marked so (`paper_notes`).
 Statements for the discussion are computed from the rows (`discussion`), never written by hand.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,47 @@ MODEL_TITLES = {"vgg-19": "VGG-19", "resnet-50": "ResNet-50", "vit-b": "ViT-Base
 METRICS = ("precision", "recall", "f1")
 
 
+@dataclass
+class Runs:
+    """What a fine-tuning folder holds: notebook 05's (results, probe, label_efficiency CSVs and
+    setup.json) or a folder of `usfmae finetune` calls (one results.csv with every mode and
+    fraction). A missing table is empty: its section of notebook 06 is left out."""
+    folder: Path
+    results: pd.DataFrame  # fine-tuned on all labels: Table 2's rows
+    probe: pd.DataFrame
+    label_curve: pd.DataFrame  # every fraction, for the (dataset, model) pairs run below 1
+    setup: dict
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+
+
+def load_runs(folder) -> Runs:
+    """Read a fine-tuning folder (see Runs); an error names the file when there is no results.csv."""
+    from . import UsfmaeError
+
+    folder = Path(folder)
+    rows = _csv(folder / "results.csv")
+    if rows.empty:
+        raise UsfmaeError(f"{folder / 'results.csv'} not found or empty: run notebook 05 for this out_dir, or point "
+                          "results_dir at a folder of `usfmae finetune --out` runs")
+    if "fold" not in rows:
+        rows["fold"] = 0  # rows written before folds existed: one split
+    finetuned = rows[rows["mode"] == "finetune"]
+    results = finetuned[finetuned["fraction"] == 1.0].reset_index(drop=True)
+    probe = _csv(folder / "probe.csv")
+    if probe.empty:
+        probe = rows[rows["mode"] == "probe"].reset_index(drop=True)
+    curve = _csv(folder / "label_efficiency.csv")
+    if curve.empty:
+        below = finetuned.loc[finetuned["fraction"] < 1, ["dataset", "model"]].drop_duplicates()
+        curve = finetuned.merge(below, on=["dataset", "model"]).reset_index(drop=True)
+    setup_file = folder / "setup.json"
+    setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    return Runs(folder, results, probe, curve, setup)
+
+
 def paper_long() -> pd.DataFrame:
     """The paper's Table 2 as rows: model, dataset, metric, paper (%)."""
     return pd.DataFrame([dict(model=m, dataset=d, metric=k, paper=v)
@@ -39,17 +85,59 @@ def paper_long() -> pd.DataFrame:
                          for k, v in zip(METRICS, vals)])
 
 
+def fold_summary(runs: pd.DataFrame, metric: str) -> dict:
+    """One cell from its runs: mean over folds of each fold's mean over seeds (every fold weighs the
+    same, as in k-fold cross-validation), sd between the fold means (over seeds when there is one
+    fold; NaN for a single run), each run's bootstrap interval averaged, n_folds, n_seeds (per fold,
+    the most). Rows written before folds existed count as one fold."""
+    fold = runs["fold"].fillna(0) if "fold" in runs else pd.Series(0, index=runs.index)
+    per_fold = runs.groupby(fold)[metric].mean()
+    if len(per_fold) > 1:
+        sd = float(per_fold.std(ddof=1))
+    else:
+        sd = float(runs[metric].std(ddof=1)) if len(runs) > 1 else np.nan
+    return dict(mean=float(per_fold.mean()), sd=sd, low=float(runs[f"{metric}_low"].mean()),
+                high=float(runs[f"{metric}_high"].mean()), n_folds=len(per_fold),
+                n_seeds=int(runs.groupby(fold).size().max()))
+
+
 def summarise(results: pd.DataFrame, mode: str = "finetune") -> pd.DataFrame:
-    """Ours per (dataset, model, metric): mean, sd over seeds, interval, n_seeds, init (in %)."""
+    """Ours per (dataset, model, metric), in %: fold_summary's mean, sd and interval, n_folds,
+    n_seeds, init."""
     rows = results[(results["mode"] == mode) & (results["fraction"] == 1.0)]
     out = []
     for (dataset, model), g in rows.groupby(["dataset", "model"], sort=False):
         for m in METRICS:
-            out.append(dict(dataset=dataset, model=model, metric=m, mean=100 * g[m].mean(),
-                            sd=100 * g[m].std(ddof=1) if len(g) > 1 else np.nan,
-                            low=100 * g[f"{m}_low"].mean(), high=100 * g[f"{m}_high"].mean(),
-                            n_seeds=len(g), init="; ".join(sorted(g["init"].unique()))))
+            cell = fold_summary(g, m)
+            out.append(dict(dataset=dataset, model=model, metric=m, mean=100 * cell["mean"], sd=100 * cell["sd"],
+                            low=100 * cell["low"], high=100 * cell["high"], n_folds=cell["n_folds"],
+                            n_seeds=cell["n_seeds"], init="; ".join(sorted(g["init"].unique()))))
     return pd.DataFrame(out)
+
+
+QUOTED = {"ultrasam": "quoted from UltraSam's paper, not rerun"}  # paper rows not measured by the paper's authors
+
+
+def paper_notes() -> list[str]:
+    """What a reader must know before comparing with the paper's rows, computed from its numbers."""
+    notes = []
+    for model, why in QUOTED.items():
+        title = MODEL_TITLES.get(model, model)
+        notes.append(f"{title}'s paper row is {why}: the USF-MAE paper presents UltraSam's own reported results "
+                     "(its section 2.7: \"their reported results are presented in Table 2\"), not a run with the "
+                     "splits and protocol of the other rows. A user-supplied UltraSam checkpoint runs as a row of ours.")
+    for model, by in PAPER_TABLE2.items():
+        for dataset, (p, r, f1) in by.items():
+            implied = 2 * p * r / (p + r)
+            if abs(implied - f1) > 1.0:  # beyond rounding and averaging over folds
+                notes.append(f"{MODEL_TITLES.get(model, model)} on {DATASET_TITLES[dataset]}: F1 = 2PR/(P+R) of its "
+                             f"P {p} and R {r} is {implied:.1f}, the row says {f1}.")
+    micro = [m for m, by in PAPER_TABLE2.items() if len(set(by["mmotu-2d"])) > 1]
+    for model in micro:
+        notes.append(f"{MODEL_TITLES.get(model, model)} on MMOTU-2D: P, R and F1 differ "
+                     f"({' / '.join(map(str, PAPER_TABLE2[model]['mmotu-2d']))}) where every other row has P = R = F1 "
+                     "(the micro average): another averaging, not comparable with the other rows.")
+    return notes
 
 
 def table2_long(results: pd.DataFrame) -> pd.DataFrame:
@@ -82,23 +170,34 @@ def _layout(long: pd.DataFrame, bold, pm: str) -> tuple[list[str], list[list[str
             def ours(r):
                 text = f"{r['mean']:.1f}" + (f"{pm}{r['sd']:.1f}" if pd.notna(r["sd"]) else "")
                 return bold(text) if r["best"] else text
-            n = int(g["n_seeds"].max())
-            rows.append([title, f"ours ({n} seed{'s' if n > 1 else ''})", init] +
+            loud = ", RANDOM INIT: not an ImageNet baseline" if "random: no ImageNet" in init else ""
+            rows.append([title, f"ours ({_runs_text(g)}){loud}", init] +
                         [_cell(g[(g["dataset"] == d) & g["mean"].notna()], ours) for d in datasets])
         if g["paper"].notna().any():
-            rows.append([title, "paper", "ImageNet (as the paper states)" if model not in ("usf-mae", "ultrasam")
+            source = f"paper ({QUOTED[model]})" if model in QUOTED else "paper"
+            rows.append([title, source, "ImageNet (as the paper states)" if model not in ("usf-mae", "ultrasam")
                          else "paper's own pretraining"] +
                         [_cell(g[(g["dataset"] == d) & g["paper"].notna()], lambda r: f"{r['paper']:.1f}")
                          for d in datasets])
     return header, rows
 
 
+def _runs_text(g: pd.DataFrame) -> str:
+    folds = int(g["n_folds"].max()) if "n_folds" in g and g["n_folds"].notna().any() else 1
+    seeds = int(g["n_seeds"].max())
+    seed_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
+    return f"{folds} folds x {seed_text}" if folds > 1 else seed_text
+
+
 def to_markdown(long: pd.DataFrame) -> str:
     header, rows = _layout(long, lambda s: f"**{s}**", " ± ")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Ours: mean over the official folds of each fold's mean over seeds, ± the sd between folds "
+              "(over seeds where a dataset has one split). Notes on the paper's rows:", ""]
+    lines += [f"- {n}" for n in paper_notes()]
     ours = long.dropna(subset=["mean"])
-    lines += ["", "F1 with its 95% bootstrap interval over test images (each seed's, averaged):", "",
+    lines += ["", "F1 with its 95% bootstrap interval over test images (each run's, averaged):", "",
               "| model | " + " | ".join(DATASET_TITLES[d] for d in DATASET_TITLES if d in set(ours["dataset"])) + " |",
               "|---|" + "---|" * ours["dataset"].nunique()]
     for model, g in ours[ours["metric"] == "f1"].groupby("model", sort=False):
@@ -115,7 +214,8 @@ def to_latex(long: pd.DataFrame) -> str:
     lines = [r"\begin{tabular}{lll" + "c" * (len(header) - 3) + "}", r"\toprule",
              " & ".join(esc(h) for h in header) + r" \\", r"\midrule"]
     lines += [" & ".join(esc(c) if i < 3 else c for i, c in enumerate(r)) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\bottomrule", r"\end{tabular}", "", r"\par\footnotesize"]
+    lines += [esc(n) + r"\\" for n in paper_notes()]
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +256,14 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
     for dataset, g in ft.groupby("dataset", sort=False):
         by = g.groupby("model")
         if {"usf-mae", "scratch"} <= set(by.groups):
-            a, b = by.get_group("usf-mae"), by.get_group("scratch")
-            gap = 100 * (a["f1"].mean() - b["f1"].mean())
-            overlap = a["f1_low"].mean() <= b["f1_high"].mean() and b["f1_low"].mean() <= a["f1_high"].mean()
+            a, b = fold_summary(by.get_group("usf-mae"), "f1"), fold_summary(by.get_group("scratch"), "f1")
+            gap = 100 * (a["mean"] - b["mean"])
+            overlap = a["low"] <= b["high"] and b["low"] <= a["high"]
             verdict = "beats" if gap > 0 else "does not beat"
             lines.append(f"{DATASET_TITLES.get(dataset, dataset)}: USF-MAE {verdict} the same architecture from scratch "
-                         f"on F1 ({100 * a['f1'].mean():.1f} vs {100 * b['f1'].mean():.1f}, gap {gap:+.1f} points over "
-                         f"{len(a)}/{len(b)} seeds); the 95% intervals {'overlap' if overlap else 'do not overlap'}.")
+                         f"on F1 ({100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {gap:+.1f} points; "
+                         f"{a['n_folds']} fold(s) x {a['n_seeds']} seed(s) each); the 95% intervals "
+                         f"{'overlap' if overlap else 'do not overlap'}.")
         means = by["f1"].mean()
         if len(means) > 1:
             lines.append(f"{DATASET_TITLES.get(dataset, dataset)}: best mean F1 {MODEL_TITLES.get(means.idxmax(), means.idxmax())} "

@@ -43,7 +43,9 @@ from usfmae_lib.safety import folder_lock
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 PARAMS_DIR = REPO_ROOT / "params"
-PROFILES = ("smoke", "quick", "paper")
+# paper: the paper's text on a GPU; official: the same except the MAE recipe (and notebook 02's
+# resize filter), which follow the official code (75% mask, from the ImageNet MAE, ...); see README
+PROFILES = ("smoke", "quick", "paper", "official")
 DEFAULT_PROFILE = "quick"  # what `usfmae reproduce` runs: a laptop CPU, under an hour
 STEPS = (  # notebooks in the order data flows through them
     "01_curation",
@@ -53,6 +55,9 @@ STEPS = (  # notebooks in the order data flows through them
     "05_finetuning",
     "06_results",
 )
+# `usfmae reproduce --dry-run`: params/dry_run/<notebook>.yaml, applied after the profile's file,
+# shrinks a profile to a step or two of each of its code paths on a small synthetic tree
+DRY_RUN = "dry_run"
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 TABLE_SUFFIXES = (".csv", ".md", ".tex")
 KERNEL_NAME = "usfmae-python"
@@ -344,10 +349,14 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _step_fingerprint(nb: nbformat.NotebookNode, params_file: Path, overrides, upstream: str, code: str) -> str:
+def _step_fingerprint(nb: nbformat.NotebookNode, params_files, overrides, upstream: str, code: str) -> str:
+    """Hash of what a step computes from: its cells, parameter files (the profile's, then the dry
+    run's), overrides, the step before it and the library's code."""
     h = hashlib.sha256()
     cells = [(c.cell_type, c.source, _tags(c)) for c in nb.cells]  # not cell ids: jupytext makes them up
-    for part in (cells, params_file.read_text(), list(overrides), upstream, code):
+    files = [params_files] if isinstance(params_files, Path) else list(params_files)
+    texts = [f.read_text() for f in files]
+    for part in (cells, texts[0] if len(texts) == 1 else texts, list(overrides), upstream, code):
         h.update(json.dumps(part, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -370,6 +379,7 @@ def reproduce(
     notebooks_dir: Path = NOTEBOOKS_DIR,
     params_dir: Path = PARAMS_DIR,
     progress: bool = True,
+    dry_run: bool = False,
 ) -> Path:
     """Run every notebook of the study in order with `params/<profile>/<notebook>.yaml`.
 
@@ -377,13 +387,18 @@ def reproduce(
     step before it are unchanged since it last succeeded (`force=True` redoes it). Writes
     `DIR/index.md` and returns its path. A second reproduce (or run) into the same DIR while one
     is going stops with a message.
+
+    dry_run: apply `params/dry_run/<notebook>.yaml` after the profile's file (and before
+    `overrides`): the profile's models and code paths for a step or two each, on a small synthetic
+    tree (docs/dry_run.md). Its default folder is `outputs/<profile>-dry-run/`, never a real run's.
     """
     if profile not in PROFILES:
         raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    out_dir = (Path(out_dir) if out_dir is not None else Path("outputs") / profile).resolve()
+    default_out = Path("outputs") / (f"{profile}-dry-run" if dry_run else profile)
+    out_dir = (Path(out_dir) if out_dir is not None else default_out).resolve()
     state_dir = out_dir / ".usfmae" / "reproduce"
     state_dir.mkdir(parents=True, exist_ok=True)
-    plan = []  # (step, notebook path, notebook, parameter file, its parameter names); all read up front
+    plan = []  # (step, notebook path, notebook, parameter files, its parameter names); all read up front
     for step in steps:
         notebook = notebooks_dir / f"{step}.py"  # the source of truth; .ipynb when there is no twin
         notebook = notebook if notebook.exists() else notebook.with_suffix(".ipynb")
@@ -391,24 +406,52 @@ def reproduce(
         params_file = params_dir / profile / f"{step}.yaml"
         if not params_file.exists():
             raise UsfmaeError(f"{params_file}: missing parameter file for profile {profile!r}, step {step}")
-        plan.append((step, notebook, nb, params_file, set(notebook_parameters(nb, str(notebook)))))
+        params_files = [params_file]
+        dry_file = params_dir / DRY_RUN / f"{step}.yaml"
+        if dry_run and dry_file.exists():  # a step without one runs as the profile says
+            params_files.append(dry_file)
+        defaults = notebook_parameters(nb, str(notebook))
+        if len(params_files) > 1:  # a dry-run file that does not fit its notebook stops before any step runs
+            merged, origin = load_params(params_files)
+            check_params(merged, defaults, str(notebook), origin)
+        plan.append((step, notebook, nb, params_files, set(defaults)))
     valid = set().union(*(names for *_, names in plan))
     unknown = sorted({o.partition("=")[0].strip() for o in overrides} - valid)
     if unknown:  # a name no step has is a typo: refuse it before anything runs
         raise UsfmaeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
 
-    with folder_lock(out_dir, f"usfmae reproduce --profile {profile}"):
-        return _reproduce_steps(plan, overrides, profile, out_dir, state_dir, force, progress)
+    command = f"usfmae reproduce --profile {profile}" + (" --dry-run" if dry_run else "")
+    with folder_lock(out_dir, command):
+        return _reproduce_steps(plan, overrides, profile, out_dir, state_dir, force, progress, dry_run)
+
+
+def dry_run_changes(nb: nbformat.NotebookNode, params_files, name: str = "notebook") -> list[str]:
+    """What the dry run's file (the last of params_files) changes, one line per parameter:
+    'name: <the profile's value> -> <the dry run's> (<the file's comment>)'."""
+    *profile_files, dry_file = params_files
+    before = {**notebook_parameters(nb, name), **load_params(profile_files)[0]}
+    after = load_params([dry_file])[0]
+    comments = {}
+    for line in dry_file.read_text().splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and not line.startswith((" ", "#")) and "  # " in rest:
+            comments[key.strip()] = rest.split("  # ", 1)[1].strip()
+    return [f"{k}: {before.get(k)!r} -> {v!r}" + (f" ({comments[k]})" if k in comments else "")
+            for k, v in after.items() if k != "profile" and before.get(k) != v]
 
 
 def _reproduce_steps(plan, overrides, profile: str, out_dir: Path, state_dir: Path, force: bool,
-                     progress: bool) -> Path:
+                     progress: bool, dry_run: bool = False) -> Path:
     """reproduce's loop over the steps, under the study folder's lock."""
     code = _code_fingerprint()
     upstream, records = "", []
-    for step, notebook, nb, params_file, names in plan:
+    for step, notebook, nb, params_files, names in plan:
         step_overrides = [o for o in overrides if o.partition("=")[0].strip() in names]
-        fingerprint = _step_fingerprint(nb, params_file, step_overrides, upstream, code)
+        fingerprint = _step_fingerprint(nb, params_files, step_overrides, upstream, code)
+        if dry_run:  # say what the dry run shrank, skipped step or not
+            changes = dry_run_changes(nb, params_files, str(notebook)) if len(params_files) > 1 else []
+            print(f"[{step}] dry run: " + ("shrinks " + "".join(f"\n    {c}" for c in changes) if changes
+                                           else f"as profile {profile}"), flush=True)
         state_file = state_dir / f"{step}.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         executed = out_dir / step / f"{step}.ipynb"
@@ -416,32 +459,35 @@ def _reproduce_steps(plan, overrides, profile: str, out_dir: Path, state_dir: Pa
             print(f"[{step}] unchanged, skipped (last run took {state['seconds']:.1f} s)", flush=True)
             records.append((step, "skipped (unchanged)", state["seconds"]))
         else:
-            print(f"[{step}] running with {params_file}", flush=True)
+            print(f"[{step}] running with {' + '.join(str(f) for f in params_files)}", flush=True)
             state_file.unlink(missing_ok=True)  # a failed or interrupted step must run again
             try:
-                result = run_notebook(notebook, [params_file], step_overrides, out_dir, progress=progress)
+                result = run_notebook(notebook, params_files, step_overrides, out_dir, progress=progress)
             except UsfmaeError as err:
                 records.append((step, f"FAILED: {str(err).splitlines()[0]}", None))
-                write_index(out_dir, profile, records)
+                write_index(out_dir, profile, records, dry_run)
                 raise
             state = {"fingerprint": fingerprint, "seconds": result.seconds, "params": result.params}
             _write_json_atomic(state_file, state)
             records.append((step, "ran", result.seconds))
         upstream = fingerprint
-    return write_index(out_dir, profile, records)
+    return write_index(out_dir, profile, records, dry_run)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
-def write_index(out_dir: Path, profile: str, records) -> Path:
+def write_index(out_dir: Path, profile: str, records, dry_run: bool = False) -> Path:
     """DIR/index.md: per step, its status and time, then every figure and table it made."""
     lines = [
-        f"# usfmae outputs: profile `{profile}`",
+        f"# usfmae outputs: profile `{profile}`" + (" (DRY RUN)" if dry_run else ""),
         "",
-        "Written by `usfmae reproduce`. Paths are relative to this folder.",
+        "Written by `usfmae reproduce" + (" --dry-run" if dry_run else "") + "`. Paths are relative to this folder.",
         "",
+        *([f"**A dry run**: the `{profile}` profile's models and code paths for a step or two each, on a small "
+           f"synthetic tree (`params/{DRY_RUN}/` over `params/{profile}/`; docs/dry_run.md). Its numbers check "
+           "that the code runs; they measure nothing.", ""] if dry_run else []),
         "| step | status | time (s) | figures | tables |",
         "|---|---|---|---|---|",
     ]
@@ -486,11 +532,19 @@ def add_cli(subparsers) -> None:
         "notebook, parameters, code and upstream steps did not change are skipped.",
     )
     rep.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
-    rep.add_argument("--out", default=None, metavar="DIR", help="output folder (default outputs/<profile>/)")
+    rep.add_argument("--out", default=None, metavar="DIR",
+                     help="output folder (default outputs/<profile>/; with --dry-run outputs/<profile>-dry-run/)")
     rep.add_argument("--force", action="store_true", help="redo every step even if unchanged")
-    rep.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS), help="run only these steps")
+    rep.add_argument("--steps", nargs="+", choices=STEPS, default=None,
+                     help="run only these steps (default: all; with -p checkpoint=FILE, weights pretrained elsewhere "
+                          "such as the released USF-MAE: 04-06, skipping curation, cleaning and pretraining)")
     rep.add_argument("-p", "--param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a parameter in every step that has it")
+    rep.add_argument("--dry-run", action="store_true",
+                     help="the profile's models and code paths for a step or two each, on a small synthetic tree: "
+                          "params/dry_run/<notebook>.yaml over the profile's files (then -p); prints what it shrinks "
+                          "per step; default folder outputs/<profile>-dry-run/ (docs/dry_run.md). For paper and "
+                          "official on a CPU, a few minutes")
     rep.set_defaults(func=_reproduce_cli)
 
 
@@ -500,7 +554,18 @@ def _run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_steps(overrides=()) -> tuple[str, ...]:
+    """Every step; but with `-p checkpoint=FILE` the MAE was pretrained elsewhere (the released
+    weights), so curation, cleaning and pretraining are skipped and 04-06 run on that checkpoint."""
+    if any(o.partition("=")[0].strip() == "checkpoint" and o.partition("=")[2].strip() for o in overrides):
+        skipped = STEPS[:3]
+        print(f"checkpoint given: skipping {', '.join(skipped)} (pass --steps to choose)", flush=True)
+        return STEPS[3:]
+    return STEPS
+
+
 def _reproduce_cli(args: argparse.Namespace) -> int:
-    index = reproduce(args.profile, args.out, args.force, args.steps, args.overrides)
+    steps = args.steps or default_steps(args.overrides)
+    index = reproduce(args.profile, args.out, args.force, steps, args.overrides, dry_run=args.dry_run)
     print(f"index of figures and tables: {index}")
     return 0

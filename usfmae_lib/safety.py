@@ -4,7 +4,8 @@
   nor around one, so no step overwrites the originals or reads its own output back next run.
 * `folder_lock(folder, what)`: one run writes a folder at a time. The lock is an flock on
   `<folder>/.usfmae.lock`: the kernel drops it when the process dies, so a run killed with
-  kill -9 never leaves a stale lock behind, and the next run just resumes.
+  kill -9 never leaves a stale lock behind, and the next run just resumes (forked workers drop
+  their inherited copies in `end_with_parent`, so they cannot keep it alive).
 * `end_with_parent()`: called in every worker process, so that workers die with the run that
   started them instead of computing for nobody after a kill -9.
 """
@@ -62,10 +63,9 @@ def _holder(lock_file: Path) -> str:
 @contextlib.contextmanager
 def folder_lock(folder, what: str):
     """Hold `<folder>/.usfmae.lock` for the duration; a second run into the same folder stops
-    at once with a message naming the run that holds it. `what` says who holds it (e.g.
-    "usfmae clean"). Re-entrant within one process (a notebook kernel may call a step twice)."""
-    import fcntl
-
+    (after GRACE_S seconds, the time a killed run's workers take to go) with a message naming the
+    run that holds it. `what` says who holds it (e.g. "usfmae clean"). Re-entrant within one
+    process (a notebook kernel may call a step twice)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder / LOCK_NAME
@@ -75,29 +75,42 @@ def folder_lock(folder, what: str):
         return
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsfmaeError(f"{folder} is being written by another run ({_holder(lock_file)}); wait for it "
-                              f"to finish, or choose another output folder") from None
+        _take(fd, folder, lock_file)
         os.ftruncate(fd, 0)
         os.write(fd, f"{what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-        _held.add(key)
+        _held[key] = fd
         try:
             yield lock_file
         finally:
-            _held.discard(key)
+            _held.pop(key, None)
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-_held: set[str] = set()
+_held: dict[str, int] = {}  # lock file -> descriptor, of the locks this process holds
+GRACE_S = 5.0  # a run killed a moment ago may still have workers exiting, each holding the lock
+
+
+def _take(fd: int, folder: Path, lock_file: Path) -> None:
+    import fcntl
+
+    deadline = time.monotonic() + GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise UsfmaeError(f"{folder} is being written by another run ({_holder(lock_file)}); wait for it "
+                                  f"to finish, or choose another output folder") from None
+            time.sleep(0.1)
 
 
 # ============================================================================ workers
 def end_with_parent() -> None:
-    """Make this worker process exit when the process that started it dies.
+    """Make this worker process exit when the process that started it dies, and drop the copies of
+    its parent's folder locks that a forked worker inherits.
 
     Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Elsewhere,
     and as a second guard, a daemon thread checks every half second that the parent is alive."""
@@ -121,3 +134,11 @@ def end_with_parent() -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+    # A forked worker shares its parent's lock descriptors: closing its copies (never unlocking)
+    # lets the lock go as soon as the parent dies, not when the last worker has exited.
+    for fd in list(_held.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()

@@ -41,6 +41,7 @@ PROFILES = {
     "paper": dict(n_pretrain=30000, n_videos=100, video_frames=72, n_volumes=40, volume_shape=(64, 160, 160),
                   n_annotated=2000, n_busbra=1875, n_otu=1469, n_gist=514),
 }
+PROFILES["official"] = PROFILES["paper"]  # the study's official profile: another MAE recipe, the same data
 DEFAULTS = dict(image_size=224, size_jitter=0.25, difficulty=0.5, fps=24, jpeg_quality=92,
                 annotated_size=(256, 320), eval_size=(224, 320))
 BUS_DEVICES = ("SYN-L12", "SYN-L9", "SONO-L7", "ECHO-14L", "U-LINEAR-10")
@@ -511,6 +512,13 @@ def generate_tree(out_dir, seed: int = 0, profile: str = "smoke", workers: int |
     return root
 
 
+def _pool_worker_init():
+    from .safety import end_with_parent
+
+    end_with_parent()  # a killed run leaves no worker behind
+    cv2.setNumThreads(1)  # one process per core
+
+
 def _run_tasks(tasks, workers: int, progress: bool) -> list[dict]:
     bar = None
     if progress:
@@ -530,8 +538,7 @@ def _run_tasks(tasks, workers: int, progress: bool) -> list[dict]:
     else:
         # spawn, not fork: a forked child can inherit locked OpenCV/BLAS thread pools and hang
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=cv2.setNumThreads,
-                                 initargs=(1,)) as ex:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_pool_worker_init) as ex:
             for r in ex.map(_dispatch, tasks, chunksize=4):
                 out.append(r)
                 if bar:
