@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from usfmae_lib import UsfmaeError, curation, datasets, metrics, synthetic
+from usfmae_lib import UsfmaeError, curation, datasets, metrics
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
@@ -19,15 +19,6 @@ def real(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (real-data samples live beside the repository, not in it)")
     return path
-
-
-@pytest.fixture(scope="module")
-def synth_eval(tmp_path_factory):
-    """The three evaluation sets of the synthetic tree, nothing else."""
-    root = tmp_path_factory.mktemp("synth")
-    synthetic.generate_tree(root, seed=3, profile="smoke", workers=1, progress=False, n_pretrain=0,
-                            n_videos=0, n_volumes=0, n_annotated=0)
-    return root
 
 
 def test_busbra_folds_keep_patients_apart(synth_eval):

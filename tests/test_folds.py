@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from usfmae_lib import UsfmaeError, cli, synthetic
+from usfmae_lib import UsfmaeError, cli
 from usfmae_lib import finetune as ft
 from usfmae_lib import results as res
 from usfmae_lib.datasets import official_folds
@@ -15,14 +15,6 @@ BUSBRA = Path(__file__).resolve().parents[1].parent / "shared/data/real/busbra_s
 TINY = ["--img-size", "32", "--epochs", "1", "--seeds", "1", "--lr", "1e-3", "--weight-decay", "0.01",
         "--batch-size", "16", "--bootstrap", "20", "--device", "cpu"]
 SCRATCH = ["--model", "scratch", "--mae-config", "mae_vit_tiny_patch16_dec128d2b"]
-
-
-@pytest.fixture(scope="module")
-def synth_eval(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    synthetic.generate_tree(root, seed=5, profile="smoke", workers=1, progress=False, n_pretrain=0,
-                            n_videos=0, n_volumes=0, n_annotated=0)
-    return root
 
 
 def test_official_folds_default_to_all_and_refuse_unknown_ones():

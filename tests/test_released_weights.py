@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from usfmae_lib import cli, mae, runner, synthetic
+from usfmae_lib import cli, mae, runner
 
 
 @pytest.fixture(scope="module")
@@ -18,24 +18,15 @@ def released_layout(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """The three evaluation sets in their published layouts (synthetic twins), nothing else."""
-    root = tmp_path_factory.mktemp("data")
-    synthetic.generate_tree(root, seed=7, profile="smoke", workers=1, progress=False, n_pretrain=0,
-                            n_videos=0, n_volumes=0, n_annotated=0)
-    return root
-
-
 def test_a_checkpoint_override_skips_curation_cleaning_and_pretraining():
     assert runner.default_steps(["checkpoint=w.pth", "data_root=d"]) == runner.STEPS[3:]
     assert runner.default_steps(["seed=1"]) == runner.STEPS
 
 
-def test_released_weights_run_04_to_06_in_one_command(released_layout, data_root, tmp_path, capsys):
+def test_released_weights_run_04_to_06_in_one_command(released_layout, synth_eval, tmp_path, capsys):
     out = tmp_path / "study"
     rc = cli.main(["reproduce", "--profile", "smoke", "--out", str(out), "-p", f"checkpoint={released_layout}",
-                   "-p", f"data_root={data_root}",
+                   "-p", f"data_root={synth_eval}",
                    # one dataset, one fold, one model: the path, at the cost CI can pay for a ViT-B
                    "-p", "datasets=[bus-bra]", "-p", "busbra_folds=[1]", "-p", "models=[usf-mae]",
                    "-p", "probe_models=[usf-mae]", "-p", "label_fractions=[1.0]", "-p", "n_images=1",
