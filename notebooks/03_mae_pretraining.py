@@ -58,7 +58,7 @@ rot_degrees = [0.0, 90.0]  # rotation range (paper: 0-90 deg)
 flip_p = 0.5  # horizontal and vertical flip probability, each (paper: 0.5)
 crop_scale = [0.5, 2.0]  # crop area / image area (paper: 0.5x-2.0x; above 1 zooms out)
 init_checkpoint = None  # optional local MAE checkpoint to start from (official code: ImageNet MAE file)
-precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+precision = "auto"  # auto = bf16 autocast on GPU; a CPU computes in fp32 whatever is asked
 compile = False  # torch.compile the model
 checkpoint_every = 0  # steps between checkpoints; 0 = every epoch
 log_every = 20  # steps between host syncs (per-step loss rows are written then)

@@ -450,7 +450,7 @@ def _reproduce_steps(plan, overrides, profile: str, out_dir: Path, state_dir: Pa
         fingerprint = _step_fingerprint(nb, params_files, step_overrides, upstream, code)
         if dry_run:  # say what the dry run shrank, skipped step or not
             changes = dry_run_changes(nb, params_files, str(notebook)) if len(params_files) > 1 else []
-            print(f"[{step}] dry run: " + ("shrinks " + "".join(f"\n    {c}" for c in changes) if changes
+            print(f"[{step}] dry run: " + ("shrinks" + "".join(f"\n    {c}" for c in changes) if changes
                                            else f"as profile {profile}"), flush=True)
         state_file = state_dir / f"{step}.json"
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
