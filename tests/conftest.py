@@ -1,7 +1,46 @@
 """Fixtures shared by several test files."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
 import pytest
 
 from usfmae_lib import synthetic
+
+# Real ultrasound samples live beside a development checkout (../shared/data/real), never in the
+# repository: a user's clone has none, and every test that reads them skips and says why.
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real():
+    """real("busi_sample") -> that real-data sample's folder, or skip the test naming what is absent."""
+    def get(name: str) -> Path:
+        path = REAL / name
+        if not path.exists():
+            pytest.skip(f"{path} is absent (real-data samples live beside a development checkout, not in it)")
+        return path
+    return get
+
+
+@pytest.fixture(scope="module")
+def clean_tree(tmp_path_factory):
+    """48 fake scans as notebook 02 writes them: clean/<dataset>/*.png + index.csv (a grey disc on
+    black, 40 px); also a folder dataset ROOT/<class>/ with classes busi and echo."""
+    root = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        dataset = ("busi", "echo")[i % 2]
+        (root / dataset).mkdir(exist_ok=True)
+        img = np.zeros((40, 40), np.uint8)
+        cv2.circle(img, tuple(int(v) for v in rng.integers(8, 32, 2)), int(rng.integers(3, 12)), 200, -1)
+        rel = f"{dataset}/img_{i:03d}.png"
+        cv2.imwrite(str(root / rel), img)
+        rows.append(dict(path=rel, dataset=dataset, anatomy=("breast", "heart")[i % 2], source=rel, frame=0))
+    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,6 @@ from sklearn import metrics as skm
 
 from usfmae_lib import UsfmaeError, curation, datasets, metrics
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-
-
-def real(name: str) -> Path:
-    """A real-data sample under ../shared/data/real, or skip: a user's clone may not have it."""
-    path = REAL / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent (real-data samples live beside the repository, not in it)")
-    return path
-
-
 def test_busbra_folds_keep_patients_apart(synth_eval):
     for fold in range(1, 6):
         s = datasets.load_split("bus-bra", synth_eval / "BUSBRA", fold=fold)
@@ -108,7 +97,7 @@ def test_missing_image_is_named(synth_eval, tmp_path):
         datasets.load_mmotu(root)
 
 
-def test_folder_dataset_on_real_busi():
+def test_folder_dataset_on_real_busi(real):
     root = real("busi_sample")
     s = datasets.load_split("folder", root, seed=1, positive="malignant")
     assert s.classes == ["benign", "malignant", "normal"] and s.positive == 1
@@ -162,7 +151,7 @@ def _assert_masks_change_nothing(plain: Path, with_masks: Path, seed: int = 1):
     return s
 
 
-def test_folder_on_busi_layout_never_takes_masks_as_images(tmp_path):
+def test_folder_on_busi_layout_never_takes_masks_as_images(real, tmp_path):
     import shutil
 
     plain = real("busi_sample")
@@ -248,7 +237,7 @@ def test_busbra_patient_on_both_sides_of_validation_is_kept_whole(synth_eval, tm
     assert "2 moved" in s.split
 
 
-def test_real_busbra_folds_keep_every_patient_on_one_side():
+def test_real_busbra_folds_keep_every_patient_on_one_side(real):
     root = real("busbra_sample") / "BUSBRA"
     cv = pd.read_csv(root / "5-fold-cv.csv")
     for fold in range(1, 6):

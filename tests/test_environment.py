@@ -8,7 +8,7 @@ import yaml
 from usfmae_lib import runner
 
 # Same package, different name on conda-forge.
-PIP_TO_CONDA = {"torch": "pytorch", "opencv-python-headless": "py-opencv"}
+PIP_TO_CONDA = {"torch": "pytorch", "opencv-python-headless": "py-opencv", "python-gdcm": "gdcm"}
 # conda-only entries that are not Python packages of the project.
 CONDA_ONLY = {"python", "pip", "tesseract"}
 

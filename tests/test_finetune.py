@@ -11,9 +11,6 @@ from usfmae_lib import finetune as ft
 from usfmae_lib import results as res
 from usfmae_lib.datasets import load_split
 
-BUSI = Path(__file__).resolve().parents[1].parent / "shared/data/real/busi_sample"
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny MAE checkpoint as notebook 03 writes it (untrained: the weights only need to be known)."""
@@ -27,8 +24,8 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_data():
-    split = load_split("folder", BUSI, positive="malignant", seed=0)
+def tiny_data(clean_tree):
+    split = load_split("folder", clean_tree, positive="busi", seed=0)
     return ft.prepare_data(split, 32)
 
 
@@ -117,7 +114,7 @@ def test_runs_resume_and_rerun_when_the_config_changes(tiny_data, checkpoint, tm
     run = tmp_path / row["run"]  # relative to the runs folder, so outputs can move
     assert (run / "metrics.json").exists() and (run / "test_predictions.csv").exists()
     preds = pd.read_csv(run / "test_predictions.csv")
-    assert len(preds) == len(tiny_data.split.test) and {"label", "pred", "prob_malignant"} <= set(preds.columns)
+    assert len(preds) == len(tiny_data.split.test) and {"label", "pred", "prob_busi"} <= set(preds.columns)
     for key in ("precision", "recall", "f1", "accuracy", "balanced_accuracy", "roc_auc"):
         assert row[f"{key}_low"] <= row[key] <= row[f"{key}_high"] or np.isnan(row[key])
 
@@ -131,8 +128,8 @@ def test_runs_resume_and_rerun_when_the_config_changes(tiny_data, checkpoint, tm
                         0, tmp_path, **kw)
 
 
-def test_cli_runs_end_to_end_on_a_real_folder(tmp_path, capsys):
-    rc = cli.main(["finetune", "--dataset", "folder", "--root", str(BUSI), "--model", "scratch", "--img-size", "32",
+def test_cli_runs_end_to_end_on_a_real_folder(real, tmp_path, capsys):
+    rc = cli.main(["finetune", "--dataset", "folder", "--root", str(real("busi_sample")), "--model", "scratch", "--img-size", "32",
                    "--epochs", "1", "--lr", "1e-3", "--weight-decay", "0.01", "--batch-size", "16", "--seeds", "1",
                    "--bootstrap", "30", "--positive", "malignant", "--probe", "--out", str(tmp_path)])
     assert rc == 0
@@ -281,10 +278,10 @@ def test_the_sweep_picks_the_best_of_several_configs_on_validation(tiny_data, tm
     assert ft.select_config(tiny_data, "scratch", configs, tmp_path)[0].lr == 3e-4
 
 
-def test_cap_split_keeps_a_few_images_per_part_and_every_class_it_can():
+def test_cap_split_keeps_a_few_images_per_part_and_every_class_it_can(real):
     from usfmae_lib.datasets import cap_split
 
-    split = load_split("folder", BUSI, positive="malignant", seed=0)
+    split = load_split("folder", real("busi_sample"), positive="malignant", seed=0)
     assert cap_split(split, 0) is split
     small = cap_split(split, 4, seed=1)
     for name, part in small.parts().items():

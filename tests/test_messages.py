@@ -2,8 +2,8 @@
 command with exit code 2 and one message naming the file, the cause and the fix.
 
 Each test runs the real entry point (`usfmae_lib.cli.main`, in process, or `usfmae` in a
-subprocess) on tiny inputs: a micro MAE pretrained for two steps on 48 fake 40 px scans, and the
-60-image BUSI sample decoded at 32 px.
+subprocess) on tiny inputs: a micro MAE pretrained for two steps on 48 fake 40 px scans, which are
+also the folder dataset that fine-tuning reads at 32 px.
 """
 import collections
 import errno
@@ -25,7 +25,6 @@ import torch
 from usfmae_lib import cli, mae, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-BUSI = REPO.parent / "shared/data/real/busi_sample"
 MICRO = "{embed_dim: 48, depth: 2, num_heads: 3, decoder_embed_dim: 32, decoder_depth: 1, decoder_num_heads: 2}"
 
 
@@ -87,24 +86,6 @@ CAUSES = {"random bytes": "not a checkpoint", "truncated zip": "truncated", "emp
 
 
 # ---------------------------------------------------------------------------- a tiny pretraining run
-@pytest.fixture(scope="module")
-def clean_tree(tmp_path_factory):
-    """48 fake scans as notebook 02 writes them: clean/<dataset>/*.png + index.csv."""
-    root = tmp_path_factory.mktemp("clean")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(48):
-        dataset = ("busi", "echo")[i % 2]
-        (root / dataset).mkdir(exist_ok=True)
-        img = np.zeros((40, 40), np.uint8)
-        cv2.circle(img, tuple(int(v) for v in rng.integers(8, 32, 2)), int(rng.integers(3, 12)), 200, -1)
-        rel = f"{dataset}/img_{i:03d}.png"
-        cv2.imwrite(str(root / rel), img)
-        rows.append(dict(path=rel, dataset=dataset, anatomy=("breast", "heart")[i % 2], source=rel, frame=0))
-    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    return root
-
-
 def _pretrain_args(clean_tree, out, epochs=1):
     # 44 images packed (4 held out), batch 16: 2 steps per epoch, a checkpoint at the end of each
     return ["pretrain", "--data", str(clean_tree), "--out", str(out), "--no-progress", "--workers", "0",
@@ -269,40 +250,40 @@ def test_yaml_syntax_error_names_the_file_line_column_and_problem(tmp_path, caps
 
 
 # ---------------------------------------------------------------------------- fine-tuning weights
-def _finetune(model, tmp_path, *extra):
-    return cli.main(["finetune", "--dataset", "folder", "--root", str(BUSI), "--positive", "malignant",
+def _finetune(model, data, tmp_path, *extra):
+    return cli.main(["finetune", "--dataset", "folder", "--root", str(data), "--positive", "busi",
                      "--model", model, "--img-size", "32", "--epochs", "1", "--lr", "1e-3", "--weight-decay",
                      "0.01", "--batch-size", "16", "--seeds", "1", "--bootstrap", "10",
                      "--out", str(tmp_path / "runs"), *extra])
 
 
 @pytest.mark.parametrize("how", ["random bytes", "truncated zip", "missing"])
-def test_unreadable_imagenet_weights_name_the_file_cause_and_expected_weights(tmp_path, capsys, how):
+def test_unreadable_imagenet_weights_name_the_file_cause_and_expected_weights(clean_tree, tmp_path, capsys, how):
     weights = tmp_path / "vit_b.pth"
     if how != "missing":
         torch.save({"pos_embed": torch.zeros(1, 197, 768), "cls_token": torch.zeros(1, 1, 768)}, weights)
         _damage(weights, how, None)
-    rc = _finetune("vit-b", tmp_path, "--weights", str(weights))
+    rc = _finetune("vit-b", clean_tree, tmp_path, "--weights", str(weights))
     cause = {"random bytes": "not a checkpoint", "truncated zip": "truncated", "missing": "does not exist"}[how]
     _assert_message(rc, capsys.readouterr().err, weights, cause,
                     *(["vit_base_patch16_224.augreg_in1k ImageNet-1k weights"] if how != "missing" else []))
 
 
-def test_imagenet_weights_of_another_model_name_the_mismatched_keys(tmp_path, capsys):
+def test_imagenet_weights_of_another_model_name_the_mismatched_keys(clean_tree, tmp_path, capsys):
     weights = tmp_path / "vit_small.pth"  # ViT-S shapes under ViT-B's names: timm would fail mid-load
     torch.save({"cls_token": torch.zeros(1, 1, 384), "patch_embed.proj.weight": torch.zeros(384, 3, 16, 16),
                 "blocks.0.attn.qkv.weight": torch.zeros(1152, 384)}, weights)
-    rc = _finetune("vit-b", tmp_path, "--weights", str(weights))
+    rc = _finetune("vit-b", clean_tree, tmp_path, "--weights", str(weights))
     _assert_message(rc, capsys.readouterr().err, f"ImageNet weights {weights} do not fit vit-b",
                     "wrong shapes: 3", "blocks.0.attn.qkv.weight: file [1152, 384], model [2304, 768]",
                     "model tensors not in the file", "timm/vit_base_patch16_224.")
 
 
-def test_imagenet_weights_with_foreign_keys_are_refused_not_silently_skipped(tmp_path, capsys):
+def test_imagenet_weights_with_foreign_keys_are_refused_not_silently_skipped(clean_tree, tmp_path, capsys):
     weights = tmp_path / "resnet18.pth"  # right names nowhere: timm alone would load nothing and go on
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3),
                 "vgg.features.0.weight": torch.zeros(64, 3, 3, 3)}, weights)
-    rc = _finetune("resnet-50", tmp_path, "--weights", str(weights))
+    rc = _finetune("resnet-50", clean_tree, tmp_path, "--weights", str(weights))
     _assert_message(rc, capsys.readouterr().err, f"ImageNet weights {weights} do not fit resnet-50",
                     "model tensors not in the file", "file tensors the model lacks: 1 (vgg.features.0.weight)",
                     "timm/resnet50.")
@@ -312,7 +293,7 @@ def test_imagenet_weights_with_foreign_keys_are_refused_not_silently_skipped(tmp
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("how", ["random bytes", "truncated zip", "damaged bytes", "pickled code", "plain pickle",
                                  "missing"])
-def test_unreadable_mae_checkpoint_tells_apart_why(finished_run, tmp_path, capsys, how):
+def test_unreadable_mae_checkpoint_tells_apart_why(finished_run, clean_tree, tmp_path, capsys, how):
     ckpt = tmp_path / "mae.pth"
     marker = tmp_path / "pwned"
     if how == "plain pickle":  # pickle.dump, not torch.save, of a payload: refused, never run
@@ -321,7 +302,7 @@ def test_unreadable_mae_checkpoint_tells_apart_why(finished_run, tmp_path, capsy
     elif how != "missing":
         ckpt.write_bytes(finished_run[1])
         _damage(ckpt, how, marker)
-    rc = _finetune("usf-mae", tmp_path, "--checkpoint", str(ckpt))
+    rc = _finetune("usf-mae", clean_tree, tmp_path, "--checkpoint", str(ckpt))
     cause = {"plain pickle": "refused", "missing": "does not exist"}.get(how) or CAUSES[how]
     _assert_message(rc, capsys.readouterr().err, f"checkpoint {ckpt}", cause)
     assert not marker.exists(), "loading the checkpoint ran code from the pickle"

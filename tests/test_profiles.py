@@ -104,30 +104,13 @@ def test_official_block_comments_cover_the_values_they_precede():
 
 
 # ---------------------------------------------------------------------------- missing start file
-@pytest.fixture(scope="module")
-def tiny_tree(tmp_path_factory):
-    """A miniature of notebook 02's output: 16 grey 40 px scans in two datasets, with index.csv."""
-    root = tmp_path_factory.mktemp("clean")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        dataset = ("busi", "echo")[i % 2]
-        (root / dataset).mkdir(exist_ok=True)
-        img = (rng.uniform(0, 255, (40, 40, 3))).astype(np.uint8)
-        cv2.imwrite(str(root / dataset / f"img_{i:03d}.png"), img)
-        rows.append(dict(path=f"{dataset}/img_{i:03d}.png", dataset=dataset, anatomy=("breast", "heart")[i % 2],
-                         source=f"{dataset}/img_{i:03d}.png", frame=0))
-    pd.DataFrame(rows).to_csv(root / "index.csv", index=False)
-    return root
-
-
 TINY = dict(model=mae.CPU_CONFIG, img_size=32, batch_size=4, epochs=1, workers=0,
             model_overrides=dict(embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32, decoder_depth=1,
                                  decoder_num_heads=2))
 
 
-def test_pretraining_without_the_imagenet_mae_file_stops_naming_it(tiny_tree, tmp_path):
-    store_dir = store.pack_store(tiny_tree, tmp_path / "store", 32, progress=False, heldout_per_anatomy=0)
+def test_pretraining_without_the_imagenet_mae_file_stops_naming_it(clean_tree, tmp_path):
+    store_dir = store.pack_store(clean_tree, tmp_path / "store", 32, progress=False, heldout_per_anatomy=0)
     missing = tmp_path / "weights" / pretrain.IMAGENET_MAE_FILE
     run_dir = tmp_path / "run"
     with pytest.raises(UsfmaeError) as err:
@@ -138,9 +121,9 @@ def test_pretraining_without_the_imagenet_mae_file_stops_naming_it(tiny_tree, tm
     assert not (run_dir / "log.csv").exists() and not (run_dir / "checkpoints").exists()  # no work done
 
 
-def test_the_cli_stops_before_packing_and_exits_2(tiny_tree, tmp_path, capsys):
+def test_the_cli_stops_before_packing_and_exits_2(clean_tree, tmp_path, capsys):
     args = ["pretrain", "-f", str(runner.PARAMS_DIR / "official" / "03_mae_pretraining.yaml"),
-            "--data", str(tiny_tree), "--out", str(tmp_path), "--no-progress", "-p", f"model={mae.CPU_CONFIG}",
+            "--data", str(clean_tree), "--out", str(tmp_path), "--no-progress", "-p", f"model={mae.CPU_CONFIG}",
             "-p", "img_size=32", "-p", "batch_size=4", "-p", "epochs=1", "-p", "precision=fp32",
             "-p", f"init_checkpoint={tmp_path / 'nowhere' / pretrain.IMAGENET_MAE_FILE}"]
     assert cli.main(args) == 2

@@ -3,9 +3,12 @@
     kind     extensions                                   library
     image    .png .jpg .jpeg .bmp .tif .tiff               OpenCV (8/16-bit, grey, RGB, RGBA, palette)
     video    .avi .mp4 .mov .mkv .m4v .mpg .mpeg .wmv .webm OpenCV (FFmpeg)
+             .gif (animated; one frame: an image)          Pillow (its own per-frame timing)
     volume   .nii .nii.gz                                  nibabel
              .mhd (+ .raw) .mha .nrrd                      SimpleITK
-             .dcm .dicom, or no extension with 'DICM'      pydicom (single and multi-frame)
+             .dcm .dicom, or no extension with 'DICM'      pydicom (single and multi-frame; with
+                                                           python-gdcm for JPEG lossless, JPEG-LS,
+                                                           JPEG 2000; palette colour applied)
 
 Frames of a file (`iter_frames`):
   * image: one frame, `frame` 0, `axis` -1.
@@ -15,6 +18,8 @@ Frames of a file (`iter_frames`):
     video gives ceil(duration * video_fps) frames: 4 s at any frame rate -> 12 frames at 3 fps;
     2.5 s -> ceil(7.5) = 8. At most one sample per frame (a 2 fps video sampled at 3 fps gives
     every frame once). `video_fps` 0 keeps every frame. `frame` is the frame number in the file.
+    An animated GIF is a video whose frames carry their own display times: sample k is the frame
+    on screen at t_k by those times (a delay under 20 ms counts as 100 ms, as browsers show it).
   * volume: the array is put in (slice, row, column) = (z, y, x) order (SimpleITK and pydicom
     order; nibabel's (x, y, z) is transposed), then sliced along `slice_axis` (0 = z) keeping
     every `slice_step`-th slice from slice 0: ceil(n / step) frames, `frame` = slice index.
@@ -50,7 +55,14 @@ A file that cannot be read raises `Reject(reason, detail)`; reasons:
   zero bytes | unreadable (the OS refused to open or read it: permissions, a folder, ...) |
   truncated | not an image | not a video | not a volume | too large | too small |
   unsupported codec | corrupt or unsupported codec (OpenCV/FFmpeg cannot open a video whose
-  container header is there; it does not say which) | unsupported layout | corrupt.
+  container header is there; it does not say which) | unsupported layout | not B-mode |
+  corrupt.
+
+Not B-mode (`check_bmode`): pretraining wants display images. RF or IQ data (radio-frequency
+echo samples, before envelope detection) is refused: a MetaImage whose PLUS header says
+`UltrasoundImageType = RF_...`, and any integer or float data with more than 1% of its samples
+below zero (echo amplitudes of a B-mode image are never negative; RF oscillates around zero, so
+a third to a half of its samples are negative).
 """
 from __future__ import annotations
 
@@ -65,7 +77,7 @@ import cv2
 import numpy as np
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-VIDEO_EXTS = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm")
+VIDEO_EXTS = (".avi", ".mp4", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".gif")
 VOLUME_EXTS = (".nii", ".nii.gz", ".mhd", ".mha", ".nrrd", ".dcm", ".dicom")
 
 # magic bytes at the start of a file -> format (the decoders sniff content, not extensions)
@@ -79,6 +91,8 @@ VIDEO_MAGIC_AT = ((0, b"RIFF"), (4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"
 MAX_PIXELS = 8192 * 8192  # 67 Mpx: bounds memory (as 8-bit RGB: 200 MB) and cleaning time
 MIN_SIDE = 32  # px
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF"}  # our format -> Pillow's
+GIF_MIN_DELAY_MS, GIF_DEFAULT_DELAY_MS = 20, 100  # browsers show a GIF delay under 20 ms as 100 ms
+NEGATIVE_LIMIT = 0.01  # more than 1% of samples below zero: RF/IQ or signed data, not a B-mode image
 
 
 class Reject(Exception):
@@ -118,6 +132,18 @@ def check_frame_size(width: int, height: int, min_side: int = MIN_SIDE):
                                   f"{MAX_PIXELS / 1e6:.0f} Mpx (MAX_PIXELS = 8192 x 8192)")
     if min(width, height) < min_side:
         raise Reject("too small", f"{width} x {height} px: a side under {min_side} px (MIN_SIDE)")
+
+
+def check_bmode(a: np.ndarray, what: str = "data"):
+    """Reject "not B-mode" when a signed or float array has more than NEGATIVE_LIMIT of its samples
+    below zero (module docstring). Unsigned data passes without a scan."""
+    if a.dtype.kind not in "if" or a.size == 0:
+        return
+    negative = float(np.count_nonzero(a < 0)) / a.size
+    if negative > NEGATIVE_LIMIT:
+        lo, hi = intensity_stats(a)
+        raise Reject("not B-mode", f"{what}: {a.dtype} samples, {negative:.0%} below zero (min {lo:g}, max {hi:g}): "
+                                   "RF/IQ or signed data, not a display image")
 
 
 # ============================================================================ file kinds
@@ -243,6 +269,7 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
         reason = "unsupported codec" if fmt == "tiff" else "corrupt"
         raise Reject(reason, f"OpenCV could not decode this {fmt.upper()} {name}".rstrip())
     check_frame_size(img.shape[1], img.shape[0])  # a header Pillow could not read
+    check_bmode(img, f"{fmt.upper()} image")
     return img
 
 
@@ -335,6 +362,70 @@ def iter_video(path: Path, video_fps: float):
     return i, fps
 
 
+def gif_sample_indices(delays_ms: list[int], video_fps: float) -> list[int]:
+    """Frame numbers sampled from a GIF whose frame i is shown for delays_ms[i]: sample k is the
+    frame on screen at t_k = k / video_fps (module docstring); video_fps 0: every frame."""
+    delays = [d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS for d in delays_ms]
+    if video_fps <= 0:
+        return list(range(len(delays)))
+    starts = np.cumsum([0] + delays[:-1]) / 1000.0  # s
+    total = sum(delays) / 1000.0
+    n = math.ceil(total * video_fps - 1e-9)
+    picks = np.searchsorted(starts, np.arange(n) / video_fps + 1e-9, side="right") - 1
+    return sorted(set(int(i) for i in picks))
+
+
+def _open_gif(path: Path):
+    """An opened animated GIF (Pillow), its size checked from the header before any decoding."""
+    from PIL import Image
+
+    size = readable_size(path)
+    if size == 0:
+        raise Reject("zero bytes")
+    with open(path, "rb") as f:
+        if f.read(6) not in (b"GIF87a", b"GIF89a"):
+            raise Reject("not a video", "a .gif without the GIF87a/GIF89a signature")
+    try:
+        im = Image.open(path)
+    except Exception as err:
+        raise Reject("corrupt", f"Pillow: {str(err)[:200]}") from None
+    check_frame_size(*im.size)
+    return im
+
+
+def iter_gif(path: Path, video_fps: float):
+    """Yield (frame number, RGB uint8 frame) of a GIF's sampled frames (module docstring);
+    return (n_frames, mean frame rate) as the generator's value, like `iter_video`."""
+    with _open_gif(path) as im:
+        try:
+            n = im.n_frames
+            delays = []
+            for i in range(n):  # frame delays live in each frame's header: seek reads them
+                im.seek(i)
+                delays.append(int(im.info.get("duration", 0) or 0))
+            for i in gif_sample_indices(delays, video_fps):
+                im.seek(i)  # Pillow composes the frame over the previous ones (disposal rules)
+                yield i, np.asarray(im.convert("RGB"))
+        except (OSError, EOFError, ValueError) as err:
+            raise Reject("truncated" if "truncat" in str(err).lower() or isinstance(err, EOFError) else "corrupt",
+                         f"Pillow: {str(err)[:200]}") from None
+    shown = [d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS for d in delays]
+    return n, 1000.0 * n / sum(shown)
+
+
+def gif_frame_count(path: Path) -> int:
+    with _open_gif(path) as im:
+        return im.n_frames
+
+
+def _gif_frame(path: str, frame: int) -> np.ndarray:
+    with _open_gif(Path(path)) as im:
+        if frame >= im.n_frames:
+            raise Reject("truncated", f"{path} has fewer than {frame + 1} frames")
+        im.seek(frame)
+        return np.asarray(im.convert("RGB"))
+
+
 # ============================================================================ volumes
 def _reject_from(err: Exception, what: str) -> Reject:
     msg = str(err)
@@ -364,6 +455,9 @@ def _check_metaimage(path: Path):
             fields[key.strip()] = value.strip()
         if key.strip() == "ElementDataFile":
             break
+    image_type = fields.get("UltrasoundImageType", "")  # PLUS toolkit: BRIGHTNESS, RF_REAL, RF_IQ_LINE, ...
+    if image_type.upper().startswith("RF"):
+        raise Reject("not B-mode", f"UltrasoundImageType = {image_type} in its header: RF data, not a display image")
     try:
         dims = [int(v) for v in fields["DimSize"].split()]
         item = META_BYTES[fields["ElementType"]] * int(fields.get("ElementNumberOfChannels", 1))
@@ -444,6 +538,10 @@ def _dicom(path: Path) -> tuple[np.ndarray, bool]:
         raise Reject("not an image", "DICOM file without pixel data")
     try:
         data = ds.pixel_array
+        if ds.get("PhotometricInterpretation") == "PALETTE COLOR":  # indices -> the colours they stand for
+            from pydicom.pixels import apply_color_lut
+
+            data = apply_color_lut(data, ds)
     except Exception as err:
         raise _reject_from(err, "pydicom") from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -473,22 +571,26 @@ def iter_frames(path: Path, video_fps: float = 3.0, slice_axis: int = 0, slice_s
     """Yield (info, rgb) for every frame curation keeps from one file; info has kind, frame,
     axis, width, height, channels, bit_depth (of the decoded data); rgb is uint8 [H, W, 3].
     The generator's return value is the number of frames (or slices) in the file.
-    Raises Reject. Every file is opened and read once."""
+    Raises Reject. Every file is read once (a GIF's frame count is read from its headers first)."""
     kind = file_kind(path)
     if kind == "image":
         native = decode_image(read_bytes(path), path.name)
         yield {"kind": "image", "frame": 0, "axis": -1, **_frame_info(native)}, to_rgb8(native, bgr=True)
         return 1
     if kind == "video":
-        gen = iter_video(path, video_fps)
+        gif = path.suffix.lower() == ".gif"
+        still = gif and gif_frame_count(path) == 1  # a still GIF is an image
+        gen = iter_gif(path, video_fps) if gif else iter_video(path, video_fps)
         while True:
             try:
                 i, frame = next(gen)
             except StopIteration as stop:
                 return stop.value[0]
-            yield {"kind": "video", "frame": int(i), "axis": -1, **_frame_info(frame)}, to_rgb8(frame, bgr=True)
+            yield ({"kind": "image" if still else "video", "frame": int(i), "axis": -1, **_frame_info(frame)},
+                   to_rgb8(frame, bgr=not gif))
     if kind == "volume":
         vol, bgr = read_volume(path)
+        check_bmode(vol, f"{path.suffix.lstrip('.').upper() or 'DICOM'} data")
         stats = intensity_stats(vol)
         if vol.shape[0] == 1:  # one 2D image in a volume format
             native = vol[0]
@@ -550,12 +652,16 @@ def load_frame(source, kind: str, frame: int = 0, axis: int = -1) -> np.ndarray:
     (z, y, x) array (the last volume read is kept in memory per thread).
     """
     path = str(source)
+    if kind == "video" and path.lower().endswith(".gif"):
+        return _gif_frame(path, int(frame))
     if kind == "video":
         return to_rgb8(_video_frame(path, int(frame)), bgr=True)
     if kind == "volume" or (kind == "image" and file_kind(Path(path)) == "volume"):
         vol, bgr, stats = _cached_volume(path)
         native = vol[0] if kind == "image" else volume_slice(vol, int(axis), int(frame))
         return to_rgb8(native, bgr, stats)
+    if kind == "image" and path.lower().endswith(".gif"):
+        return _gif_frame(path, 0)
     if kind == "image":
         return read_image_file(path)
     raise ValueError(f"kind must be 'image', 'video' or 'volume', got {kind!r}")
