@@ -18,6 +18,7 @@ COMMANDS = {
     "run": ("usfmae_lib.runner", "execute one notebook headlessly with papermill"),
     "reproduce": ("usfmae_lib.runner", "run every notebook in order for a profile and write index.md"),
     "synth": ("usfmae_lib.synthetic", "write the synthetic ultrasound tree (pretraining, annotated, eval sets)"),
+    "data": ("usfmae_lib.curation_check", "check data roots before curating: datasets found, files, frames, eval splits"),
     "curate": ("usfmae_lib.curation", "read dataset roots into one deduplicated, leakage-audited frame manifest"),
     "clean": ("usfmae_lib.preprocess", "remove burned-in annotations and write the 224 px PNG tree"),
     "pretrain": ("usfmae_lib.pretrain", "pretrain the masked autoencoder (single process or torchrun DDP)"),
