@@ -65,6 +65,7 @@ label_seeds = 3  # seeds per label-efficiency point
 busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA test folds of 5-fold-cv.csv (paper: all five)
 gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits (all five, as BUS-BRA's folds)
 val_fraction = 0.15  # MMOTU-2D and GIST514-DB: share of the training set carved out for validation (paper: not stated)
+clean_eval = False  # True: evaluation images lose burned-in annotations first, like the pretraining corpus (paper: silent)
 n_bootstrap = 1000  # bootstrap resamples for the 95% intervals
 device = "auto"  # auto = cuda when available
 max_steps = 0  # optimiser steps per fine-tuning run, then validate and stop (0 = no limit; the dry run: 1)
@@ -122,8 +123,10 @@ folds = {"bus-bra": busbra_folds, "gist514": gist_splits}
 splits = {}  # (dataset, fold) -> Split
 for d in datasets:
     for k in official_folds(d, folds.get(d)):
-        splits[(d, k)] = cap_split(load_split(d, roots[d], seed=seed, fold=k, val_fraction=val_fraction),
-                                   max_images, seed)
+        split = load_split(d, roots[d], seed=seed, fold=k, val_fraction=val_fraction)
+        if clean_eval:  # the whole image folder once (cached in clean_eval/<dataset>), then this fold's paths
+            split = ft.remove_annotations(split, step_dir / "clean_eval" / d)
+        splits[(d, k)] = cap_split(split, max_images, seed)
     first = splits[(d, official_folds(d, folds.get(d))[0])]
     ks = [k for (dd, k) in splits if dd == d]
     print(f"{d}: {len(ks)} fold(s) {ks}; the first, {first.split}, images per class and part:")

@@ -293,3 +293,29 @@ def test_cap_split_keeps_a_few_images_per_part_and_every_class_it_can(real):
     assert cap_split(split, 4, seed=1).test.equals(small.test)  # seeded
     with pytest.raises(UsfmaeError, match="max_images"):
         cap_split(split, -1)
+
+
+def test_clean_eval_fine_tunes_on_cleaned_copies_in_runs_of_their_own(clean_tree, tmp_path, capsys):
+    from usfmae_lib import preprocess
+
+    split = load_split("folder", clean_tree, positive="busi", seed=0)
+    cleaned = ft.remove_annotations(split, tmp_path / "cache")
+    assert cleaned.images == "annotations removed" and cleaned.split.endswith("; annotations removed")
+    for part, df in cleaned.parts().items():
+        assert len(df) == len(split.parts()[part]) and list(df["label"]) == list(split.parts()[part]["label"])
+        assert all(p.startswith(str(tmp_path / "cache")) and p.endswith(".png") for p in df["path"])
+    first = cleaned.train["path"].iloc[0]
+    assert preprocess.read_image(first).shape == (224, 224, 3)  # the pretraining corpus's size
+    assert (tmp_path / "cache" / "report.csv").exists()
+
+    args = ["finetune", "--dataset", "folder", "--root", str(clean_tree), "--positive", "busi", "--model", "scratch",
+            "--mae-config", "mae_vit_tiny_patch16_dec128d2b", "--img-size", "32", "--epochs", "1", "--lr", "1e-3",
+            "--weight-decay", "0.01", "--batch-size", "16", "--seeds", "1", "--bootstrap", "10",
+            "--out", str(tmp_path / "out")]
+    assert cli.main(args + ["--clean-eval"]) == 0
+    table = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(table["images"]) == {"annotations removed"}
+    assert table["run"].str.startswith("folder_annotations_removed/fold0/").all()
+    capsys.readouterr()
+    assert cli.main(args) == 2  # as published into the same results.csv: refused, nothing mixed
+    assert "Table 2 would average the two" in capsys.readouterr().err

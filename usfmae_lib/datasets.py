@@ -52,6 +52,7 @@ class Split:
     val: pd.DataFrame = field(repr=False)
     test: pd.DataFrame = field(repr=False)
     fold: int = 0  # the official fold (BUS-BRA 1-5) or split (GIST514-DB 0-4); 0 where there is one split
+    images: str = "as published"  # or "annotations removed" (finetune.remove_annotations)
 
     def parts(self) -> dict[str, pd.DataFrame]:
         return {"train": self.train, "val": self.val, "test": self.test}

@@ -38,7 +38,7 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -556,6 +556,34 @@ def read_image(path, size: int) -> np.ndarray:
     return cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def remove_annotations(split: Split, cache_dir, workers: int = 0, progress: bool = False) -> Split:
+    """The split on annotation-removed images (`clean_eval`): every image of its folder passes once
+    through the pretraining corpus's cleaning (`preprocess.clean_tree`, default CleanConfig: OCR
+    text, colour and grey marks, Navier-Stokes inpainting, 224 px), cached and resumed in cache_dir;
+    the split's paths then point to the cleaned PNGs. The paper is silent on evaluation images
+    (docs/finetuning.md says why the default leaves them as published). An image cleaning refuses
+    is an error naming it, as with an unreadable image."""
+    import os
+
+    from .preprocess import clean_tree
+
+    paths = pd.concat([df["path"] for df in split.parts().values()]).map(lambda p: str(Path(p).resolve()))
+    folder = Path(os.path.commonpath(paths.tolist()))
+    folder = folder if folder.is_dir() else folder.parent
+    report = clean_tree(folder, cache_dir, workers=workers, progress=progress)
+    failed = report[report["status"] != "ok"]
+    index = pd.read_csv(Path(cache_dir) / "index.csv")
+    cleaned = {str(Path(src).resolve()): str(Path(cache_dir) / rel) for src, rel in zip(index["source"], index["path"])}
+    missing = sorted(set(paths) - set(cleaned))
+    if missing:
+        why = failed.iloc[0].to_dict() if len(failed) else {}
+        raise UsfmaeError(f"{split.dataset}: annotation removal gave no image for {len(missing)} file(s) of the split, "
+                          f"e.g. {missing[0]} ({why.get('error', 'see the report')}); report: {Path(cache_dir) / 'report.csv'}")
+    parts = {name: df.assign(path=[cleaned[str(Path(p).resolve())] for p in df["path"]])
+             for name, df in split.parts().items()}
+    return replace(split, split=f"{split.split}; annotations removed", images="annotations removed", **parts)
+
+
 def load_images(paths, size: int, workers: int = 4) -> torch.Tensor:
     """Decode every image once: uint8 [N, 3, size, size] (cv2 releases the GIL: threads suffice)."""
     with ThreadPoolExecutor(workers) as pool:
@@ -756,9 +784,12 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
 
 
 # ============================================================================ runs on disk
-def run_dir(runs, dataset: str, fold: int, model: str, mode: str, tag: str, seed: int, fraction: float) -> Path:
-    """One run's folder: every fold, model, mode, config, seed and label fraction has its own."""
-    return Path(runs) / dataset / f"fold{fold}" / model / mode / tag / f"seed{seed}_frac{fraction:g}"
+def run_dir(runs, dataset: str, fold: int, model: str, mode: str, tag: str, seed: int, fraction: float,
+            images: str = "as published") -> Path:
+    """One run's folder: every fold, model, mode, config, seed and label fraction has its own, and
+    runs on annotation-removed evaluation images a folder of their own (<dataset>_annotations_removed)."""
+    folder = dataset if images == "as published" else f"{dataset}_{images.replace(' ', '_')}"
+    return Path(runs) / folder / f"fold{fold}" / model / mode / tag / f"seed{seed}_frac{fraction:g}"
 
 
 def _finished(directory: Path, identity: dict) -> dict | None:
@@ -796,7 +827,7 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     """One fine-tuning run (resumable): returns its results row (also in metrics.json)."""
     split = data.split
     cfg = TrainConfig(**{**asdict(cfg), "img_size": data.img_size})
-    directory = run_dir(runs, split.dataset, split.fold, model_name, "finetune", cfg.tag(), seed, fraction)
+    directory = run_dir(runs, split.dataset, split.fold, model_name, "finetune", cfg.tag(), seed, fraction, split.images)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     weights_id = (_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
     identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
@@ -821,7 +852,8 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     result = train(model, data, cfg, seed, index, device, split.positive, log)
     device_ = next(model.parameters()).device
     prob = predict(model, data.images["test"], device_)
-    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, model=model_name, mode="finetune", init=init,
+    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
+               mode="finetune", init=init,
                seed=seed,
                fraction=fraction, n_classes=len(split.classes), n_train=len(index), n_val=len(split.val),
                n_test=len(split.test),
@@ -844,7 +876,7 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     from sklearn.preprocessing import StandardScaler
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
-    directory = run_dir(runs, split.dataset, split.fold, model_name, "probe", tag, seed, 1.0)
+    directory = run_dir(runs, split.dataset, split.fold, model_name, "probe", tag, seed, 1.0, split.images)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
                     tag=TIMM_NAMES.get(model_name),
@@ -872,7 +904,8 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     prob = _full_proba(clf, feats["test"], len(split.classes))
     if log:
         log(f"{split.dataset} {model_name} linear probe: C={c:g}, val f1 {val_f1:.3f}; init {init}")
-    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, model=model_name, mode="probe", init=init,
+    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
+               mode="probe", init=init,
                seed=seed,
                fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
                img_size=data.img_size, probe_C=c, pool=pool, val_f1=val_f1, run=directory.relative_to(runs).as_posix())
@@ -973,6 +1006,9 @@ def add_cli(subparsers):
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="MMOTU-2D, GIST514-DB, folder: share of the training set carved out for validation (0.15; "
                         "the paper does not say); BUS-BRA uses its official valid_k marks")
+    p.add_argument("--clean-eval", action="store_true",
+                   help="remove burned-in annotations from the evaluation images first, as from the pretraining "
+                        "corpus (cached in OUT/clean_eval/<dataset>); default: the images as published (the paper is silent)")
     p.add_argument("--positive", default=None, help="folder dataset: name of the positive class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation (and folder test) split")
     p.add_argument("--device", default="auto")
@@ -988,6 +1024,8 @@ def _run_cli(args) -> int:
     check_output(args.out, [args.root], "output folder")
     out = Path(args.out)
     runs = out / "runs"
+    images = "annotations removed" if args.clean_eval else "as published"
+    _check_one_image_policy(out / "results.csv", args.dataset, images)
     kw = dict(checkpoint=args.checkpoint, weights=args.weights, mae_config=args.mae_config, device=args.device,
               n_bootstrap=args.bootstrap)
     if args.missing_weights == "skip" and not imagenet_weights_available(args.model, args.weights):
@@ -1005,6 +1043,8 @@ def _run_cli(args) -> int:
         if args.positive:
             options["positive"] = args.positive
         split = load_split(args.dataset, args.root, **options)
+        if args.clean_eval:
+            split = remove_annotations(split, out / "clean_eval" / args.dataset, progress=True)
         print(f"\n{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / "
               f"{len(split.test)} test, classes {split.classes}; decoding at {img_size} px")
         data = prepare_data(split, img_size)
@@ -1032,6 +1072,19 @@ def _run_cli(args) -> int:
             print(f"  {m:18s} {s['mean']:.3f} ({sd})  [{s['low']:.3f}, {s['high']:.3f}]")
     print(f"\nresults: {out / 'results.csv'} ({len(merged)} rows: this call's {len(table)} and the runs already there)")
     return 0
+
+
+def _check_one_image_policy(results_csv: Path, dataset: str, images: str) -> None:
+    """One results.csv holds one kind of evaluation image per dataset, so that Table 2 never averages
+    runs on images as published with runs on annotation-removed ones."""
+    if not results_csv.exists() or results_csv.stat().st_size <= 1:
+        return
+    old = pd.read_csv(results_csv)
+    kinds = set(old.loc[old["dataset"] == dataset, "images"].fillna("as published")) if "images" in old else \
+        ({"as published"} if (old["dataset"] == dataset).any() else set())
+    if kinds - {images}:
+        raise UsfmaeError(f"{results_csv} holds {dataset} runs on images {', '.join(sorted(kinds))}; this call would add "
+                          f"runs on images {images}, and Table 2 would average the two. Give this call another --out")
 
 
 def merge_results(path, table: pd.DataFrame) -> pd.DataFrame:
