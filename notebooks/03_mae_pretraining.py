@@ -93,8 +93,9 @@ print(f"profile={profile}  outputs -> {step_dir}")
 # ## 1. The packed store
 #
 # Decoding PNGs costs more CPU per image than a GPU spends on its training step, so the cleaned
-# images are decoded once into shards of `[n, S, S, 3]` uint8 (`store/shard_*.npy`, read
-# memory-mapped by the loader workers) with an index of path, dataset and anatomy. Packing is
+# images are decoded once into uint8 shards (`store/shard_*.npy`: a grey scan in one channel, a
+# colour one in three; read memory-mapped by the loader workers) with an index of path, dataset
+# and anatomy. Packing is
 # skipped when the store is up to date and resumes shard by shard when interrupted.
 # `heldout_per_anatomy` seeded images per anatomy (at most a tenth of each) are left out and
 # listed in `store/heldout.csv`, so that notebook 04 judges reconstructions on images the model

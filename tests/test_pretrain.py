@@ -82,14 +82,13 @@ def test_pack_store_is_indexed_idempotent_resumable_and_skips_bad_files(clean_tr
     assert len(index) == N_IMAGES - 1 and set(index.dataset) == {"busi", "echo"}
     assert set(index.anatomy) == {"breast", "heart"}
     assert pd.read_csv(out / "rejects.csv").path.tolist() == ["busi/img_000.png"]
-    shards = sorted(out.glob("shard_*.npy"))
-    assert len(shards) == 3
-    arr = np.load(shards[0], mmap_mode="r")
-    assert arr.dtype == np.uint8 and arr.shape[1:] == (32, 32, 3)
-    row = index.iloc[5]  # the stored pixels are the PNG's, resized to 32 px, as RGB
-    want = cv2.cvtColor(cv2.resize(cv2.imread(str(src / row.path)), (32, 32), interpolation=cv2.INTER_AREA),
-                        cv2.COLOR_BGR2RGB)
-    np.testing.assert_array_equal(np.load(out / f"shard_{row.shard:05d}.npy")[row.row], want)
+    assert len(list(out.glob("shard_?????.npy"))) == len(list(out.glob("shard_?????_grey.npy"))) == 3
+    assert index["grey"].all()  # grey scans: one channel each
+    arr = np.load(out / "shard_00000_grey.npy", mmap_mode="r")
+    assert arr.dtype == np.uint8 and arr.shape[1:] == (32, 32)
+    row = index.iloc[5]  # the stored pixels are the PNG's, resized to 32 px
+    want = cv2.resize(cv2.imread(str(src / row.path)), (32, 32), interpolation=cv2.INTER_AREA)[..., 0]
+    np.testing.assert_array_equal(np.load(out / f"shard_{row.shard:05d}_grey.npy")[row.row], want)
 
     stamp = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     store.pack_store(src, out, 32, shard_size=20, progress=False)  # up to date: nothing rewritten
@@ -99,6 +98,29 @@ def test_pack_store_is_indexed_idempotent_resumable_and_skips_bad_files(clean_tr
     store.pack_store(src, out, 32, shard_size=20, progress=False)
     assert (out / "shard_00000.npy").stat().st_mtime_ns == stamp["shard_00000.npy"]  # kept
     assert (out / "shard_00001.npy").exists() and store.store_is_current(src, out, 32)
+
+
+def test_grey_and_colour_images_come_back_exactly_from_the_store(tmp_path):
+    rng = np.random.default_rng(1)
+    src = tmp_path / "clean" / "mixed"
+    src.mkdir(parents=True)
+    want = {}
+    for i in range(12):  # alternately grey (one channel stored) and colour (three)
+        img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        if i % 2 == 0:
+            img[..., 1] = img[..., 2] = img[..., 0]
+        cv2.imwrite(str(src / f"img_{i:02d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        want[f"mixed/img_{i:02d}.png"] = img
+    out = store.pack_store(tmp_path / "clean", tmp_path / "store", 32, shard_size=5, progress=False)
+    index = pd.read_parquet(out / "index.parquet")
+    assert index["grey"].tolist() == [i % 2 == 0 for i in range(12)]
+    meta = store.read_store_meta(out)
+    assert meta["n_grey"] == 6 and meta["bytes"] == sum(f.stat().st_size for f in out.glob("shard_*.npy"))
+    assert meta["bytes"] < 12 * 32 * 32 * 3  # 6 x 1 + 6 x 3 channels (+ headers) instead of 12 x 3
+    ds = store.StoreDataset(out, seed=0, num_patches=4)
+    batch = ds.__getitems__([(0, i) for i in range(12)])["images"].numpy()  # [12, 32, 32, 3]
+    for i, path in enumerate(index["path"]):
+        np.testing.assert_array_equal(batch[i], want[path])
 
 
 def test_heldout_images_are_kept_out_of_the_store_and_listed(clean_tree, tmp_path):

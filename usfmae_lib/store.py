@@ -2,15 +2,21 @@
 
 Decoding 374k PNGs every epoch costs more CPU than the GPU step, so the cleaned PNG tree
 (OUT/02_preprocessing/clean with index.csv, or any folder of images) is packed once into
-    store/shard_00000.npy ...   [n, S, S, 3] uint8 RGB, read memory-mapped
+    store/shard_00000_grey.npy  [g, S, S] uint8: the shard's grey images (R = G = B), one channel
+    store/shard_00000.npy ...   [c, S, S, 3] uint8 RGB: its colour images; both read memory-mapped
     store/shard_00000.json ...  which source files the shard holds (resume and up-to-date check)
-    store/index.parquet         one row per image: path, dataset, anatomy, shard, row
+    store/index.parquet         one row per image: path, dataset, anatomy, shard, grey, row (in
+                                the shard's grey or colour array)
     store/store.json            size, count, fingerprint of the source listing
     store/rejects.csv           files that could not be read (skipped, not fatal)
     store/heldout.csv           images kept out of the store (path, dataset, anatomy), so that
                                 notebook 04 can show reconstructions of images pretraining never saw
 `pack_store` is idempotent: shards whose sources are unchanged are kept, and an up-to-date
 store is not touched. A killed pack resumes at the first shard not yet written.
+
+Grey images are stored in one channel, losslessly (only frames whose three channels are equal
+everywhere): a cleaned B-mode scan is grey, so the paper's 374k frames at 224 px take about a
+third of the 56 GB that RGB would (docs/scale.md measures it); the loader repeats the channel.
 
 Augmentation is the paper's: rotation 0-90 deg, horizontal and vertical flips (p 0.5 each) and a
 random resized crop whose area is 0.5x-2.0x the image's. Scales above 1 really zoom out: the crop
@@ -43,7 +49,7 @@ import torch.nn.functional as F
 
 from . import UsfmaeError, atomic_write, atomic_write_text
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: grey images in one channel
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -191,18 +197,31 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
             shard_npy, shard_json = store_dir / f"shard_{s:05d}.npy", store_dir / f"shard_{s:05d}.json"
             shard_fp = _fingerprint(src, chunk, img_size)
             done = json.loads(shard_json.read_text()) if shard_json.exists() else {}
-            if done.get("fingerprint") != shard_fp or not shard_npy.exists():
-                images = np.zeros((len(chunk), img_size, img_size, 3), np.uint8)  # [n, S, S, 3]
-                ok = []
+            shard_grey = store_dir / f"shard_{s:05d}_grey.npy"
+            if done.get("fingerprint") != shard_fp or not shard_npy.exists() or not shard_grey.exists():
+                colour = np.zeros((len(chunk), img_size, img_size, 3), np.uint8)  # [c, S, S, 3]
+                grey = np.zeros((len(chunk), img_size, img_size), np.uint8)  # [g, S, S]
+                ok, is_grey = [], []
                 for i, img in enumerate(pool.map(lambda p: _read_rgb(src / p, img_size), chunk)):
-                    if img is not None:
-                        images[len(ok)] = img
-                        ok.append(chunk[i])
-                atomic_write(shard_npy, lambda tmp: np.save(tmp, images[:len(ok)]))
-                done = {"fingerprint": shard_fp, "paths": ok,
+                    if img is None:
+                        continue
+                    g = bool((img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all())
+                    if g:
+                        grey[sum(is_grey)] = img[..., 0]
+                    else:
+                        colour[len(ok) - sum(is_grey)] = img
+                    ok.append(chunk[i])
+                    is_grey.append(g)
+                n_grey = sum(is_grey)
+                atomic_write(shard_npy, lambda tmp: np.save(tmp, colour[:len(ok) - n_grey]))
+                atomic_write(shard_grey, lambda tmp: np.save(tmp, grey[:n_grey]))
+                done = {"fingerprint": shard_fp, "paths": ok, "grey": is_grey,
                         "rejects": sorted(set(chunk) - set(ok))}
                 _write_json(shard_json, done)
-            kept += [(p, s, r) for r, p in enumerate(done["paths"])]
+            rows = {True: 0, False: 0}
+            for p, g in zip(done["paths"], done["grey"]):
+                kept.append((p, s, g, rows[g]))
+                rows[g] += 1
             rejects += done["rejects"]
             bar.update(len(chunk))
     bar.close()
@@ -210,8 +229,8 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
         if int(stale.stem.split("_")[1]) >= n_shards:
             stale.unlink()
 
-    index = pd.DataFrame(kept, columns=["path", "shard", "row"])
-    index = index.merge(table, on="path", how="left")[["path", "dataset", "anatomy", "shard", "row"]]
+    index = pd.DataFrame(kept, columns=["path", "shard", "grey", "row"])
+    index = index.merge(table, on="path", how="left")[["path", "dataset", "anatomy", "shard", "grey", "row"]]
     if index.empty:
         raise UsfmaeError(f"{src}: none of the {len(paths)} images could be read; see {store_dir / 'rejects.csv'}")
     atomic_write(store_dir / "index.parquet", lambda tmp: index.to_parquet(tmp, index=False))
@@ -219,7 +238,8 @@ def pack_store(src, store_dir, img_size: int, shard_size: int = 2048, workers: i
     pd.DataFrame({"path": rejects, "reason": reasons}).to_csv(store_dir / "rejects.csv", index=False)
     _write_json(meta_file, {"version": STORE_VERSION, "source": str(src.resolve()), "img_size": img_size,
                             "n_images": len(index), "n_rejected": len(rejects), "n_shards": n_shards,
-                            "n_heldout": len(heldout),
+                            "n_heldout": len(heldout), "n_grey": int(index["grey"].sum()),
+                            "bytes": sum(f.stat().st_size for f in store_dir.glob("shard_*.npy")),
                             "fingerprint": fingerprint})
     return store_dir
 
@@ -313,8 +333,12 @@ class StoreDataset(torch.utils.data.Dataset):
                  augment_here: bool = False, out_size: int | None = None):
         self.store_dir = Path(store_dir)
         self.meta = read_store_meta(store_dir)
-        index = pd.read_parquet(self.store_dir / "index.parquet", columns=["shard", "row"])
+        if self.meta.get("version") != STORE_VERSION:
+            raise UsfmaeError(f"{store_dir}: a store of version {self.meta.get('version')}, this code reads version "
+                              f"{STORE_VERSION}; pack it again (store.pack_store, or rerun notebook 03: it repacks)")
+        index = pd.read_parquet(self.store_dir / "index.parquet", columns=["shard", "grey", "row"])
         self.shard = index["shard"].to_numpy(np.int64)
+        self.grey = index["grey"].to_numpy(bool)
         self.row = index["row"].to_numpy(np.int64)
         self.seed, self.num_patches = int(seed), int(num_patches)
         self.augment, self.augment_here = augment, augment_here
@@ -326,7 +350,8 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def _open(self):
         n = int(self.shard.max()) + 1
-        self._shards = [np.load(self.store_dir / f"shard_{s:05d}.npy", mmap_mode="r") for s in range(n)]
+        self._shards = {(s, grey): np.load(self.store_dir / f"shard_{s:05d}{'_grey' if grey else ''}.npy", mmap_mode="r")
+                        for s in range(n) for grey in (False, True)}
 
     def __getstate__(self):  # workers re-open the maps instead of pickling them
         return {**self.__dict__, "_shards": None}
@@ -346,7 +371,8 @@ class StoreDataset(torch.utils.data.Dataset):
         noise = np.empty((len(keys), self.num_patches), np.float32)
         index = np.empty(len(keys), np.int64)
         for b, (epoch, i) in enumerate(keys):
-            images[b] = self._shards[self.shard[i]][self.row[i]]
+            pixels = self._shards[(self.shard[i], self.grey[i])][self.row[i]]
+            images[b] = pixels[..., None] if self.grey[i] else pixels  # grey: [S, S] -> every channel
             aug[b], noise[b] = sample_randomness(self.seed, epoch, i, self.num_patches)
             index[b] = i
         batch = {"images": images_t, "aug": torch.from_numpy(aug),
