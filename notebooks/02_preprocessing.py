@@ -48,7 +48,7 @@ workers = 0  # processes; 0 = all cores
 save_masks = False  # also write the detected masks of the corpus for inspection
 n_eval = 0  # synthetic annotated images evaluated; 0 = all
 n_real = 0  # real images per dataset folder evaluated; 0 = all
-real_dir = ""  # real scans to check on; "" = ../shared/data/real beside the repository (skipped if absent)
+real_dir = None  # a folder of real scans to check the cleaning on (<dataset>/<images>, e.g. BUSI/); None = skip
 
 # %%
 import dataclasses
@@ -59,7 +59,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from usfmae_lib import UsfmaeError, preprocess as pp, runner
+from usfmae_lib import UsfmaeError, preprocess as pp
 
 STEP = "02_preprocessing"
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
@@ -110,9 +110,10 @@ if not (synth_dir / "annotated" / "images").is_dir():
     synthetic.generate_tree(annotated_dir, seed=seed, profile=profile if profile in synthetic.PROFILES else "quick",
                             workers=workers or None, progress=False, n_pretrain=0, n_videos=0, n_volumes=0,
                             n_annotated=n, n_busbra=0, n_otu=0, n_gist=0)
-real_root = Path(real_dir) if real_dir else runner.REPO_ROOT.parent / "shared" / "data" / "real"
-print("corpus:", corpus, "| annotated set:", annotated_dir / "annotated",
-      "| real scans:", real_root if real_root.is_dir() else "none")
+real_root = Path(real_dir) if real_dir else None
+if real_root is not None and not real_root.is_dir():
+    raise UsfmaeError(f"real_dir {real_dir} is not a folder: give a folder of real scans (<dataset>/<images>) or None")
+print("corpus:", corpus, "| annotated set:", annotated_dir / "annotated", "| real scans:", real_root or "none")
 
 # %% [markdown]
 # ## The pipeline, stage by stage
@@ -241,7 +242,7 @@ pd.DataFrame(no_annotation)
 # read after cleaning, and `real_words.csv` lists every word.
 
 # %%
-if real_root.is_dir():
+if real_root is not None:
     real = pp.evaluate_real(real_root, cfg, limit=n_real, workers=workers)
     real.to_csv(step_dir / "real_words.csv", index=False)
     rows = []
@@ -264,7 +265,7 @@ if real_root.is_dir():
     display(real[real["words_before_conf50"] > 0][["image", "words_before", "words_after"]])
 else:
     real = None
-    print(f"no real scans at {real_root}: skipped")
+    print("no real scans (real_dir = None): skipped")
 
 # %% [markdown]
 # ## Fig. 2, regenerated

@@ -1,6 +1,7 @@
 """Tests of annotation removal and the batch cleaner (usfmae_lib.preprocess). ~40 s on 2 cores."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -10,7 +11,6 @@ import pytest
 
 from usfmae_lib import UsfmaeError, cli, preprocess as pp, synthetic
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NO_OCR = pp.make_config(ocr=False)
 
 
@@ -119,9 +119,8 @@ def test_missing_tesseract_is_a_clear_error_at_start(tmp_path, monkeypatch, caps
     assert (tmp_path / "out" / "a.png").exists()
 
 
-@pytest.mark.skipif(not (REAL / "busi_sample").is_dir(), reason="real sample images not available")
-def test_text_on_a_real_scan_is_found_and_no_longer_read():
-    rgb = pp.read_image(REAL / "busi_sample" / "benign" / "benign (235).png")  # "lt axilla" burned in
+def test_text_on_a_real_scan_is_found_and_no_longer_read(real):
+    rgb = pp.read_image(real("busi_sample") / "benign" / "benign (235).png")  # "lt axilla" burned in
     before = [t for t, c, *_ in pp.read_words(rgb) if c >= 70]
     assert "axilla" in before
     _, det = pp.clean_image(rgb, pp.CleanConfig(), resize=False)
@@ -129,6 +128,15 @@ def test_text_on_a_real_scan_is_found_and_no_longer_read():
     after = [t for t, c, *_ in pp.read_words(det["inpainted"]) if c >= 50]
     assert "axilla" not in after
     assert (det["mask"] > 0).mean() < 0.1
+
+
+def test_notebook_02s_real_scan_check_reads_every_dataset_folder_of_real_dir(real, tmp_path):
+    (tmp_path / "real" / "BUSI").mkdir(parents=True)  # what a user passes as real_dir: <dataset>/<images>
+    for name in ("benign (235).png", "benign (8).png"):
+        shutil.copy(real("busi_sample") / "benign" / name, tmp_path / "real" / "BUSI" / name)
+    table = pp.evaluate_real(tmp_path / "real", pp.CleanConfig(), limit=1, workers=1, progress=False)
+    assert set(table["dataset"]) == {"BUSI"} and len(table) == 1
+    assert {"mask_fraction", "words_before_conf70", "words_still_read_conf70"} <= set(table.columns)
 
 
 # ---------------------------------------------------------------------------- batch mode

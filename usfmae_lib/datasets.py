@@ -4,7 +4,7 @@ Every loader returns a `Split`: three tables (train / val / test) of `path, labe
 where `group` is the unit that must not cross splits (the patient for BUS-BRA, the image
 elsewhere). Loaders only read the index files and check that images exist; pixels are read
 by the fine-tuning step. The same loaders read the real datasets and the synthetic twins
-written by `usfmae synth` (layouts in ../shared/docs/STUDY.md section 4):
+written by `usfmae synth` (layouts as published: docs/data.md):
 
     BUSBRA/Images/<ID>.png, bus_data.csv (ID, Case, ...), 5-fold-cv.csv (ID, kFold, valid_k)
     OTU_2d/images/<id>.JPG, train_cls.txt, val_cls.txt ("<id>.JPG <label>")

@@ -16,7 +16,7 @@ One image goes through seven stages, each a plain function whose every knob is a
 `normalize`) is applied at training time by the loader.
 
 Images are RGB uint8 [H, W, 3] throughout (what `curation.load_frame` returns). Where the paper
-is vague or the official notebook is weak (../shared/docs/STUDY.md section 6) the choice made
+is vague or the official notebook is weak (the project's study notes) the choice made
 here is documented at the knob and in notebook 02.
 """
 from __future__ import annotations
