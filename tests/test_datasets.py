@@ -249,6 +249,18 @@ def test_real_busbra_folds_keep_every_patient_on_one_side(real):
         assert sum(len(v) for v in ids.values()) == len(cv)  # no image dropped
 
 
+def test_real_mmotu_otu2d_is_read_with_its_official_lists(real):
+    root = real("mmotu_otu2d_sample") / "OTU_2d"
+    lists = {name: dict(line.split() for line in (root / f"{name}_cls.txt").read_text().splitlines() if line.strip())
+             for name in ("train", "val")}
+    s = datasets.load_split("mmotu-2d", root, val_fraction=0.25, seed=0)
+    ids = {name: {Path(p).name for p in df["path"]} for name, df in s.parts().items()}
+    assert ids["test"] == set(lists["val"])  # MMOTU's val_cls.txt is the test set
+    assert ids["train"] | ids["val"] == set(lists["train"]) and not ids["train"] & ids["val"]
+    labels = {Path(p).name: int(y) for df in s.parts().values() for p, y in zip(df["path"], df["label"])}
+    assert labels == {k: int(v) for d in lists.values() for k, v in d.items()}  # the lists' labels, unchanged
+
+
 @pytest.mark.parametrize("value", [2, None])
 def test_busbra_bad_valid_mark_is_an_error_not_a_dropped_row(synth_eval, tmp_path, value):
     root, cv = _busbra_copy(synth_eval, tmp_path)
