@@ -64,12 +64,16 @@ print(f"{len(results)} fine-tuning rows ({results.groupby('dataset')['fold'].nun
 # Precision / recall / F1 in %: the positive class on BUS-BRA (malignant) and GIST514-DB (GIST),
 # micro averages on MMOTU-2D (macro averages are in `results.csv`). Ours: the mean over the official
 # folds (BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits) of each fold's mean over seeds,
-# ± the sd between folds (over seeds for MMOTU-2D's single split); the best mean per column among our
-# rows is bold. The `init` column says where each model's weights came from. UltraSam's paper row is
-# quoted from UltraSam's own paper, not rerun: the notes under the table say what that means.
+# ± the sd between folds (over seeds for MMOTU-2D's single split). Bold: a column's best mean among our
+# rows that are neither random-init baselines nor near a one-class predictor, when it leads the next
+# by more than the larger sd (nothing bold on the smoke profile). The `init` column says where each
+# model's weights came from. UltraSam's paper row is quoted from UltraSam's own paper, not rerun:
+# the notes under the table say what that means.
 
 # %%
-paths = res.write_table2(results, step_dir)
+# the profile that made the numbers (notebook 05's, else this one); a dry run's numbers are judged as none
+judged_as = "dry-run" if setup.get("max_steps") or setup.get("max_images") else setup.get("profile", profile)
+paths = res.write_table2(results, step_dir, judged_as)
 print((step_dir / "table2.md").read_text())
 
 # %% [markdown]
@@ -143,7 +147,7 @@ if len(label_curve):
 # Each statement below is computed from the rows above, for this run's data and settings.
 
 # %%
-statements = res.discussion(results, label_curve, synthetic=synthetic)
+statements = res.discussion(results, label_curve, synthetic=synthetic, profile=judged_as)
 if setup:  # notebook 05 wrote its settings; a folder of CLI runs has them in its rows
     statements.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
                       f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples; "

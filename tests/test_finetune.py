@@ -170,10 +170,13 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
     assert row["paper"] == 81.6 and row["n_seeds"] == 2
     assert row["mean"] == pytest.approx(100 * results.query("model == 'usf-mae' and dataset == 'bus-bra'")["f1"].mean(), abs=0.01)
     best = long[long["best"]]
-    assert set(best["model"]) == {"resnet-50"}  # the highest fake scores
+    # resnet-50 scores highest but from random init; scratch is near one class on the binary sets: on
+    # MMOTU-2D (7 classes) USF-MAE leads scratch by 10 points, far more than their sd; elsewhere no peer
+    assert set(best["model"]) == {"usf-mae"} and set(best["dataset"]) == {"mmotu-2d"}
     lines = res.discussion(results, synthetic=True)
     assert any("synthetic" in s for s in lines) and any("resnet-50" in s and "random init" in s for s in lines)
-    assert any(s.startswith("BUS-BRA: USF-MAE beats the same architecture") for s in lines)
+    assert any(s.startswith("BUS-BRA: USF-MAE vs the same architecture from scratch on F1: too small to judge")
+               and "near a one-class predictor" in s for s in lines)
     one_class = [s for s in lines if s.startswith("Near a one-class predictor")]  # fake scratch: balanced acc. ~0.5
     assert len(one_class) == 1 and "from scratch on BUS-BRA" in one_class[0] and "from scratch on GIST514" in one_class[0]
     assert "USF-MAE on" not in one_class[0] and "MMOTU" not in one_class[0]  # 7 classes: 50% is far above one-class

@@ -332,14 +332,100 @@ def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
         lambda v: (v == ALL, v) if isinstance(v, str) else v)).reset_index(drop=True)
 
 
-def sweep_verdict(table: pd.DataFrame, low: float = 0.25, high: float = 0.9) -> str:
-    """One sentence comparing the pooled masked-patch error at two ratios (from the table)."""
-    pooled = table[table.anatomy == ALL].set_index("mask_ratio")["mse"]
-    if low not in pooled.index or high not in pooled.index:
+SMOKE_REASON = ("smoke profile: a few images and a briefly trained model check that the code runs, "
+                "they measure nothing")
+
+
+def paired_difference(a, b, level: float = 0.95) -> dict:
+    """Mean of the paired differences a - b and its Student-t interval (level, over the n pairs):
+    mean, low, high, n. Fewer than two pairs: low and high are NaN (no interval)."""
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(diff)
+    mean = float(diff.mean()) if n else np.nan
+    if n < 2:
+        return dict(mean=mean, low=np.nan, high=np.nan, n=n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n))
+    return dict(mean=mean, low=mean - half, high=mean + half, n=n)
+
+
+def _side(d: dict) -> str:
+    """'below' (interval under 0), 'above' (over 0) or 'unclear' (includes 0, or no interval)."""
+    if d["high"] < 0:
+        return "below"
+    if d["low"] > 0:
+        return "above"
+    return "unclear"
+
+
+def _diff_text(d: dict) -> str:
+    interval = (f"[{d['low']:+.4f}, {d['high']:+.4f}], Student-t 95% interval over {d['n']} images"
+                if np.isfinite(d["low"]) else f"no interval: {d['n']} image(s)")
+    return f"paired difference {d['mean']:+.4f} ({interval})"
+
+
+def sweep_verdict(per_image: pd.DataFrame, low: float = 0.25, high: float = 0.9, profile: str | None = None) -> str:
+    """What the sweep says about two mask ratios, in three lines, each judged on per-image pairs.
+
+    per_image: mask_ratio_sweep's first table (mask_ratio, image, mse, baseline_mse). At each of
+    low and high: does the model beat the flat fill (each hidden patch filled with the mean visible
+    colour), from the per-image difference mse - baseline_mse and its Student-t 95% interval over
+    images; then is the error at low lower than at high, from the per-image difference between the
+    ratios. A verdict is "too small to judge" when the profile is "smoke", when an interval
+    includes 0, or (for the ratios) when the model does not beat the flat fill at both ratios:
+    then its error at either ratio says nothing about what it learned. Given the summary table
+    instead (no image column), it prints the pooled means and judges nothing.
+    """
+    name = f"{low:.0%} vs {high:.0%}"
+    no_claim = "no claim about which ratio has the lower error"
+    if "image" not in per_image:
+        pooled = per_image[per_image.anatomy == ALL].set_index("mask_ratio")["mse"] if "anatomy" in per_image \
+            else per_image.groupby("mask_ratio")["mse"].mean()
+        if low not in pooled.index or high not in pooled.index:
+            return f"the sweep lacks {low:.0%} or {high:.0%}; no comparison"
+        return (f"{name}: too small to judge (means only, no per-image rows to pair; pass mask_ratio_sweep's "
+                f"per_image table): MSE {float(pooled[low]):.4f} vs {float(pooled[high]):.4f}; whether the error "
+                f"at {low:.0%} is lower than at {high:.0%} is not judged")
+    by = per_image.pivot_table(index="image", columns="mask_ratio", values=["mse", "baseline_mse"])
+    if low not in by["mse"].columns or high not in by["mse"].columns:
         return f"the sweep lacks {low:.0%} or {high:.0%}; no comparison"
-    a, b = float(pooled[low]), float(pooled[high])
-    relation = "lower than" if a < b else "NOT lower than"
-    return f"masked-patch MSE at {low:.0%} = {a:.4f}, {relation} at {high:.0%} = {b:.4f} (ratio {a / b:.2f})"
+    by = by.dropna()
+    smoke = profile == "smoke"
+    lines, beats = [], {}
+    for ratio in (low, high):
+        d = paired_difference(by["mse"][ratio], by["baseline_mse"][ratio])
+        side = _side(d)
+        beats[ratio] = side == "below" and not smoke
+        numbers = (f"model MSE {by['mse'][ratio].mean():.4f} vs flat fill {by['baseline_mse'][ratio].mean():.4f}, "
+                   f"{_diff_text(d)}")
+        if smoke:
+            verdict = f"too small to judge ({SMOKE_REASON})" + (
+                "; it does not beat the flat fill" if side != "below" else "")
+        elif side == "below":
+            verdict = "beats the flat fill (the interval lies below 0)"
+        elif side == "above":
+            verdict = "does not beat the flat fill: it is worse than filling every hidden patch with one colour"
+        else:
+            verdict = "does not beat the flat fill (too small to judge: the interval includes 0)"
+        lines.append(f"{ratio:.0%} vs flat fill: {verdict}; {numbers}")
+    d = paired_difference(by["mse"][low], by["mse"][high])
+    numbers = f"MSE {by['mse'][low].mean():.4f} vs {by['mse'][high].mean():.4f}, {_diff_text(d)}"
+    if smoke:
+        lines.append(f"{name}: too small to judge ({SMOKE_REASON}); {no_claim}; {numbers}")
+    elif not all(beats.values()):
+        lacking = " and ".join(f"{r:.0%}" for r, ok in beats.items() if not ok)
+        lines.append(f"{name}: too small to judge: the model does not beat the flat fill at {lacking}, so comparing "
+                     f"its error across ratios means nothing; {no_claim}; {numbers}")
+    elif _side(d) == "below":
+        lines.append(f"{name}: the masked-patch error at {low:.0%} is lower than at {high:.0%} "
+                     f"(the interval lies below 0); {numbers}")
+    elif _side(d) == "above":
+        lines.append(f"{name}: the masked-patch error at {low:.0%} is higher than at {high:.0%} "
+                     f"(the interval lies above 0); {numbers}")
+    else:
+        lines.append(f"{name}: too small to judge (the interval includes 0); {no_claim}; {numbers}")
+    return "\n".join(lines)
 
 
 # ============================================================================ attention

@@ -8,9 +8,13 @@ average on MMOTU-2D, as the paper's equal P = R = F1 implies) as the mean over t
 (BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits; MMOTU-2D has one split) of each fold's
 mean over seeds, +/- the sd between folds (over seeds where there is one fold), the 95% bootstrap
 interval over test images (each run's, averaged), the numbers of folds and seeds, and the init of
-every model. The best mean per column among our rows is marked. UltraSam's paper row is quoted
+every model. A column's best mean is marked only among comparable rows of ours (not a random-init
+baseline, not near a one-class predictor) and only when it leads the runner-up by more than the
+larger sd; the paper's rows are never compared with ours. UltraSam's paper row is quoted
 from UltraSam's own paper, not rerun, and is marked so (`paper_notes`).
-Statements for the discussion are computed from the rows (`discussion`), never written by hand.
+Statements for the discussion are computed from the rows (`discussion`), never written by hand;
+each says "too small to judge" (and why) when the profile is smoke, a model is near a one-class
+predictor, or a difference is inside the spread between folds or seeds.
 """
 from __future__ import annotations
 
@@ -91,14 +95,21 @@ def fold_summary(runs: pd.DataFrame, metric: str) -> dict:
     fold; NaN for a single run), each run's bootstrap interval averaged, n_folds, n_seeds (per fold,
     the most). Rows written before folds existed count as one fold."""
     fold = runs["fold"].fillna(0) if "fold" in runs else pd.Series(0, index=runs.index)
+    mean, sd = _mean_sd(runs, metric)
+    return dict(mean=mean, sd=sd, low=float(runs[f"{metric}_low"].mean()),
+                high=float(runs[f"{metric}_high"].mean()), n_folds=int(fold.nunique()),
+                n_seeds=int(runs.groupby(fold).size().max()))
+
+
+def _mean_sd(runs: pd.DataFrame, metric: str) -> tuple[float, float]:
+    """fold_summary's mean over folds and sd between folds (between runs with one fold; NaN for one run)."""
+    fold = runs["fold"].fillna(0) if "fold" in runs else pd.Series(0, index=runs.index)
     per_fold = runs.groupby(fold)[metric].mean()
     if len(per_fold) > 1:
         sd = float(per_fold.std(ddof=1))
     else:
         sd = float(runs[metric].std(ddof=1)) if len(runs) > 1 else np.nan
-    return dict(mean=float(per_fold.mean()), sd=sd, low=float(runs[f"{metric}_low"].mean()),
-                high=float(runs[f"{metric}_high"].mean()), n_folds=len(per_fold),
-                n_seeds=int(runs.groupby(fold).size().max()))
+    return float(per_fold.mean()), sd
 
 
 def summarise(results: pd.DataFrame, mode: str = "finetune") -> pd.DataFrame:
@@ -140,16 +151,22 @@ def paper_notes() -> list[str]:
     return notes
 
 
-def table2_long(results: pd.DataFrame) -> pd.DataFrame:
-    """Ours and the paper side by side, one row per (model, dataset, metric)."""
+def table2_long(results: pd.DataFrame, profile: str | None = None) -> pd.DataFrame:
+    """Ours and the paper side by side, one row per (model, dataset, metric). `best` marks, per
+    (dataset, metric), the highest mean of ours among comparable rows (see clear_best) when it leads
+    the runner-up by more than the larger sd; nothing on the smoke profile (or a dry run: UNJUDGED).
+    The paper's numbers (column `paper`) are never compared with ours."""
     ours = summarise(results)
     table = ours.merge(paper_long(), on=["model", "dataset", "metric"], how="outer")
     order = {m: i for i, m in enumerate(list(PAPER_TABLE2) + ["scratch"])}
     table["_o"] = table["model"].map(order).fillna(len(order))
     table["best"] = False
-    if not ours.empty:
-        for (_, _), g in table.dropna(subset=["mean"]).groupby(["dataset", "metric"]):
-            table.loc[g.index[g["mean"] >= g["mean"].max() - 1e-9], "best"] = True  # ties: all marked
+    if not ours.empty and not unjudged(profile):
+        status = one_class_status(results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)])
+        for (dataset, _), g in table.dropna(subset=["mean"]).groupby(["dataset", "metric"]):
+            best, _ = clear_best(g, status)
+            if best is not None:
+                table.loc[g.index[g["model"] == best], "best"] = True
     return table.sort_values(["_o", "model", "dataset", "metric"]).drop(columns="_o").reset_index(drop=True)
 
 
@@ -194,7 +211,9 @@ def to_markdown(long: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Ours: mean over the official folds of each fold's mean over seeds, ± the sd between folds "
-              "(over seeds where a dataset has one split). Notes on the paper's rows:", ""]
+              "(over seeds where a dataset has one split). Bold: the best of ours among rows that are neither "
+              "random-init baselines nor near a one-class predictor, ahead of the next by more than the larger sd "
+              "(none bold: no such lead). Notes on the paper's rows:", ""]
     lines += [f"- {n}" for n in paper_notes()]
     ours = long.dropna(subset=["mean"])
     lines += ["", "F1 with its 95% bootstrap interval over test images (each run's, averaged):", "",
@@ -219,11 +238,12 @@ def to_latex(long: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table2(results: pd.DataFrame, out_dir) -> dict[str, Path]:
-    """table2.csv (long: ours and paper per model, dataset, metric), table2.md, table2.tex."""
+def write_table2(results: pd.DataFrame, out_dir, profile: str | None = None) -> dict[str, Path]:
+    """table2.csv (long: ours and paper per model, dataset, metric), table2.md, table2.tex; profile
+    as table2_long's (smoke or dry-run: nothing bold)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    long = table2_long(results)
+    long = table2_long(results, profile)
     paths = {"csv": out_dir / "table2.csv", "md": out_dir / "table2.md", "tex": out_dir / "table2.tex"}
     atomic_write_text(paths["csv"], long.to_csv(index=False, float_format="%.2f"))
     atomic_write_text(paths["md"], to_markdown(long))
@@ -232,10 +252,163 @@ def write_table2(results: pd.DataFrame, out_dir) -> dict[str, Path]:
 
 
 ONE_CLASS_MARGIN = 0.05  # balanced accuracy below 1 / n_classes + this: close to predicting one class
+SMOKE_REASON = "smoke profile: tiny images, one epoch and few runs check that the code runs, they measure nothing"
+UNJUDGED = {"smoke": SMOKE_REASON,  # profiles whose numbers no verdict is drawn from, and why
+            "dry-run": "dry run: every run stopped after a step or two, the numbers measure nothing"}
 
 
-def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, synthetic: bool = True) -> list[str]:
-    """What the run supports and what it does not, computed from the rows."""
+def unjudged(profile: str | None) -> str | None:
+    """Why nothing is judged on this profile's numbers ("smoke", "dry-run"); None: judge by the numbers."""
+    return UNJUDGED.get(profile)
+
+
+RANDOM_INIT = "random: no ImageNet"  # a baseline that found no ImageNet weights (finetune.build_classifier)
+
+
+def _n_classes(rows: pd.DataFrame) -> pd.Series:
+    """Classes per row; rows stored before n_classes was: binary when there are no macro scores."""
+    n_classes = rows["n_classes"] if "n_classes" in rows else pd.Series(np.nan, index=rows.index)
+    if "f1_macro" in rows:
+        return n_classes.fillna(rows["f1_macro"].isna().map({True: 2.0, False: np.nan}))
+    return n_classes.fillna(2.0)
+
+
+def one_class_status(rows: pd.DataFrame, keys=("dataset", "model")) -> pd.DataFrame:
+    """Per keys: mean balanced accuracy, chance = 1 / n_classes, and near_one_class (balanced
+    accuracy below chance + ONE_CLASS_MARGIN; NaN where balanced accuracy or n_classes is unknown)."""
+    keys = list(keys)
+    cols = keys + ["balanced_accuracy", "chance", "near_one_class"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols).set_index(keys)
+    scored = rows.assign(chance=1 / _n_classes(rows),
+                         balanced_accuracy=rows["balanced_accuracy"] if "balanced_accuracy" in rows else np.nan)
+    out = scored.groupby(keys, sort=False)[["balanced_accuracy", "chance"]].mean()
+    near = out["balanced_accuracy"] < out["chance"] + ONE_CLASS_MARGIN
+    out["near_one_class"] = near.astype(object).where(out[["balanced_accuracy", "chance"]].notna().all(axis=1))
+    return out
+
+
+def _larger(*sds) -> float:
+    """The largest sd; NaN when any is unknown (a single run has no spread to compare with)."""
+    return float(max(sds)) if all(np.isfinite(sds)) else np.nan
+
+
+def _title(model: str) -> str:
+    """A model's name in a sentence."""
+    return "the from-scratch model (USF-MAE architecture)" if model == "scratch" else MODEL_TITLES.get(model, model)
+
+
+def _one_class_reason(status: pd.DataFrame, key: tuple) -> str | None:
+    """Why a (dataset, model) cell cannot be compared on its balanced accuracy; None when it can."""
+    if key not in status.index or pd.isna(status.loc[key, "near_one_class"]):
+        return f"{_title(key[-1])} has no balanced accuracy to rule out a one-class predictor"
+    bal, chance = status.loc[key, "balanced_accuracy"], status.loc[key, "chance"]
+    if status.loc[key, "near_one_class"]:
+        return (f"{_title(key[-1])} is near a one-class predictor (balanced accuracy {100 * bal:.1f}, "
+                f"one class: {100 * chance:.1f})")
+    return None
+
+
+def clear_best(cells: pd.DataFrame, status: pd.DataFrame) -> tuple[str | None, str]:
+    """The model with the clearly highest mean among comparable cells, and a sentence on why.
+
+    cells: one row per model of one dataset with dataset, model, mean, sd and init (summarise's
+    columns). Comparable: init not a random-init baseline ("random: no ImageNet ...") and not near
+    a one-class predictor (status from one_class_status). Clear: at least two comparable cells and
+    the highest mean ahead of the runner-up by more than the larger of their two sds (an unknown
+    sd, from a single run, is never clear). Returns (None, why) when there is no such model."""
+    excluded, ok = [], []
+    for _, r in cells.iterrows():
+        reason = (f"{_title(r['model'])} is a random-init baseline" if RANDOM_INIT in str(r.get("init", ""))
+                  else _one_class_reason(status, (r["dataset"], r["model"])))
+        if reason:
+            excluded.append(reason)
+        else:
+            ok.append(r)
+    left_out = f" (left out: {'; '.join(excluded)})" if excluded else ""
+    if len(ok) < 2:
+        return None, f"fewer than two comparable rows{left_out}"
+    first, second = sorted(ok, key=lambda r: r["mean"], reverse=True)[:2]
+    sd = _larger(first["sd"], second["sd"])
+    gap = first["mean"] - second["mean"]
+    lead = (f"{_title(first['model'])} ({first['mean']:.1f}) leads {_title(second['model'])} "
+            f"({second['mean']:.1f}) by {gap:.1f}")
+    if not np.isfinite(sd):
+        return None, f"{lead}, with no sd to compare (a single run){left_out}"
+    if gap <= sd:
+        return None, f"{lead}, not more than the larger sd ({sd:.1f}){left_out}"
+    return first["model"], f"{lead}, more than the larger sd ({sd:.1f}){left_out}"
+
+
+def compare_with_scratch(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> str:
+    """USF-MAE against the same architecture from scratch on one dataset's F1, as one sentence.
+
+    "beats" (or "does worse than") only when neither model is near a one-class predictor, the gap
+    in mean F1 is larger than the larger of the two sds between folds (between seeds with one
+    fold), and the 95% intervals do not overlap; otherwise "too small to judge" with every
+    condition that failed; always on the smoke profile."""
+    g = ft[ft["dataset"] == dataset]
+    a = fold_summary(g[g["model"] == "usf-mae"], "f1")
+    b = fold_summary(g[g["model"] == "scratch"], "f1")
+    gap = 100 * (a["mean"] - b["mean"])
+    sd = 100 * _larger(a["sd"], b["sd"])
+    spread = "sd between folds" if max(a["n_folds"], b["n_folds"]) > 1 else "sd between seeds"
+    overlap = a["low"] <= b["high"] and b["low"] <= a["high"]
+    why = [unjudged(profile)] if unjudged(profile) else []
+    why += [r for r in (_one_class_reason(status, (dataset, m)) for m in ("usf-mae", "scratch")) if r]
+    if not np.isfinite(sd):
+        why.append(f"one run per model: no {spread} to compare the gap with")
+    elif abs(gap) <= sd:
+        why.append(f"the gap is inside the larger {spread} ({sd:.1f})")
+    if overlap:
+        why.append("the 95% intervals overlap")
+    sd_text = f"{sd:.1f}" if np.isfinite(sd) else "none (one run)"
+    numbers = (f"{100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {gap:+.1f} points, larger {spread} "
+               f"{sd_text}; 95% intervals [{100 * a['low']:.1f}, {100 * a['high']:.1f}] and "
+               f"[{100 * b['low']:.1f}, {100 * b['high']:.1f}]; {a['n_folds']} fold(s) x {a['n_seeds']} seed(s) each")
+    name = DATASET_TITLES.get(dataset, dataset)
+    if why:
+        return (f"{name}: USF-MAE vs the same architecture from scratch on F1: too small to judge "
+                f"({'; '.join(why)}); {numbers}.")
+    verdict = "beats" if gap > 0 else "does worse than"
+    return f"{name}: USF-MAE {verdict} the same architecture from scratch on F1 ({numbers})."
+
+
+def _label_efficiency(label_curve: pd.DataFrame, profile: str | None) -> str | None:
+    """Counts of (dataset, fraction) points by how USF-MAE's mean F1 stands against scratch's."""
+    pair = label_curve[label_curve["model"].isin(["usf-mae", "scratch"])]
+    keys = ["dataset", "fraction"]
+    if pair.empty or pair.groupby(keys)["model"].nunique().max() < 2:
+        return None
+    status = one_class_status(pair, keys + ["model"])
+    counts = dict(above=0, below=0, within=0, one_class=0)
+    n = 0
+    for (dataset, fraction), g in pair.groupby(keys, sort=False):
+        if g["model"].nunique() < 2:
+            continue
+        n += 1
+        (ma, sa), (mb, sb) = (_mean_sd(g[g["model"] == m], "f1") for m in ("usf-mae", "scratch"))
+        near = status.loc[[(dataset, fraction, m) for m in ("usf-mae", "scratch")], "near_one_class"]
+        if near.eq(True).any():  # NaN: unknown, not near
+            counts["one_class"] += 1
+        elif not np.isfinite(_larger(sa, sb)) or abs(ma - mb) <= _larger(sa, sb):
+            counts["within"] += 1
+        else:
+            counts["above" if ma > mb else "below"] += 1
+    text = (f"of {n} (dataset, label fraction) points, USF-MAE's mean F1 is above the scratch model's by more than "
+            f"the larger sd at {counts['above']}, below it by more than that at {counts['below']}, within the spread "
+            f"(or with a single run, no spread) at {counts['within']}, and at {counts['one_class']} one of the two is "
+            "near a one-class predictor")
+    if unjudged(profile):
+        return f"Label efficiency: too small to judge ({unjudged(profile)}); counts only: {text}."
+    return f"Label efficiency, counts only (not a test): {text}."
+
+
+def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, synthetic: bool = True,
+               profile: str | None = None) -> list[str]:
+    """What the run supports and what it does not, computed from the rows. profile "smoke" (or
+    "dry-run", see UNJUDGED) makes every comparison "too small to judge"; None (or any other
+    profile) judges by the numbers alone."""
     ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
     lines = [("Data: the synthetic twins of the benchmarks (generated, not patient images); nothing here "
               "measures clinical performance." if synthetic else "Data: the dataset roots given to notebook 05.")]
@@ -243,7 +416,7 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
     if len(seeds):
         lines.append(f"Seeds per cell: {seeds.min()}-{seeds.max()}; sd over seeds and bootstrap intervals "
                      "are reported, the paper reports a single number per cell.")
-    random_init = sorted(ft.loc[ft["init"].str.startswith("random: no ImageNet"), "model"].unique())
+    random_init = sorted(ft.loc[ft["init"].str.startswith(RANDOM_INIT), "model"].unique())
     if random_init:
         lines.append(f"Baselines without ImageNet weights (random init, unlike the paper): {', '.join(random_init)}; "
                      "their rows compare architectures, not ImageNet transfer.")
@@ -252,43 +425,35 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
         lines.append(f"Baselines with ImageNet weights: {', '.join(pretrained)}.")
     if "ultrasam" not in set(ft["model"]):
         lines.append("UltraSam was not run (it needs a user-supplied checkpoint); its paper numbers stand alone.")
+    status = one_class_status(ft)
     # USF-MAE vs the same architecture from scratch: the claim that pretraining helps
     for dataset, g in ft.groupby("dataset", sort=False):
-        by = g.groupby("model")
-        if {"usf-mae", "scratch"} <= set(by.groups):
-            a, b = fold_summary(by.get_group("usf-mae"), "f1"), fold_summary(by.get_group("scratch"), "f1")
-            gap = 100 * (a["mean"] - b["mean"])
-            overlap = a["low"] <= b["high"] and b["low"] <= a["high"]
-            verdict = "beats" if gap > 0 else "does not beat"
-            lines.append(f"{DATASET_TITLES.get(dataset, dataset)}: USF-MAE {verdict} the same architecture from scratch "
-                         f"on F1 ({100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {gap:+.1f} points; "
-                         f"{a['n_folds']} fold(s) x {a['n_seeds']} seed(s) each); the 95% intervals "
-                         f"{'overlap' if overlap else 'do not overlap'}.")
-        means = by["f1"].mean()
-        if len(means) > 1:
-            lines.append(f"{DATASET_TITLES.get(dataset, dataset)}: best mean F1 {MODEL_TITLES.get(means.idxmax(), means.idxmax())} "
-                         f"({100 * means.max():.1f}); the paper's best: "
-                         + (max(PAPER_TABLE2, key=lambda m: PAPER_TABLE2[m].get(dataset, (0, 0, 0))[2])
-                            if dataset in PAPER_TABLE2["usf-mae"] else "n/a") + ".")
+        models = set(g["model"])
+        if {"usf-mae", "scratch"} <= models:
+            lines.append(compare_with_scratch(ft, dataset, status, profile))
+        if len(models) > 1:
+            paper_best = (_title(max(PAPER_TABLE2, key=lambda m: PAPER_TABLE2[m].get(dataset, (0, 0, 0))[2]))
+                          if dataset in PAPER_TABLE2["usf-mae"] else "n/a")
+            cells = summarise(g)
+            cells = cells[cells["metric"] == "f1"]
+            best, why = clear_best(cells, status)
+            name = DATASET_TITLES.get(dataset, dataset)
+            if unjudged(profile):
+                lines.append(f"{name}: best mean F1: too small to judge ({unjudged(profile)}); "
+                             f"the paper's best: {paper_best}.")
+            elif best is None:
+                lines.append(f"{name}: no clear best mean F1: {why}; the paper's best: {paper_best}.")
+            else:
+                lines.append(f"{name}: best mean F1 among comparable rows: {why}; the paper's best: {paper_best}.")
     # a one-class model still posts a fair positive-class F1; its balanced accuracy is 1 / n_classes
-    n_classes = ft["n_classes"] if "n_classes" in ft else pd.Series(np.nan, index=ft.index)
-    if "f1_macro" in ft:  # rows stored before n_classes was: binary when there are no macro scores
-        n_classes = n_classes.fillna(ft["f1_macro"].isna().map({True: 2.0, False: np.nan}))
-    else:
-        n_classes = n_classes.fillna(2.0)
-    if "balanced_accuracy" in ft:
-        scored = ft.assign(n_classes=n_classes).dropna(subset=["n_classes"])
-        bal = scored.groupby(["dataset", "model", "n_classes"], sort=False)["balanced_accuracy"].mean()
-        weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * v:.1f}, one class: {100 / k:.1f})"
-                for (d, m, k), v in bal.items() if v < 1 / k + ONE_CLASS_MARGIN]
-        if weak:
-            lines.append(f"Near a one-class predictor (mean test balanced accuracy within {100 * ONE_CLASS_MARGIN:.0f} "
-                         "points of always predicting one class): " + ", ".join(weak)
-                         + "; their F1 says little about what they learned.")
+    weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * r['balanced_accuracy']:.1f}, one class: "
+            f"{100 * r['chance']:.1f})" for (d, m), r in status[status["near_one_class"].eq(True)].iterrows()]
+    if weak:
+        lines.append(f"Near a one-class predictor (mean test balanced accuracy within {100 * ONE_CLASS_MARGIN:.0f} "
+                     "points of always predicting one class): " + ", ".join(weak)
+                     + "; their F1 says little about what they learned.")
     if label_curve is not None and len(label_curve):
-        lc = label_curve.groupby(["dataset", "model", "fraction"])["f1"].mean().unstack("model")
-        if {"usf-mae", "scratch"} <= set(lc.columns):
-            wins = (lc["usf-mae"] > lc["scratch"]).sum()
-            lines.append(f"Label efficiency: USF-MAE has the higher mean F1 in {wins} of {len(lc)} "
-                         "(dataset, label fraction) points.")
+        line = _label_efficiency(label_curve, profile)
+        if line:
+            lines.append(line)
     return lines
