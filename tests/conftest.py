@@ -1,4 +1,5 @@
 """Fixtures shared by several test files."""
+import csv
 from pathlib import Path
 
 import cv2
@@ -51,3 +52,36 @@ def synth_eval(tmp_path_factory):
     synthetic.generate_tree(root, seed=3, profile="smoke", workers=1, progress=False, n_pretrain=0,
                             n_videos=0, n_volumes=0, n_annotated=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def make_recon_out():
+    """make_recon_out(out, scans, config, img_size, overrides) -> out: what notebook 04 reads, made by
+    hand: scans ({anatomy: [uint8 images]}) as notebook 02's clean tree with index.csv, and an
+    untrained checkpoint of `config` (with `overrides`) where notebook 03 leaves one."""
+    import torch
+
+    from usfmae_lib import plots
+    from usfmae_lib.mae import build_model
+
+    def make(out: Path, scans: dict, config: str, img_size: int, overrides: dict) -> Path:
+        clean = out / "02_preprocessing" / "clean"
+        rows = []
+        for anatomy, images in scans.items():
+            for k, img in enumerate(images):
+                rel = f"synthetic/{anatomy}_{k}.png"
+                (clean / rel).parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(clean / rel), img)
+                rows.append(dict(path=rel, dataset="synthetic", anatomy=anatomy, source=rel, frame=0))
+        with open(clean / "index.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        torch.manual_seed(0)
+        ckpt = out / plots.DEFAULT_CHECKPOINT
+        ckpt.parent.mkdir(parents=True)
+        torch.save({"model": build_model(config, img_size=img_size, **overrides).state_dict(), "step": 0,
+                    "params": {"model": config, "img_size": img_size, "norm_pix_loss": False,
+                               "model_overrides": overrides}}, ckpt)
+        return out
+    return make

@@ -1,6 +1,5 @@
 """Notebook 04 (usfmae_lib/plots.py): reconstructions, mask-ratio sweep, attention, headless run."""
 
-import csv
 
 import cv2
 import matplotlib
@@ -34,31 +33,12 @@ def _scan(rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory):
+def out_dir(tmp_path_factory, make_recon_out):
     """OUT with a tiny clean tree (2 anatomies x 3 images) and a random tiny checkpoint where
     notebook 03 leaves one."""
-    out = tmp_path_factory.mktemp("out")
-    clean = out / "02_preprocessing" / "clean"
     rng = np.random.default_rng(0)
-    rows = []
-    for anatomy in ANATOMIES:
-        for k in range(3):
-            rel = f"synthetic/{anatomy}_{k}.png"
-            (clean / rel).parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(clean / rel), _scan(rng))
-            rows.append(dict(path=rel, dataset="synthetic", anatomy=anatomy, source=rel, frame=0))
-    with open(clean / "index.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    torch.manual_seed(0)
-    model = build_model(CONFIG, img_size=SIZE, **OVERRIDES)
-    ckpt = out / plots.DEFAULT_CHECKPOINT
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "step": 0,
-                "params": {"model": CONFIG, "img_size": SIZE, "norm_pix_loss": False, "model_overrides": OVERRIDES}},
-               ckpt)
-    return out
+    scans = {anatomy: [_scan(rng) for _ in range(3)] for anatomy in ANATOMIES}
+    return make_recon_out(tmp_path_factory.mktemp("out"), scans, CONFIG, SIZE, OVERRIDES)
 
 
 @pytest.fixture(scope="module")

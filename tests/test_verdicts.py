@@ -5,18 +5,14 @@ notebooks themselves on the smoke profile) and reads what they print: "too small
 smoke profile, for one-class models and for gaps inside the spread; "beats" only for a clear gap
 between models that learned something; no bold in Table 2 where nothing is comparable.
 """
-import csv
 import json
 
-import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from usfmae_lib import plots, runner
 from usfmae_lib import results as res
-from usfmae_lib.mae import build_model
 
 MODELS = ("usf-mae", "scratch", "resnet-50")
 INITS = {"usf-mae": "usf-mae: pretrain/checkpoint-last.pth", "scratch": "random (scratch control, tiny)",
@@ -272,31 +268,12 @@ def test_notebook_06_on_the_smoke_profile_says_too_small_to_judge(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def recon_out(tmp_path_factory):
+def recon_out(tmp_path_factory, make_recon_out):
     """OUT with 4 noisy scans in 02's clean tree and an untrained tiny checkpoint where 03 leaves one."""
-    out = tmp_path_factory.mktemp("recon")
-    clean = out / "02_preprocessing" / "clean"
     rng = np.random.default_rng(0)
-    rows = []
-    for anatomy in ("breast", "liver"):
-        for k in range(2):
-            rel = f"synthetic/{anatomy}_{k}.png"
-            (clean / rel).parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(clean / rel), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-            rows.append(dict(path=rel, dataset="synthetic", anatomy=anatomy, source=rel, frame=0))
-    with open(clean / "index.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    torch.manual_seed(0)
-    overrides = dict(depth=1, decoder_depth=1)
-    config = "mae_vit_tiny_patch16_dec128d2b"
-    ckpt = out / plots.DEFAULT_CHECKPOINT
-    ckpt.parent.mkdir(parents=True)
-    torch.save({"model": build_model(config, img_size=64, **overrides).state_dict(), "step": 0,
-                "params": {"model": config, "img_size": 64, "norm_pix_loss": False, "model_overrides": overrides}},
-               ckpt)
-    return out
+    scans = {a: [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(2)] for a in ("breast", "liver")}
+    return make_recon_out(tmp_path_factory.mktemp("recon"), scans, "mae_vit_tiny_patch16_dec128d2b", 64,
+                          dict(depth=1, decoder_depth=1))
 
 
 def test_notebook_04_on_the_smoke_profile_says_too_small_to_judge(recon_out):
