@@ -157,6 +157,9 @@ def describe(found: pd.DataFrame, evals: pd.DataFrame) -> str:
     lines.append(f"{len(known)} of the {len(registry)} OpenUS-46 datasets found"
                  + (f"; missing: {', '.join(sorted(set(registry['name']) - set(known['dataset'])))}"
                     if len(known) < len(registry) else ""))
+    if found.empty:
+        lines.append("no dataset folder and no image, video or volume file directly under the roots: "
+                     "each dataset goes in a folder of its own under a root (docs/data.md)")
     for r in found.itertuples():
         vs = f"Table 1 {int(r.table1):,} ({r.of_table1:.0%})" if r.in_registry else "not in OpenUS-46"
         lines.append(f"  {r.dataset:<22} {r.files:>7,} files ({r.kinds or 'none'}), {r.expected_frames:>8,} frames "
