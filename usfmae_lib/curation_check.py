@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import UsfmaeError
 from .curation import DatasetDir, discover_datasets, list_dataset_files, load_registry
-from .curation_readers import GIF_DEFAULT_DELAY_MS, GIF_MIN_DELAY_MS, file_kind
+from .curation_readers import file_kind, gif_delays_shown
 
 EVAL_LOADERS = {"BUS-BRA": "bus-bra", "MMOTU-2D": "mmotu-2d", "GIST514-DB": "gist514"}  # registry -> loader
 SPLIT_FILES = {"bus-bra": ["bus_data.csv", "5-fold-cv.csv"], "mmotu-2d": ["train_cls.txt", "val_cls.txt"],
@@ -53,11 +53,11 @@ def _gif_frames(path: Path, video_fps: float) -> int:
     from PIL import Image
 
     with Image.open(path) as im:
-        n, total_ms = im.n_frames, 0
+        n, delays = im.n_frames, []
         for i in range(n):
             im.seek(i)  # frame headers only: Pillow decodes pixels on load()
-            d = int(im.info.get("duration", 0) or 0)
-            total_ms += d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS
+            delays.append(int(im.info.get("duration", 0) or 0))
+    total_ms = sum(gif_delays_shown(delays))
     if n == 1 or video_fps <= 0:
         return n
     return min(n, math.ceil(total_ms / 1000 * video_fps - 1e-9))

@@ -362,10 +362,15 @@ def iter_video(path: Path, video_fps: float):
     return i, fps
 
 
+def gif_delays_shown(delays_ms: list[int]) -> list[int]:
+    """Each GIF frame's display time in ms as browsers show it (a delay under 20 ms: 100 ms)."""
+    return [d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS for d in delays_ms]
+
+
 def gif_sample_indices(delays_ms: list[int], video_fps: float) -> list[int]:
     """Frame numbers sampled from a GIF whose frame i is shown for delays_ms[i]: sample k is the
     frame on screen at t_k = k / video_fps (module docstring); video_fps 0: every frame."""
-    delays = [d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS for d in delays_ms]
+    delays = gif_delays_shown(delays_ms)
     if video_fps <= 0:
         return list(range(len(delays)))
     starts = np.cumsum([0] + delays[:-1]) / 1000.0  # s
@@ -409,8 +414,7 @@ def iter_gif(path: Path, video_fps: float):
         except (OSError, EOFError, ValueError) as err:
             raise Reject("truncated" if "truncat" in str(err).lower() or isinstance(err, EOFError) else "corrupt",
                          f"Pillow: {str(err)[:200]}") from None
-    shown = [d if d >= GIF_MIN_DELAY_MS else GIF_DEFAULT_DELAY_MS for d in delays]
-    return n, 1000.0 * n / sum(shown)
+    return n, 1000.0 * n / sum(gif_delays_shown(delays))
 
 
 def gif_frame_count(path: Path) -> int:
