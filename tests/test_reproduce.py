@@ -1,8 +1,10 @@
 """`usfmae reproduce`: runs every step in order, writes index.md, skips what did not change."""
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,7 +118,22 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
     assert statuses(out / "index.md") == {step: "ran" for step in runner.STEPS}
     for step in runner.STEPS:
         assert (out / step / f"{step}.ipynb").exists()
+    # issue 16: on the smoke profile every printed verdict says it cannot judge, none claims a difference
+    recon = [s for s in _printed(out / "04_reconstruction" / "04_reconstruction.ipynb").splitlines()
+             if " vs flat fill: " in s or s.startswith(("25% vs 75%", "25% vs 90%"))]
+    assert len(recon) == 5 and all("too small to judge (smoke profile" in s for s in recon), recon
+    assert not any("beats the flat fill" in s or "lower than" in s for s in recon), recon
+    discussion = (out / "06_results" / "discussion.md").read_text()
+    assert "from scratch on F1: too small to judge (smoke profile" in discussion, discussion
+    assert " beats " not in discussion and "**" not in (out / "06_results" / "table2.md").read_text()
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
     assert statuses(out / "index.md") == {step: "skipped (unchanged)" for step in runner.STEPS}
     assert second.stdout.count("unchanged, skipped") == len(runner.STEPS)
+
+
+def _printed(executed) -> str:
+    """Everything an executed notebook printed (stream outputs of its code cells)."""
+    nb = json.loads(Path(executed).read_text())
+    return "\n".join("".join(o.get("text", "")) for c in nb["cells"] if c["cell_type"] == "code"
+                     for o in c.get("outputs", []) if o.get("output_type") == "stream")
