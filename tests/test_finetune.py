@@ -310,6 +310,9 @@ def test_clean_eval_fine_tunes_on_cleaned_copies_in_runs_of_their_own(clean_tree
     first = cleaned.train["path"].iloc[0]
     assert preprocess.read_image(first).shape == (224, 224, 3)  # the pretraining corpus's size
     assert (tmp_path / "cache" / "report.csv").exists()
+    from usfmae_lib.datasets import cap_split
+    capped = cap_split(cleaned, 2)
+    assert capped.images == "annotations removed" and capped.fold == cleaned.fold  # capping keeps what the split is
 
     args = ["finetune", "--dataset", "folder", "--root", str(clean_tree), "--positive", "busi", "--model", "scratch",
             "--mae-config", "mae_vit_tiny_patch16_dec128d2b", "--img-size", "32", "--epochs", "1", "--lr", "1e-3",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -471,5 +471,4 @@ def cap_split(split: Split, max_images: int, seed: int = 0) -> Split:
                     for c in sorted(df["label"].unique())]
         turns = [rows[i] for i in range(max(map(len, by_class))) for rows in by_class if i < len(rows)]
         parts[name] = df.iloc[sorted(turns[:max_images])].reset_index(drop=True)
-    return Split(split.dataset, f"{split.split}, capped at {max_images} images per part", split.classes,
-                 split.positive, parts["train"], parts["val"], parts["test"], split.fold)
+    return replace(split, split=f"{split.split}, capped at {max_images} images per part", **parts)
