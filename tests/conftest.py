@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 import csv
+import re
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,12 @@ from usfmae_lib import synthetic
 # Real ultrasound samples live beside a development checkout (../shared/data/real), never in the
 # repository: a user's clone has none, and every test that reads them skips and says why.
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+
+
+def statuses(index_path):
+    """{step: status} from the table at the top of a `usfmae reproduce` index.md."""
+    found = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| ([^|]+) \|", index_path.read_text(), flags=re.M)
+    return {step: status.strip() for step, status in found}
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ dry run of the paper profile runs once, end to end, through the command (about 6
 every paper model fine-tuned and probed at 224 px, a label fraction below 1, the tables.
 """
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import statuses
 from usfmae_lib import UsfmaeError, mae, runner
 
 DRY_DIR = runner.PARAMS_DIR / runner.DRY_RUN
@@ -33,12 +33,6 @@ step_dir.mkdir(parents=True, exist_ok=True)
 (step_dir / "numbers.csv").write_text(f"value,size\\n{{value}},{{size}}\\n")
 '''
 STEPS = ("a_first", "b_second")
-
-
-def statuses(index_path):
-    """{step: status} from the table at the top of index.md."""
-    found = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| ([^|]+) \|", index_path.read_text(), flags=re.M)
-    return {step: status.strip() for step, status in found}
 
 
 @pytest.fixture

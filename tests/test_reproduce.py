@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import statuses
 from usfmae_lib import UsfmaeError, runner
 
 STEP_NOTEBOOK = '''# %% tags=["parameters"]
@@ -27,12 +28,6 @@ step_dir.mkdir(parents=True, exist_ok=True)
 assert not fail, "asked to fail"
 '''
 STEPS = ("a_first", "b_second")
-
-
-def statuses(index_path):
-    """{step: status} from the table at the top of index.md."""
-    found = re.findall(r"^\| \[(\w+)\]\([^)]*\) \| ([^|]+) \|", index_path.read_text(), flags=re.M)
-    return {step: status.strip() for step, status in found}
 
 
 @pytest.fixture
