@@ -49,9 +49,10 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from usfmae_lib import curation
+from usfmae_lib import curation, study
 
 STEP = "01_curation"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {step_dir}")

@@ -59,9 +59,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from usfmae_lib import UsfmaeError, preprocess as pp
+from usfmae_lib import UsfmaeError, preprocess as pp, study
 
 STEP = "02_preprocessing"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 (step_dir / "eval").mkdir(exist_ok=True)

@@ -23,7 +23,7 @@
 # 1. reconstruction panels per anatomy (original / masked / reconstruction / visible pasted back);
 # 2. a mask-ratio sweep (10-90%): masked-patch error per ratio and anatomy, as a table and a plot;
 # 3. the encoder's last-layer attention (cls token to patches);
-# 4. an interactive view for JupyterLab (`interactive = True`) that is a static figure headless.
+# 4. an interactive view, on by itself in JupyterLab (`interactive = None`), a static figure headless.
 #
 # Run headless: `usfmae run notebooks/04_reconstruction.ipynb -f params/smoke/04_reconstruction.yaml`.
 # Outputs land in `<out_dir>/04_reconstruction/`. Every mask comes from seeded noise, so every
@@ -41,7 +41,7 @@ clean_dir = ""  # "" = <out_dir>/02_preprocessing/clean; or any folder of PNGs w
 data_root = None  # with no cleaned tree (released weights): the evaluation sets' folder (BUSBRA/, OTU_2d/, ...)
 norm_pix_stats = "visible"  # norm_pix_loss models: patch stats for hidden patches, "visible" | "oracle"
 norm_pix_loss = None  # None = as the checkpoint records (a bare state dict records nothing: False)
-interactive = False  # True in JupyterLab: widgets (image, mask ratio, seed); headless runs draw static figures
+interactive = None  # widgets (image, mask ratio, seed); None = on in JupyterLab, off under usfmae run (static figures)
 batch_size = 32  # images per forward pass
 device = "auto"  # auto | cpu | cuda
 
@@ -52,9 +52,10 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
 
-from usfmae_lib import plots
+from usfmae_lib import plots, study
 
 STEP = "04_reconstruction"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {step_dir}")
@@ -223,7 +224,7 @@ print("cls attention on itself (rest of each row goes to patches):",
 # %% [markdown]
 # ## Interactive view
 #
-# In JupyterLab set `interactive = True` and re-run this cell: pick an image, move the
+# In JupyterLab (`interactive` None or True) this cell shows widgets: pick an image, move the
 # mask-ratio slider, change the seed. Headless (papermill, `usfmae run`) it draws the first image
 # at the first panel ratio instead.
 

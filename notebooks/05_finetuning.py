@@ -78,11 +78,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from usfmae_lib import UsfmaeError
+from usfmae_lib import UsfmaeError, study
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split, official_folds
 
 STEP = "05_finetuning"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 runs = step_dir / "runs"

@@ -1,11 +1,14 @@
-"""The study's notebooks: twins in sync, no stored outputs, parameter files that fit them."""
+"""The study's notebooks: twins in sync, no stored outputs, parameter files that fit them, and a
+setup cell that makes them write to the same folders from any working folder."""
 
+import ast
 import json
+import os
 
 import pytest
 import yaml
 
-from usfmae_lib import runner
+from usfmae_lib import runner, study
 
 NOTEBOOKS = [runner.NOTEBOOKS_DIR / f"{step}.py" for step in runner.STEPS]
 
@@ -24,10 +27,8 @@ def test_twins_in_sync_and_ipynb_has_no_outputs(py):
     ipynb = py.with_suffix(".ipynb")
     assert runner.notebook_difference(jupytext.read(py), jupytext.read(ipynb)) == ""
     stored = json.loads(ipynb.read_text())
-    for cell in stored["cells"]:
-        if cell["cell_type"] == "code":
-            assert cell["outputs"] == [], f"{ipynb}: stored outputs; clear them"
-            assert cell["execution_count"] is None, f"{ipynb}: stored execution count"
+    count = study.stored_outputs(stored)  # outputs, execution counts, widget state
+    assert count == 0, runner.stored_outputs_message(ipynb, count)
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
@@ -49,3 +50,24 @@ def test_every_profile_has_a_valid_parameter_file_per_step(profile):
         runner.check_params(params, defaults, str(py), {k: str(params_file) for k in params})
     extra = {p.stem for p in (runner.PARAMS_DIR / profile).glob("*.yaml")} - set(runner.STEPS)
     assert not extra, f"parameter files for no notebook: {extra}"
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_setup_cell_settles_parameters_first_from_any_folder(py, monkeypatch):
+    """The first cell after the parameters calls study.setup before using any parameter; run with
+    the working folder in notebooks/ (JupyterLab started there), the default out_dir is the
+    repository's outputs/quick, never notebooks/outputs/."""
+    nb = runner.read_notebook(py)
+    index = runner.parameters_cell(nb, str(py))
+    params, setup = nb.cells[index].source, nb.cells[index + 1].source
+    call = f'STEP = "{py.stem}"\nstudy.setup(globals(), STEP)'
+    assert call in setup, f"{py}: its first setup cell must hold\n{call}\n(and import study from usfmae_lib)"
+    before = setup[:setup.index(call)]
+    names = {node.id for node in ast.walk(ast.parse(before)) if isinstance(node, ast.Name)}
+    used = sorted(names & set(runner.notebook_parameters(nb, str(py))))
+    assert not used, f"{py}: parameters used before study.setup: {used}"
+    monkeypatch.chdir(runner.NOTEBOOKS_DIR)
+    namespace = {}
+    exec(params, namespace)
+    exec(f"from usfmae_lib import study\n{call}", namespace)
+    assert namespace["out_dir"] == os.path.join(runner.REPO_ROOT, "outputs", "quick")

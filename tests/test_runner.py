@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from usfmae_lib import UsfmaeError, cli, runner
+from usfmae_lib import UsfmaeError, cli, runner, study
 
 # A notebook in the study's format: one parameters cell, one cell that makes a figure and a
 # table, one that fails on demand, one that records which Python ran it.
@@ -163,3 +163,82 @@ def test_parameters_cell_must_be_unique_and_literal(tmp_path):
     computed.write_text('# %% tags=["parameters"]\na = len("abc")\n')
     with pytest.raises(UsfmaeError, match="literal"):
         runner.notebook_parameters(runner.read_notebook(computed), "computed")
+
+
+# A notebook that reports what its setup cell settled (study.setup under papermill).
+SETTLED_NOTEBOOK = '''# %% tags=["parameters"]
+profile = "quick"
+out_dir = "outputs/quick"
+n_images = 20
+data_root = None
+clean_dir = ""
+interactive = None
+
+# %%
+import json
+from pathlib import Path
+from usfmae_lib import study
+
+STEP = "04_reconstruction"  # a real step: were params/smoke/04_reconstruction.yaml applied, n_images would be 2
+study.setup(globals(), STEP)
+step_dir = Path(out_dir) / "settled"
+step_dir.mkdir(parents=True, exist_ok=True)
+(step_dir / "settled.json").write_text(json.dumps(dict(
+    out_dir=out_dir, n_images=n_images, data_root=data_root, clean_dir=clean_dir, interactive=interactive)))
+'''
+
+
+def test_under_usfmae_run_injected_values_win_and_paths_resolve(tmp_path, monkeypatch):
+    """Run from notebooks/ (as from a terminal opened there): the default output folder is the
+    repository's outputs/, `-p` paths are relative to the current folder, YAML paths to the
+    repository root; the notebook applies no profile file of its own; interactive is off."""
+    notebooks = tmp_path / "repo" / "notebooks"
+    notebooks.mkdir(parents=True)
+    (notebooks / "settled.py").write_text(SETTLED_NOTEBOOK)
+    (tmp_path / "clean.yaml").write_text("clean_dir: some/clean\n")
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    monkeypatch.chdir(notebooks)
+    result = runner.run_notebook(notebooks / "settled.py", [tmp_path / "clean.yaml"],
+                                 ["profile=smoke", "n_images=20", "data_root=rel/data"], progress=False)
+    assert result.step_dir == tmp_path / "repo" / "outputs" / "smoke" / "settled"
+    settled = json.loads((result.step_dir / "settled.json").read_text())
+    assert settled == {"out_dir": str(tmp_path / "repo" / "outputs" / "smoke"), "n_images": 20,
+                       "data_root": str(notebooks / "rel" / "data"),
+                       "clean_dir": str(runner.REPO_ROOT / "some" / "clean"), "interactive": False}
+    assert study.MARKER not in result.params
+    assert not (notebooks / "outputs").exists()
+
+
+def test_output_folder_is_never_inside_notebooks(tmp_path, monkeypatch):
+    notebooks = tmp_path / "repo" / "notebooks"
+    (notebooks / "sub").mkdir(parents=True)
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    monkeypatch.chdir(notebooks / "sub")
+    assert runner.output_folder(None, "quick") == tmp_path / "repo" / "outputs" / "quick"
+    with pytest.raises(UsfmaeError, match="outputs never go beside the notebooks"):
+        runner.output_folder("out", "quick")  # --out relative to the current folder, here inside notebooks/
+    monkeypatch.chdir(tmp_path)
+    assert runner.output_folder(None, "quick") == tmp_path / "outputs" / "quick"
+    assert runner.output_folder("out", "quick") == tmp_path / "out"
+    with pytest.raises(UsfmaeError, match="outputs never go beside the notebooks"):
+        runner.output_folder(notebooks / "outputs", "quick")
+
+
+def test_stored_outputs_in_an_ipynb_twin_are_reported_with_the_fix(tmp_path, capsys):
+    import jupytext
+
+    py, ipynb = tmp_path / "nb.py", tmp_path / "nb.ipynb"
+    py.write_text(PROBE_NOTEBOOK)
+    jupytext.write(jupytext.read(py), ipynb)
+    runner.read_notebook(py)
+    assert "stores outputs" not in capsys.readouterr().err
+    stored = json.loads(ipynb.read_text())
+    stored["cells"][2]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "saved from the lab\n"}]
+    stored["cells"][2]["execution_count"] = 1
+    ipynb.write_text(json.dumps(stored))
+    runner.read_notebook(py)
+    err = capsys.readouterr().err
+    assert f"{ipynb} stores outputs (1 cell(s))" in err and f"python -m usfmae_lib.study {ipynb}" in err
+    study.main([str(ipynb)])
+    runner.read_notebook(py)  # cleared, and still in sync with its twin
+    assert "stores outputs" not in capsys.readouterr().err

@@ -9,7 +9,14 @@ What papermill leaves loose, this module makes strict:
 - a value whose type differs from the default's is an error (an int where a float is expected
   is widened, nothing else is converted);
 - the kernel is always the Python running this code (no "kernel not found", no other env);
-- a failing cell is named: its index and first line in the source notebook, and the error.
+- a failing cell is named: its index and first line in the source notebook, and the error;
+- paths: `--out` and a relative path given with `-p` are relative to the current folder (made
+  absolute here); relative paths in parameter files and cells are relative to the repository root
+  (`study.setup` in each notebook); no output folder goes inside notebooks/;
+- the injected parameters carry a marker (`study.MARKER`) so the notebook applies no profile
+  file of its own (it does in a live kernel, see usfmae_lib/study.py);
+- a stored `.ipynb` twin with outputs is reported (JupyterLab strips them on save when started
+  with the repository's jupyter_server_config.py).
 
 Layout of an output folder DIR (default `outputs/<profile>/`):
     DIR/<notebook>/<notebook>.ipynb   executed copy
@@ -34,10 +41,9 @@ from pathlib import Path
 
 import logging
 
-import nbformat
-import yaml
+import yaml  # nbformat is imported where it is used: it takes seconds, and notebooks import this module
 
-from usfmae_lib import UsfmaeError, atomic_write_text
+from usfmae_lib import UsfmaeError, atomic_write_text, study
 from usfmae_lib.safety import folder_lock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +60,7 @@ STEPS = (  # notebooks in the order data flows through them
     "04_reconstruction",
     "05_finetuning",
     "06_results",
+    "07_ablations",
 )
 # `usfmae reproduce --dry-run`: params/dry_run/<notebook>.yaml, applied after the profile's file,
 # shrinks a profile to a step or two of each of its code paths on a small synthetic tree
@@ -94,13 +101,28 @@ def read_notebook(path: str | Path) -> nbformat.NotebookNode:
     py_twin, ipynb_twin = path.with_suffix(".py"), path.with_suffix(".ipynb")
     nb = jupytext.read(py_twin if py_twin.exists() else path)
     if py_twin.exists() and ipynb_twin.exists():
-        difference = notebook_difference(nb, jupytext.read(ipynb_twin))
+        stored = jupytext.read(ipynb_twin)
+        difference = notebook_difference(nb, stored)
         if difference:
             raise UsfmaeError(
                 f"{ipynb_twin} is out of sync with its source {py_twin} ({difference}). "
                 f"Fix: jupytext --sync {py_twin}"
             )
+        count = study.stored_outputs(stored)
+        if count and (ipynb_twin, ipynb_twin.stat().st_mtime) not in _WARNED:  # once per process and save
+            _WARNED.add((ipynb_twin, ipynb_twin.stat().st_mtime))
+            print(f"usfmae: warning: {stored_outputs_message(ipynb_twin, count)}", file=sys.stderr, flush=True)
     return nb
+
+
+_WARNED: set = set()
+
+
+def stored_outputs_message(ipynb: Path, count: int) -> str:
+    """What to say about an .ipynb twin that stores outputs, and the fix."""
+    return (f"{ipynb} stores outputs ({count} cell(s)); the study's .ipynb twins carry none (saved from a "
+            "JupyterLab started without --config=jupyter_server_config.py? see README). "
+            f"Clear them: .venv/bin/python -m usfmae_lib.study {ipynb}")
 
 
 def notebook_difference(a: nbformat.NotebookNode, b: nbformat.NotebookNode) -> str:
@@ -129,7 +151,11 @@ def parameters_cell(nb: nbformat.NotebookNode, name: str = "notebook") -> int:
 
 def notebook_parameters(nb: nbformat.NotebookNode, name: str = "notebook") -> dict:
     """The parameters cell's defaults, as {name: value}. Each must be `name = <literal>`."""
-    source = nb.cells[parameters_cell(nb, name)].source
+    return cell_parameters(nb.cells[parameters_cell(nb, name)].source, name)
+
+
+def cell_parameters(source: str, name: str = "notebook") -> dict:
+    """{name: value} of a parameters cell's source; each line must be `name = <literal>`."""
     defaults = {}
     for node in ast.parse(source).body:
         if not (isinstance(node, (ast.Assign, ast.AnnAssign))):
@@ -275,9 +301,11 @@ def run_notebook(
 ) -> RunResult:
     """Execute one notebook with parameters; the executed copy lands in DIR/<notebook>/.
 
-    `out_dir` (DIR) defaults to `outputs/<profile>/` under the current folder; it is passed to
-    the notebook as its `out_dir` parameter, so everything the notebook makes lands there too.
+    `out_dir` (DIR) defaults to `outputs/<profile>/` under the current folder (the repository
+    root's when that is notebooks/, see output_folder); it is passed to the notebook as its
+    `out_dir` parameter, so everything the notebook makes lands there too.
     """
+    import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -289,9 +317,11 @@ def run_notebook(
     if "out_dir" in params:
         raise UsfmaeError(f"{notebook}: set the output folder with --out DIR, not as the parameter out_dir")
     params = check_params(params, defaults, str(notebook), origin)
+    for key, value in params.items():  # typed on a command line: relative to the current folder
+        if origin.get(key) == "-p" and study.is_path_parameter(key):
+            params[key] = study.resolve_path_value(value, Path.cwd())
     profile = params.get("profile", defaults.get("profile", DEFAULT_PROFILE))
-    out_dir = Path(out_dir) if out_dir is not None else Path("outputs") / str(profile)
-    out_dir = out_dir.resolve()
+    out_dir = output_folder(out_dir, str(profile))
     if "out_dir" in defaults:
         params["out_dir"] = str(out_dir)
     step_dir = out_dir / stem
@@ -306,10 +336,12 @@ def run_notebook(
             old_path = os.environ.get("JUPYTER_PATH")
             os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(_kernelspec(Path(tmp))), old_path]))
             try:
+                marker = {"sources": [str(f) for f in param_files] + [f"-p {o}" for o in overrides],
+                          "parameters": sorted(defaults)}
                 papermill.execute_notebook(
                     str(source),
                     str(executed),
-                    parameters=params,
+                    parameters={**params, study.MARKER: marker},
                     kernel_name=KERNEL_NAME,
                     language="python",
                     progress_bar=progress,
@@ -323,6 +355,22 @@ def run_notebook(
                 else:
                     os.environ["JUPYTER_PATH"] = old_path
     return RunResult(notebook, executed, step_dir, time.perf_counter() - start, params)
+
+
+def output_folder(out_dir, name: str, notebooks_dir: Path | None = None) -> Path:
+    """The study folder, absolute: `out_dir` (relative: to the current folder), else outputs/<name>
+    under the current folder, or under the repository root when that is inside notebooks/. A folder
+    inside notebooks/ is refused: outputs never land beside the notebooks."""
+    notebooks_dir = Path(notebooks_dir or NOTEBOOKS_DIR).resolve()
+    if out_dir is None:
+        here = Path.cwd().resolve()
+        base = notebooks_dir.parent if here == notebooks_dir or notebooks_dir in here.parents else here
+        return base / "outputs" / name
+    path = Path(out_dir).expanduser().resolve()
+    if path == notebooks_dir or notebooks_dir in path.parents:
+        raise UsfmaeError(f"--out {path} is inside {notebooks_dir}: outputs never go beside the notebooks; "
+                          f"the default is outputs/{name} under the repository root")
+    return path
 
 
 def _describe_failure(nb, notebook: Path, err, executed: Path) -> str:
@@ -394,8 +442,7 @@ def reproduce(
     """
     if profile not in PROFILES:
         raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    default_out = Path("outputs") / (f"{profile}-dry-run" if dry_run else profile)
-    out_dir = (Path(out_dir) if out_dir is not None else default_out).resolve()
+    out_dir = output_folder(out_dir, f"{profile}-dry-run" if dry_run else profile, notebooks_dir)
     state_dir = out_dir / ".usfmae" / "reproduce"
     state_dir.mkdir(parents=True, exist_ok=True)
     plan = []  # (step, notebook path, notebook, parameter files, its parameter names); all read up front

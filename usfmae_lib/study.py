@@ -1,0 +1,245 @@
+"""What a study notebook does first: `study.setup(globals(), STEP)` in its first setup cell.
+
+The same notebook runs in three places, and this makes it compute the same thing in each:
+- under `usfmae run` / `usfmae reproduce` (papermill): the runner has merged the profile's YAML
+  file and `-p` into the injected parameters (and marks them with `_usfmae_run`); nothing is
+  applied here, the injected values win;
+- in a live kernel (JupyterLab, or `python notebooks/NN_name.py`): `profile` in the parameters
+  cell applies `params/<profile>/<notebook>.yaml` to every parameter the cell leaves at the
+  notebook's default; a value changed in the cell stays. The notebook's defaults are its
+  parameters cell as last committed (git HEAD), or as saved where git cannot tell (no checkout,
+  a new notebook), so a save in the lab does not turn your edits into defaults. `out_dir` left
+  at its default follows the profile (`outputs/<profile>`, as the runner's default). `interactive`
+  is never taken from a file there: it follows the front end (below). Each value applied is printed;
+- everywhere: a relative path in a path parameter (a name ending in dir, root(s), checkpoint, path
+  or file) is made absolute against the repository root, whatever the kernel's working folder
+  (JupyterLab started in notebooks/ runs its kernels there); `out_dir` inside notebooks/ is
+  refused; `interactive = None` becomes True in a Jupyter kernel not started by `usfmae run`,
+  False elsewhere.
+
+Also here: `strip_outputs_before_save`, the JupyterLab save hook (jupyter_server_config.py) that
+keeps outputs out of the stored notebooks/*.ipynb, and `python -m usfmae_lib.study FILE.ipynb ...`,
+which clears the outputs of notebooks saved without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+# injected by usfmae run / reproduce (runner.py) beside the parameters: the files and -p they came from
+MARKER = "_usfmae_run"
+FRONT_END = ("interactive",)  # None = auto; in a live kernel set by the front end, never by a profile file
+_PATH_NAME = re.compile(r"(^|_)(dir|dirs|root|roots|checkpoint|path|file|files)$")
+
+
+def is_path_parameter(name: str) -> bool:
+    """A parameter holding a path (or a list of them): its name ends in dir, root(s), checkpoint, path or file."""
+    return bool(_PATH_NAME.search(name))
+
+
+def resolve_path_value(value, base: Path):
+    """A relative path (a string, or a list of them) made absolute against base; "", None, and
+    absolute paths stay as given ("~" is expanded)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve_path_value(v, base) for v in value)
+    if isinstance(value, str) and value.strip():
+        path = Path(value).expanduser()
+        return path.as_posix() if path.is_absolute() else os.path.normpath(Path(base) / path)
+    return value
+
+
+def setup(namespace: dict, step: str) -> None:
+    """Settle the parameters in `namespace` (the notebook's globals()) in place; see the module's doc."""
+    from usfmae_lib import UsfmaeError, runner
+
+    root = runner.REPO_ROOT
+    injected = namespace.get(MARKER)
+    if injected is not None:  # usfmae run / reproduce: its values are final
+        names = list(injected.get("parameters", [])) if isinstance(injected, dict) else []
+        sources = injected.get("sources", []) if isinstance(injected, dict) else []
+        print(f"parameters: the cell's, then usfmae run's {', '.join(sources) or '(none)'}")
+    else:
+        saved, committed = _notebook_defaults(step)
+        names = list(saved)
+        _apply_profile(namespace, step, saved, committed)
+    for name in names:
+        if is_path_parameter(name) and name in namespace:
+            namespace[name] = resolve_path_value(namespace[name], root)
+    out = namespace.get("out_dir")
+    if isinstance(out, str) and out and _inside(Path(out), runner.NOTEBOOKS_DIR):
+        raise UsfmaeError(f"out_dir {out} is inside {runner.NOTEBOOKS_DIR}: outputs never go beside the "
+                          f"notebooks; use outputs/<profile> (relative paths start at the repository root {root})")
+    for name in FRONT_END:
+        if name in names and namespace.get(name) is None:  # None = auto: on in a Jupyter kernel, off under usfmae run
+            namespace[name] = injected is None and jupyter_kernel()
+
+
+def jupyter_kernel() -> bool:
+    """True inside a Jupyter kernel (JupyterLab, Notebook), False in plain Python or IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return path == folder or folder in path.parents
+
+
+def _apply_profile(ns: dict, step: str, saved: dict, committed: dict) -> None:
+    """A live kernel: params/<profile>/<step>.yaml over the values the cell leaves at their defaults."""
+    from usfmae_lib import UsfmaeError, runner
+
+    profile = ns.get("profile")
+    default = {**saved, **committed}  # committed where git knows the notebook, else as saved
+    if not profile:  # None or "": the cell as it stands
+        print("profile: none, the parameters cell as it stands")
+        return
+    folder = runner.PARAMS_DIR / str(profile)
+    if not folder.is_dir():
+        known = sorted(p.name for p in runner.PARAMS_DIR.iterdir() if (p / f"{step}.yaml").is_file())
+        raise UsfmaeError(f"profile {profile!r}: no folder {folder}; profiles with a file for {step}: "
+                          f"{', '.join(known) or 'none'}")
+    file = folder / f"{step}.yaml"
+    applied, kept = [], []
+    if file.is_file():
+        values, origin = runner.load_params([file])
+        values = runner.check_params(values, saved, f"{step} (profile {profile})", origin)
+        for key, value in values.items():
+            if key == "profile" or key in FRONT_END:
+                continue
+            if key in ns and key in default and ns[key] != default[key]:  # changed in the cell: yours
+                if ns[key] != value:
+                    kept.append(f"{key}={ns[key]!r}")
+                continue
+            if ns.get(key) != value:
+                applied.append(f"{key}={value!r}")
+            ns[key] = value
+        where = os.path.relpath(file, runner.REPO_ROOT) if _inside(file, runner.REPO_ROOT) else file
+        print(f"profile {profile}: applied {where}" + (f" ({', '.join(applied)})" if applied else " (no change)")
+              + (f"; kept your cell's {', '.join(kept)}" if kept else ""))
+    else:
+        print(f"profile {profile}: no {file}, the parameters cell as it stands")
+    if "out_dir" in default and ns.get("out_dir") == default["out_dir"]:
+        ns["out_dir"] = f"outputs/{profile}"  # the runner's default folder for this profile
+
+
+def _notebook_defaults(step: str) -> tuple[dict, dict]:
+    """(defaults as saved, defaults as last committed, {} when git cannot tell) of notebooks/<step>.
+    Read without jupytext or nbformat, which take seconds to import."""
+    from usfmae_lib import UsfmaeError, runner
+
+    for suffix in (".py", ".ipynb"):
+        path = runner.NOTEBOOKS_DIR / f"{step}{suffix}"
+        if path.exists():
+            break
+    else:
+        raise UsfmaeError(f"study.setup: no notebook {runner.NOTEBOOKS_DIR / step}.py or .ipynb; "
+                          "pass the notebook's own name (STEP)")
+    source = _parameters_source(path.read_text(), suffix)
+    if source is None:
+        raise UsfmaeError(f"{path}: expected exactly one cell tagged 'parameters'")
+    saved = runner.cell_parameters(source, str(path))
+    committed, text = {}, _committed_text(path)
+    source = _parameters_source(text, suffix) if text is not None else None
+    if source is not None:
+        try:
+            committed = runner.cell_parameters(source, f"{path} (HEAD)")
+        except UsfmaeError:  # an older commit with a cell the runner would refuse: the saved file decides
+            committed = {}
+    return saved, committed
+
+
+def _parameters_source(text: str, suffix: str) -> str | None:
+    """The source of the one cell tagged `parameters` in a py:percent or .ipynb text, or None."""
+    if suffix == ".ipynb":
+        try:
+            cells = json.loads(text).get("cells", [])
+        except ValueError:
+            return None
+        found = ["".join(c["source"]) if isinstance(c.get("source"), list) else c.get("source", "")
+                 for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    else:
+        cells, body = [], None
+        for line in text.splitlines(keepends=True):
+            if line.startswith("# %%"):
+                body = []
+                cells.append((line, body))
+            elif body is not None:
+                body.append(line)
+        found = ["".join(body) for header, body in cells if re.search(r'tags=\[[^\]]*"parameters"', header)]
+    return found[0] if len(found) == 1 else None
+
+
+def _committed_text(path: Path) -> str | None:
+    """The file as git HEAD holds it, or None (no git, not a checkout, not committed yet)."""
+    try:
+        proc = subprocess.run(["git", "-C", str(path.parent), "show", f"HEAD:./{path.name}"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+# ----------------------------------------------------------------------------- outputs out of stored notebooks
+
+
+def stored_outputs(nb: dict) -> int:
+    """How many cells of a notebook (a dict or NotebookNode) carry outputs or an execution count;
+    saved widget state counts as one more."""
+    cells = sum(1 for c in nb.get("cells", []) if c.get("cell_type") == "code"
+                and (c.get("outputs") or c.get("execution_count") is not None))
+    return cells + (1 if nb.get("metadata", {}).get("widgets") else 0)
+
+
+def clear_outputs(nb: dict) -> None:
+    """Drop outputs, execution counts, cell timings and saved widget state, in place."""
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+        cell.get("metadata", {}).pop("execution", None)
+    nb.get("metadata", {}).pop("widgets", None)
+
+
+def strip_outputs_before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """Jupyter server pre-save hook (jupyter_server_config.py): a notebook saved into this
+    repository's notebooks/ folder is written without outputs; any other notebook as it is."""
+    from usfmae_lib import runner
+
+    if model.get("type") != "notebook" or not isinstance(model.get("content"), dict):
+        return
+    folder = (Path(getattr(contents_manager, "root_dir", ".")) / path.strip("/")).parent
+    if os.path.realpath(folder) == os.path.realpath(runner.NOTEBOOKS_DIR):
+        clear_outputs(model["content"])
+
+
+def main(argv=None) -> int:
+    """python -m usfmae_lib.study NOTEBOOK.ipynb ...: clear stored outputs in place (cell ids and
+    metadata kept)."""
+    import nbformat
+
+    files = list(sys.argv[1:] if argv is None else argv)
+    if not files:
+        print("usage: python -m usfmae_lib.study NOTEBOOK.ipynb ...  (clears their stored outputs)", file=sys.stderr)
+        return 2
+    for name in files:
+        nb = nbformat.read(name, as_version=nbformat.NO_CONVERT)
+        n = stored_outputs(nb)
+        if n:  # a file left as it is keeps its time (jupytext --sync reads the newer twin)
+            clear_outputs(nb)
+            nbformat.write(nb, name)
+        print(f"{name}: cleared {n} cell(s)" if n else f"{name}: no outputs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
