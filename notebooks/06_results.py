@@ -42,10 +42,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from usfmae_lib import results as res
+from usfmae_lib import results as res, study
 from usfmae_lib.metrics import confusion
 
 STEP = "06_results"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {step_dir}")
@@ -97,47 +98,25 @@ all_metrics.to_csv(step_dir / "all_metrics.csv", index=False)
 all_metrics
 
 # %% [markdown]
-# ## Confusion matrices (seed 0 of each fine-tuned cell, test set)
+# ## Confusion matrices (test set)
+# One row per dataset, one column per model: the first fold and lowest seed of each fine-tuned cell. Each
+# cell gives its count, coloured by its share of the true class (so rows read as per-class recall); with
+# more than 4 classes (MMOTU-2D) the classes are numbered and named beside the first panel of the row.
 
 # %%
-first_fold = results["fold"] == results.groupby(["dataset", "model"])["fold"].transform("min")
-cells = results[first_fold]
-cells = cells[cells["seed"] == cells.groupby(["dataset", "model"])["seed"].transform("min")]
-n = len(cells)
-fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
-for ax, (_, row) in zip(axes[0], cells.iterrows()):
-    preds = pd.read_csv(src / "runs" / row["run"] / "test_predictions.csv")
-    classes = [c[len("prob_"):] for c in preds.columns if c.startswith("prob_")]
-    cm = confusion(preds["label"], preds[[f"prob_{c}" for c in classes]].to_numpy(), classes)
-    ax.imshow(cm.to_numpy(), cmap="Blues")
-    for (i, j), v in pd.DataFrame(cm.to_numpy()).stack().items():
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    short = [c[:6] for c in classes]
-    ax.set_xticks(range(len(classes)), short, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(classes)), short, fontsize=6)
-    ax.set_title(f"{row['dataset']}\n{row['model']}", fontsize=8)
-fig.tight_layout()
+matrices = res.first_run_confusions(results, src / "runs")  # {(dataset, model): counts, rows true}
+fig = res.plot_confusion_grid(matrices, "Confusion matrices: test set, first fold, lowest seed of each cell")
 fig.savefig(step_dir / "confusion_matrices.png", dpi=dpi)
 
 # %% [markdown]
 # ## Label efficiency
-# Test F1 against the fraction of training labels, mean over seeds with the seeds' range.
+# Test F1 against the fraction of training labels (log axis, a tick at each fraction run): the mean over
+# label seeds with bars from the lowest to the highest seed when there are several. Models are shifted a
+# little sideways and differ in marker and line style, so a model with the same values as another stays visible.
 
 # %%
 if len(label_curve):
-    ds = list(dict.fromkeys(label_curve["dataset"]))
-    fig, axes = plt.subplots(1, len(ds), figsize=(4 * len(ds), 3.2), squeeze=False)
-    for ax, d in zip(axes[0], ds):
-        for m, g in label_curve[label_curve["dataset"] == d].groupby("model"):
-            s = g.groupby("fraction")["f1"].agg(["mean", "min", "max"])
-            ax.plot(s.index, 100 * s["mean"], marker="o", label=res.MODEL_TITLES.get(m, m))
-            ax.fill_between(s.index, 100 * s["min"], 100 * s["max"], alpha=0.2)
-        ax.set_xscale("log")
-        ax.set_xlabel("fraction of training labels")
-        ax.set_ylabel("test F1 (%)")
-        ax.set_title(res.DATASET_TITLES.get(d, d))
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = res.plot_label_efficiency(label_curve, "f1")
     fig.savefig(step_dir / "label_efficiency.png", dpi=dpi)
     label_curve.groupby(["dataset", "model", "fraction"])["f1"].agg(["mean", "std", "count"]).round(3).to_csv(
         step_dir / "label_efficiency.csv")

@@ -197,6 +197,20 @@ def test_figures_and_headless_interactive_view(batch, out_dir):
     plt.close("all")
 
 
+def test_interactive_view_names_the_image_above_the_row_whatever_its_length(out_dir, tmp_path):
+    src = out_dir / plots.DEFAULT_CLEAN_DIR / plots.read_index(out_dir / plots.DEFAULT_CLEAN_DIR).path.iloc[0]
+    name = "synth_breast_images_" + "a_long_scan_name_" * 6 + "000001.png"
+    (tmp_path / name).write_bytes(src.read_bytes())
+    fig = plots.interactive_view(_model(), tmp_path, pd.DataFrame(dict(path=[name], anatomy=["breast"])), 0.5, 0)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    image = fig.axes[0].get_window_extent(renderer)
+    assert fig.axes[0].yaxis.label.get_window_extent(renderer).height <= image.height  # was name + MSE, upright
+    title = fig._suptitle.get_window_extent(renderer)
+    assert title.width <= fig.bbox.width and "breast: synth_breast_images_" in fig._suptitle.get_text()
+    plt.close(fig)
+
+
 def test_notebook_runs_headless_under_the_smoke_profile(out_dir):
     result = runner.run_notebook(runner.NOTEBOOKS_DIR / "04_reconstruction.ipynb",
                                  [runner.PARAMS_DIR / "smoke" / "04_reconstruction.yaml"],
@@ -205,6 +219,7 @@ def test_notebook_runs_headless_under_the_smoke_profile(out_dir):
     for name in ("reconstructions_mask25.png", "reconstructions_mask75.png", "mask_ratio_sweep.png",
                  "attention_last_layer.png", "walkthrough_1_patches.png", "walkthrough_5_loss.png"):
         assert cv2.imread(str(step / name)) is not None, name
+    assert not [p.name for p in step.rglob("*") if p.name.lower().count(".png") > 1]  # one extension per file
     table = pd.read_csv(step / "mask_ratio_sweep.csv")
     assert len(table) == 3 * (len(ANATOMIES) + 1)  # smoke ratios x (anatomies + all)
     assert len(pd.read_csv(step / "sweep" / "per_image.csv")) == 3 * 2 * len(ANATOMIES)  # 2 per anatomy

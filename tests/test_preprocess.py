@@ -186,14 +186,21 @@ def test_manifest_input_uses_the_contract_layout(tmp_path):
     rows = [dict(frame_id="setA/one.png#0", dataset="Set A", anatomy="breast", source=str(src / "setA" / "one.png"),
                  kind="image", frame=0, axis=-1),
             dict(frame_id="setA/sub/two.jpg#0", dataset="Set A", anatomy="breast",
-                 source=str(src / "setA" / "sub" / "two.jpg"), kind="image", frame=0, axis=-1)]
+                 source=str(src / "setA" / "sub" / "two.jpg"), kind="image", frame=0, axis=-1),
+            # an id that ends in its file's extension (curation's image ids do): one .png, never x.png.png
+            dict(frame_id="setA/three.png", dataset="Set A", anatomy="breast", source=str(src / "setA" / "one.png"),
+                 kind="image", frame=0, axis=-1),
+            dict(frame_id="setA/three.jpg", dataset="Set A", anatomy="breast", source=str(src / "setA" / "one.png"),
+                 kind="image", frame=0, axis=-1)]
     manifest = tmp_path / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     out = tmp_path / "clean"
     rep = pp.clean_tree(manifest, out, pp.make_config(ocr=False, image_size=48), workers=1, progress=False)
     assert (rep["status"] == "ok").all(), rep["error"].tolist()
     index = pd.read_csv(out / "index.csv")
-    assert sorted(index["path"]) == ["Set_A/setA_one.png_0.png", "Set_A/setA_sub_two.jpg_0.png"]
+    assert sorted(index["path"])[:3] == ["Set_A/setA_one.png_0.png", "Set_A/setA_sub_two.jpg_0.png", "Set_A/setA_three.png"]
+    assert sorted(index["path"])[3].startswith("Set_A/setA_three_") and len(index) == 4  # the clash keeps both
+    assert not any(p.endswith(".png.png") for p in index["path"])
     assert set(index["anatomy"]) == {"breast"} and set(index["dataset"]) == {"Set A"}
     assert all((out / p).exists() for p in index["path"])
     pd.DataFrame(rows).drop(columns="kind").to_csv(manifest, index=False)

@@ -647,6 +647,14 @@ def frontend_available() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def _ellipsize(text: str, width: int = 60) -> str:
+    """text cut in the middle to `width` characters ("abc...xyz"), so a long file name fits a title."""
+    if len(text) <= width:
+        return text
+    keep = width - 3
+    return f"{text[:keep - keep // 2]}...{text[-(keep // 2):]}"
+
+
 def interactive_view(model, clean_dir, index: pd.DataFrame, mask_ratio: float = 0.25, seed: int = 0,
                      interactive: bool = False, norm_pix_stats: str = "visible"):
     """Image picker, mask-ratio slider and seed box redrawing the four panels (ipywidgets).
@@ -659,8 +667,14 @@ def interactive_view(model, clean_dir, index: pd.DataFrame, mask_ratio: float = 
     def draw(row: int, ratio: float, mask_seed: int):
         imgs = normalize_images(load_images(clean_dir, [index.path.iloc[row]], img_size))
         res = reconstruct(model, imgs, ratio, patch_noise(1, model.num_patches, mask_seed), norm_pix_stats)
-        return plot_reconstructions(res, labels=[f"{index.anatomy.iloc[row]}: {Path(index.path.iloc[row]).name}"],
-                                    scale=2.6)
+        # the image's name goes above the row: a vertical label beside one row outgrows the image
+        title = (f"{index.anatomy.iloc[row]}: {_ellipsize(Path(index.path.iloc[row]).name)}\n"
+                 f"mask {ratio:.0%}, seed {mask_seed}")
+        if res["norm_pix_loss"]:
+            title += f", norm_pix_loss (patch stats: {res['norm_pix_stats']})"
+        fig = plot_reconstructions(res, labels=[""], title=title, scale=2.6)
+        fig.axes[0].set_ylabel(f"MSE {float(res['mse'][0]):.3f}", fontsize=8)
+        return fig
 
     if not (interactive and frontend_available()):
         return draw(0, mask_ratio, seed)

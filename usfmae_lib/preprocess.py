@@ -525,7 +525,10 @@ def list_jobs(inp) -> list[dict]:
         raise UsfmaeError(f"{inp}: manifest lacks column(s) {missing}; write it with `usfmae curate`")
     taken = set()
     for r in df.itertuples(index=False):
-        rel = f"{safe_name(r.dataset)}/{safe_name(r.frame_id)}.png"
+        stem = str(r.frame_id)
+        if Path(stem).suffix.lower() in IMAGE_SUFFIXES:  # an image file's id ends in its own extension
+            stem = stem[:-len(Path(stem).suffix)]
+        rel = f"{safe_name(r.dataset)}/{safe_name(stem)}.png"  # one extension: x.png, never x.png.png
         if rel in taken:  # two ids that differ only in unsafe characters
             import hashlib
 

@@ -457,3 +457,128 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
         if line:
             lines.append(line)
     return lines
+
+
+# ============================================================================ figures
+def _plt():
+    import matplotlib.pyplot as plt  # imported on use: tables and verdicts need no plotting stack
+    return plt
+
+
+def percent(fraction: float) -> str:
+    """0.01 -> '1%', 0.25 -> '25%', 1.0 -> '100%', 0.005 -> '0.5%'."""
+    return f"{100 * fraction:.3g}%"
+
+
+def first_run_confusions(results: pd.DataFrame, runs_dir) -> dict[tuple[str, str], pd.DataFrame]:
+    """{(dataset, model): confusion table (rows true, columns predicted)} of each cell's first fold
+    and lowest seed, read from runs_dir/<run>/test_predictions.csv; keys in the order of `results`."""
+    from .metrics import confusion
+
+    first_fold = results[results["fold"] == results.groupby(["dataset", "model"])["fold"].transform("min")]
+    cells = first_fold[first_fold["seed"] == first_fold.groupby(["dataset", "model"])["seed"].transform("min")]
+    out = {}
+    for _, row in cells.iterrows():
+        preds = pd.read_csv(Path(runs_dir) / row["run"] / "test_predictions.csv")
+        classes = [c[len("prob_"):] for c in preds.columns if c.startswith("prob_")]
+        out[(row["dataset"], row["model"])] = confusion(preds["label"], preds[[f"prob_{c}" for c in classes]].to_numpy(),
+                                                        classes)
+    return out
+
+
+def plot_confusion_grid(matrices: dict, title: str | None = None):
+    """Confusion matrices as a grid: one row per dataset, one column per model (keys' order), each
+    cell's count written, coloured by its share of the true class (rows sum to 1, so an imbalanced
+    test set still reads). Class names label the rows of each dataset's first panel; with more than
+    4 classes they are numbered and the columns carry the numbers (long names would not fit)."""
+    import textwrap
+
+    plt = _plt()
+    datasets = list(dict.fromkeys(d for d, _ in matrices))
+    models = list(dict.fromkeys(m for _, m in matrices))
+    n_max = max(len(cm) for cm in matrices.values())
+    side = min(3.0, max(1.6, 0.9 + 0.26 * n_max))  # inches per panel: room for n_max cells' counts
+    fig, axes = plt.subplots(len(datasets), len(models), squeeze=False, layout="constrained",
+                             figsize=(len(models) * side + 1.8, len(datasets) * (side + 0.3) + 0.6))
+    image = None
+    for r, d in enumerate(datasets):
+        present = [c for c, m in enumerate(models) if (d, m) in matrices]
+        for c, m in enumerate(models):
+            ax = axes[r, c]
+            if r == 0:
+                ax.set_title(textwrap.fill(MODEL_TITLES.get(m, m), 20), fontsize=9)
+            if (d, m) not in matrices:
+                ax.axis("off")
+                ax.text(0.5, 0.5, "not run", ha="center", va="center", color="grey", transform=ax.transAxes)
+                continue
+            cm = matrices[(d, m)]
+            counts = cm.to_numpy()
+            share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+            image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+            k = len(cm)
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7 if k > 4 else 8,
+                            color="white" if share[i, j] > 0.6 else "black")
+            numbered = k > 4
+            names = [textwrap.fill(str(n), 18) for n in cm.index]
+            ax.set_xticks(range(k), [str(i + 1) for i in range(k)] if numbered else names, fontsize=7)
+            ax.set_xlabel("predicted", fontsize=7)
+            if c == present[0]:
+                rows = [f"{i + 1}. {n}" for i, n in enumerate(names)] if numbered else names
+                ax.set_yticks(range(k), rows, fontsize=7)
+                ax.set_ylabel(f"{DATASET_TITLES.get(d, d)}\ntrue class", fontsize=9)
+            else:
+                ax.set_yticks(range(k), [""] * k)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.5, label="share of the true class")
+    fig.suptitle(title or "Confusion matrices (test set)", fontsize=10)
+    return fig
+
+
+_STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1, 1, 1)))]
+
+
+def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
+    """Test `metric` (%) against the fraction of training labels, one panel per dataset, one line per
+    model: the mean over runs (label seeds, folds) with min-max bars when a point has several runs.
+    The x axis is logarithmic with a tick at each fraction run, in percent. Models are shifted a
+    little sideways and differ in marker and line style, so equal values never hide a line."""
+    plt = _plt()
+    from matplotlib.ticker import NullLocator
+
+    datasets = list(dict.fromkeys(label_curve["dataset"]))
+    models = list(dict.fromkeys(label_curve["model"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False,
+                             layout="constrained")
+    handles = {}
+    for ax, d in zip(axes[0], datasets):
+        rows = label_curve[label_curve["dataset"] == d]
+        for k, m in enumerate(models):
+            g = rows[rows["model"] == m]
+            if g.empty:
+                continue
+            s = g.groupby("fraction")[metric].agg(["mean", "min", "max", "count"])
+            shift = 10 ** (0.03 * (k - (len(models) - 1) / 2))  # a few % sideways on the log axis
+            marker, line = _STYLES[k % len(_STYLES)]
+            spread = s["count"].max() > 1
+            h = ax.errorbar(s.index * shift, 100 * s["mean"],
+                            yerr=[100 * (s["mean"] - s["min"]), 100 * (s["max"] - s["mean"])] if spread else None,
+                            marker=marker, ls=line, ms=6, capsize=3, lw=1.5, color=f"C{k}",
+                            mfc="white" if k % 2 else f"C{k}")
+            runs = int(s["count"].min()), int(s["count"].max())
+            n = f"{runs[0]}" if runs[0] == runs[1] else f"{runs[0]}-{runs[1]}"
+            handles.setdefault(m, (h, f"{MODEL_TITLES.get(m, m)}: "
+                                      + (f"mean, min-max of {n} runs" if spread else "1 run per point")))
+        fractions = sorted(rows["fraction"].unique())
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [percent(f) for f in fractions])
+        ax.xaxis.set_minor_locator(NullLocator())  # log minor ticks would be labelled 3x10^-1 and the like
+        ax.set_xlim(fractions[0] / 1.4, fractions[-1] * 1.4)
+        ax.set_xlabel("training labels used")
+        ax.set_ylabel(f"test {metric.upper() if len(metric) < 4 else metric} (%)")
+        ax.set_title(DATASET_TITLES.get(d, d), fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.legend([h for h, _ in handles.values()], [t for _, t in handles.values()], loc="outside lower center",
+               ncol=min(len(handles), 3), fontsize=8, frameon=False)
+    return fig
