@@ -66,6 +66,7 @@ workers = -1  # DataLoader processes; -1 = auto
 heldout_per_anatomy = 20  # images per anatomy kept out of pretraining for notebook 04 (paper: 0)
 threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
 max_steps = 0  # stop after this many optimiser steps (0 = all epochs; the dry run: 1-2), with the full schedule
+snapshot_epochs = [1, 2, 5]  # also keep the model after these epochs (epoch-NNNN.pth): notebook 07's pretraining-length curve
 
 # %%
 from pathlib import Path
@@ -77,9 +78,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from usfmae_lib import UsfmaeError, mae, pretrain, store
+from usfmae_lib import UsfmaeError, mae, pretrain, store, study
 
 STEP = "03_mae_pretraining"
+study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 clean_dir = Path(out_dir) / "02_preprocessing" / "clean"
@@ -130,7 +132,7 @@ params = dict(model=model, model_overrides=model_overrides, img_size=img_size, m
               flip_p=flip_p, crop_scale=crop_scale, init_checkpoint=init_checkpoint, seed=seed,
               precision=precision, compile=compile, checkpoint_every=checkpoint_every,
               log_every=log_every, workers=workers, threads=threads, heldout_per_anatomy=heldout_per_anatomy,
-              max_steps=max_steps)
+              max_steps=max_steps, snapshot_epochs=snapshot_epochs)
 augment = pretrain.augment_config(pretrain.resolve_params(**params))
 dataset = store.StoreDataset(store_dir, seed, num_patches=1)
 shown = np.linspace(0, len(dataset) - 1, 4).astype(int)
@@ -177,10 +179,14 @@ pd.Series(summary).to_frame("value")
 
 # %%
 log = pd.read_csv(step_dir / "log.csv")
-window = max(1, len(log) // 50)
+window = max(1, len(log) // 50)  # a running mean over ~2% of the run; none under 100 steps
+span = "step" if window == 1 else f"{window} steps"
 fig, ax = plt.subplots(figsize=(7, 4))
-ax.plot(log.epoch, log.loss, lw=0.6, alpha=0.4, label="per step")
-ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"mean of {window} steps")
+if window > 1:
+    ax.plot(log.epoch, log.loss, lw=0.6, alpha=0.4, label="per step")
+    ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"running mean of {span}")
+else:  # too few steps to smooth: each step, marked
+    ax.plot(log.epoch, log.loss, lw=1, marker="o", ms=3, label=f"per step ({len(log)} step{'s' * (len(log) != 1)})")
 ax.set_xlabel("epoch")
 ax.set_ylabel("masked-patch MSE (normalised pixels)" if not norm_pix_loss else "masked-patch MSE (per-patch normalised)")
 ax.set_title(f"{model}, {img_size} px, mask {mask_ratio:.0%}: reconstruction loss")
@@ -197,7 +203,7 @@ fig.tight_layout()
 fig.savefig(step_dir / "fig_lr_schedule.png", dpi=120)
 
 first, last = log.loss.head(window).mean(), log.loss.tail(window).mean()
-print(f"loss: first {window} steps {first:.4f} -> last {window} steps {last:.4f} ({last / first:.0%} of the start)")
+print(f"loss: first {span} {first:.4f} -> last {span} {last:.4f} ({last / first:.0%} of the start)")
 pd.DataFrame([{**summary, "loss_first_steps": first, "loss_last_steps": last}]).to_csv(
     step_dir / "pretraining_summary.csv", index=False)
 

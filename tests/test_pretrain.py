@@ -438,3 +438,18 @@ def test_a_cpu_computes_in_fp32_whatever_precision_asks(store_dir, tmp_path, cap
     summary = pretrain.train(store_dir, tmp_path, progress=False, **{**RUN, "precision": "bf16", "max_steps": 1})
     assert summary["precision_run"] == "fp32" and summary["device"] == "cpu"
     assert "precision bf16 requested" in capsys.readouterr().out
+
+
+def test_snapshot_epochs_keep_loadable_models_that_do_not_change_the_run(store_dir, tmp_path):
+    """Notebook 07's pretraining-length curve reads these; keeping them changes nothing computed."""
+    pretrain.train(store_dir, tmp_path / "snap", progress=False, **{**RUN, "snapshot_epochs": [1, 2]})  # 2: the end
+    kept = pretrain.snapshots(tmp_path / "snap" / "checkpoints")
+    assert list(kept) == [1]
+    raw = torch.load(kept[1], weights_only=True)
+    assert raw["epoch"] == 1 and "optimizer" not in raw and raw["params"]["snapshot_epochs"] == [1, 2]
+    mae.load_model(kept[1])  # an MAE checkpoint like any other
+    pretrain.train(store_dir, tmp_path / "plain", progress=False, **RUN)
+    a = _weights(tmp_path / "snap" / "checkpoints" / pretrain.CHECKPOINT)
+    b = _weights(tmp_path / "plain" / "checkpoints" / pretrain.CHECKPOINT)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(_weights(kept[1])["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])

@@ -80,11 +80,13 @@ DEFAULTS = dict(
     threads=0,  # torch CPU threads of the training process; 0 = torch's default (all cores)
     model_overrides={},  # constructor overrides of the named config (e.g. depth=2 for tests)
     heldout_per_anatomy=20,  # images per anatomy kept out of the store for notebook 04 (paper: 0)
+    snapshot_epochs=[],  # also keep the model (no optimiser) after these epochs: checkpoints/epoch-NNNN.pth,
+    # read by notebook 07 (downstream score along pretraining); the end is checkpoint-last.pth
     max_steps=0,  # stop after this many optimiser steps (0 = the whole schedule); the lr schedule is still
     # that of all `epochs`, so the steps run are the full run's first steps and a resume can go on from them
 )
 # parameters that may change when a run is resumed (they do not change what is computed)
-RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads", "max_steps")
+RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads", "max_steps", "snapshot_epochs")
 
 
 # ============================================================================ recipe pieces
@@ -446,6 +448,9 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
                 log.flush(step)  # raises on a NaN/inf loss, before anything is saved
             if save_now:
                 _save(ckpt_file, raw_model, optimizer, scheduler, scaler, step, steps_per_epoch, p, world, rank)
+            if (rank == 0 and step % steps_per_epoch == 0 and step < total_steps  # the end is checkpoint-last.pth
+                    and step // steps_per_epoch in p["snapshot_epochs"]):
+                save_snapshot(ckpt_file.parent, raw_model, step, steps_per_epoch, p)
             if step >= stop_step:
                 break
     return {**summary, **log.close()}
@@ -609,6 +614,23 @@ def _save(ckpt_file, model, optimizer, scheduler, scaler, step, steps_per_epoch,
         }, ckpt_file)
 
 
+def snapshot_path(checkpoints_dir, epoch: int) -> Path:
+    return Path(checkpoints_dir) / f"epoch-{epoch:04d}.pth"
+
+
+def save_snapshot(checkpoints_dir, model, step: int, steps_per_epoch: int, p: dict) -> Path:
+    """The model alone after an epoch of `snapshot_epochs` (an MAE checkpoint any step can load)."""
+    epoch = step // steps_per_epoch
+    return save_checkpoint({"model": model.state_dict(), "step": step, "epoch": epoch, "params": p},
+                           snapshot_path(checkpoints_dir, epoch))
+
+
+def snapshots(checkpoints_dir) -> dict[int, Path]:
+    """{epoch: file} of the snapshots a run kept, in epoch order."""
+    found = {int(f.stem.split("-")[1]): f for f in Path(checkpoints_dir).glob("epoch-[0-9][0-9][0-9][0-9].pth")}
+    return dict(sorted(found.items()))
+
+
 def _checkpoint_step(path) -> int:
     """The step a pretraining checkpoint was saved at; UsfmaeError when it is unreadable."""
     try:
@@ -655,6 +677,8 @@ def _add_arguments(p: argparse.ArgumentParser):
         flag, kw = f"--{key.replace('_', '-')}", dict(dest=f"opt_{key}", help=f"(default {default!r})")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif key == "snapshot_epochs":
+            p.add_argument(flag, type=int, nargs="*", metavar="EPOCH", **kw)
         elif isinstance(default, list):
             p.add_argument(flag, type=float, nargs=2, metavar=("LOW", "HIGH"), **kw)
         elif isinstance(default, (int, float)):

@@ -1,0 +1,212 @@
+"""Notebook 07: the paper's claims beyond Table 2, as experiments on frozen encoders.
+
+1. Pretraining helps: the pretrained encoder against the same architecture at random init, with
+   1-100% of the training labels (k-NN and a linear probe of frozen features); the fine-tuned
+   side of the claim is notebook 05's (results.csv, label_efficiency.csv), read here if present.
+2. Mask ratio: notebook 03's recipe pretrained again at other ratios (same images, epochs and
+   seed); what transfers is scored the same way, next to the 25% run of notebook 03.
+3. Pretraining length: the same scores at the snapshots notebook 03 kept along its run
+   (`snapshot_epochs`), the monitor self-supervised libraries run during pretraining.
+
+Frozen features are computed once per (checkpoint, split) and every label fraction and seed reuses
+them, which is why all three fit in minutes on a CPU. k-NN: cosine similarity on L2-normalised
+features, k = 20 (or fewer training images), votes weighted by similarity (DINO's monitor, without
+its temperature). Linear probe: standardised features, logistic regression, C picked on
+validation F1 (as notebook 05's probe).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import UsfmaeError, mae, pretrain
+from . import finetune as ft
+from .metrics import classification_metrics
+from .plots import paired_difference
+from .results import DATASET_TITLES, unjudged
+
+STEP = "07_ablations"
+METHODS = ("k-NN", "linear probe")
+RANDOM = "random init"  # the label of the same architecture with no pretraining
+
+
+def frozen_encoder(checkpoint, img_size: int, random_init: bool = False, seed: int = 0, pool: str = "token",
+                   device="auto") -> torch.nn.Module:
+    """The encoder of an MAE checkpoint as a timm ViT in eval mode (random_init: its architecture
+    with seeded random weights, the scratch control)."""
+    torch.manual_seed(seed)
+    model, _, _ = ft.build_classifier("scratch" if random_init else "usf-mae", 2, img_size, checkpoint, pool=pool)
+    return model.to(ft.pick_device(device) if isinstance(device, str) else device).eval()
+
+
+def split_features(model, data: ft.Data, cache: dict | None = None) -> dict[str, np.ndarray]:
+    """{part: [N, D] features} of one split; `cache` (path -> feature) spares the images that
+    other folds of the same dataset already showed the encoder."""
+    cache = {} if cache is None else cache
+    device = next(model.parameters()).device
+    for part, df in data.split.parts().items():
+        new = [i for i, path in enumerate(df["path"]) if path not in cache]
+        if new:
+            for i, f in zip(new, ft.features(model, data.images[part][new], device)):
+                cache[df["path"].iloc[i]] = f
+    return {part: np.stack([cache[path] for path in df["path"]]) for part, df in data.split.parts().items()}
+
+
+def _knn_proba(train_x, train_y, x, n_classes: int, k: int = 20) -> np.ndarray:
+    """Similarity-weighted votes of the k nearest training features (cosine): [N, C] probabilities."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True).clip(1e-12)
+    b = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    sim = b @ a.T  # [N, n_train]
+    k = min(k, len(train_x))
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # [N, k]
+    votes = np.zeros((len(x), n_classes))
+    np.add.at(votes, (np.arange(len(x))[:, None], train_y[top]), np.take_along_axis(sim, top, 1).clip(0) + 1e-6)
+    return votes / votes.sum(1, keepdims=True)
+
+
+def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed, cs=(0.01, 0.1, 1.0, 10.0)):
+    """Logistic regression on standardised features, C picked on validation F1: test probabilities."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    if len(np.unique(train_y)) < 2:  # one labelled class: a one-class predictor, as sklearn cannot fit
+        prob = np.zeros((len(feats["test"]), n_classes))
+        prob[:, train_y[0]] = 1
+        return prob
+    best = None
+    for c in cs:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+        clf.fit(train_x, train_y)
+        f1 = classification_metrics(y_val, ft._full_proba(clf, feats["val"], n_classes), positive)["f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, clf)
+    return ft._full_proba(best[1], feats["test"], n_classes)
+
+
+def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
+    """Test F1 and balanced accuracy of k-NN and the linear probe on `feats`, for each fraction of
+    the training labels (stratified, >= 1 per class; notebook 05's subsample) and label seed."""
+    split, n_classes = data.split, len(data.split.classes)
+    y = {part: data.labels[part].numpy() for part in ("train", "val", "test")}
+    rows = []
+    for fraction in fractions:
+        for s in range(label_seeds if fraction < 1 else 1):  # all labels: one subsample, whatever the seed
+            index = ft.subsample_labels(data.labels["train"], fraction, s)
+            train_x, train_y = feats["train"][index], y["train"][index]
+            for method in METHODS:
+                prob = (_knn_proba(train_x, train_y, feats["test"], n_classes, k) if method == "k-NN"
+                        else _probe_proba(train_x, train_y, feats, y["val"], n_classes, split.positive, s))
+                m = classification_metrics(y["test"], prob, split.positive)
+                rows.append(dict(dataset=split.dataset, fold=split.fold, method=method, fraction=fraction,
+                                 label_seed=s, n_train=len(index), f1=m["f1"],
+                                 balanced_accuracy=m["balanced_accuracy"]))
+    return pd.DataFrame(rows)
+
+
+def score_encoders(encoders: dict, data: dict, fractions=(1.0,), label_seeds: int = 1, seed: int = 0,
+                   device="auto", k: int = 20, log=print) -> pd.DataFrame:
+    """frozen_scores of every encoder on every split. encoders: {label: (checkpoint, random_init)};
+    data: {(dataset, fold): Data}, all at one image size. One row per (encoder, split, method,
+    fraction, label seed). Each image goes through each encoder once, whatever the number of folds."""
+    tables = []
+    size = next(iter(data.values())).img_size
+    for label, (checkpoint, random_init) in encoders.items():
+        model, cache = frozen_encoder(checkpoint, size, random_init, seed, device=device), {}
+        for (dataset, fold), d in data.items():
+            table = frozen_scores(d, split_features(model, d, cache), fractions, label_seeds, k)
+            table.insert(0, "encoder", label)
+            tables.append(table)
+        if log:
+            log(f"scored {label}: {len(data)} split(s), {len(cache)} images")
+    return pd.concat(tables, ignore_index=True)
+
+
+def pretrain_variant(checkpoint, store_dir, run_dir, progress: bool = False, **changes) -> Path:
+    """Notebook 03's run again with `changes` (e.g. mask_ratio=0.75): every other parameter is the
+    checkpoint's own, so the runs differ only there. Resumable; returns its checkpoint-last.pth."""
+    params = mae._read_checkpoint(checkpoint).get("params")
+    if not isinstance(params, dict):
+        raise UsfmaeError(f"{checkpoint}: no pretraining parameters recorded (a bare state dict); the ablation "
+                          "needs notebook 03's checkpoint-last.pth to repeat its recipe")
+    params = {k: v for k, v in params.items() if k in pretrain.DEFAULTS}
+    params.update(snapshot_epochs=[], **changes)
+    pretrain.train(store_dir, run_dir, resume=True, progress=progress, **params)
+    return Path(run_dir) / "checkpoints" / pretrain.CHECKPOINT
+
+
+def mean_scores(scores: pd.DataFrame, by=("encoder", "dataset", "method", "fraction")) -> pd.DataFrame:
+    """Mean and sd of F1 over folds and label seeds, per `by` (what the figures draw)."""
+    g = scores.groupby(list(by), sort=False)["f1"]
+    return g.agg(f1="mean", sd="std", n="count").reset_index()
+
+
+def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, method: str = "linear probe",
+            fraction: float = 1.0) -> list[str]:
+    """Per dataset: is encoder `a`'s F1 above encoder `b`'s? Judged on paired differences over the
+    (fold, label seed) units both have, with a Student-t 95% interval; "too small to judge" on the
+    smoke profile, with fewer than two pairs, or when the interval includes 0."""
+    lines = []
+    sub = scores[(scores["method"] == method) & (scores["fraction"] == fraction)]
+    for dataset, g in sub.groupby("dataset", sort=False):
+        pivot = g.pivot_table(index=["fold", "label_seed"], columns="encoder", values="f1")
+        if a not in pivot or b not in pivot:
+            continue
+        pivot = pivot[[a, b]].dropna()
+        d = paired_difference(pivot[a], pivot[b])
+        numbers = (f"F1 {100 * pivot[a].mean():.1f} vs {100 * pivot[b].mean():.1f}, difference {100 * d['mean']:+.1f} "
+                   + (f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] over {d['n']} paired fold(s) x label seed(s)"
+                      if np.isfinite(d["low"]) else f"(no interval: {d['n']} pair)"))
+        why = [w for w in (unjudged(profile),) if w]
+        if not np.isfinite(d["low"]):
+            why.append("one pair: no spread to judge the difference by")
+        elif d["low"] <= 0 <= d["high"]:
+            why.append("the 95% interval includes 0")
+        head = f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {fraction:.0%} of labels: {a} vs {b}"
+        if why:
+            lines.append(f"{head}: too small to judge ({'; '.join(why)}); {numbers}")
+        else:
+            lines.append(f"{head}: {a} {'above' if d['mean'] > 0 else 'below'} {b}; {numbers}")
+    return lines
+
+
+# ---------------------------------------------------------------------------- figures
+def plot_curves(means: pd.DataFrame, x: str, title: str, xlabel: str, log_x: bool = False, x_labels=None,
+                reference: pd.DataFrame | None = None):
+    """One panel per (method, dataset); one line per encoder with its sd band. `means`: mean_scores;
+    `reference` (mean_scores of one encoder, e.g. random init): a dashed level in each panel."""
+    import matplotlib.pyplot as plt
+    datasets, methods = list(dict.fromkeys(means["dataset"])), list(dict.fromkeys(means["method"]))
+    fig, axes = plt.subplots(len(methods), len(datasets), figsize=(3.6 * len(datasets), 2.8 * len(methods)),
+                             squeeze=False, sharey=True)
+    markers = "osD^v<>"
+    for r, method in enumerate(methods):
+        for c, dataset in enumerate(datasets):
+            ax = axes[r, c]
+            sub = means[(means["method"] == method) & (means["dataset"] == dataset)]
+            for i, (enc, g) in enumerate(sub.groupby("encoder", sort=False)):
+                g = g.sort_values(x)
+                ax.plot(g[x], 100 * g["f1"], marker=markers[i % len(markers)], lw=1.5, label=enc)
+                sd = 100 * g["sd"].fillna(0)
+                ax.fill_between(g[x], 100 * g["f1"] - sd, 100 * g["f1"] + sd, alpha=0.15)
+            if reference is not None:
+                level = reference[(reference["method"] == method) & (reference["dataset"] == dataset)]["f1"]
+                if len(level):
+                    ax.axhline(100 * level.mean(), color="grey", ls="--", lw=1, label=reference["encoder"].iloc[0])
+            if log_x:
+                ax.set_xscale("log")
+            ticks = sorted(sub[x].unique())
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([x_labels(t) if x_labels else f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+            ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)} · {method}", fontsize=9)
+            ax.set_xlabel(xlabel)
+            if c == 0:
+                ax.set_ylabel("test F1 (%)")
+            ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
