@@ -45,7 +45,7 @@ gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits scored
 val_fraction = 0.15  # as notebook 05: MMOTU-2D and GIST514-DB carve validation from training
 label_fractions = [0.01, 0.1, 0.25, 1.0]  # claim 1: fractions of the training labels (>= 1 per class)
 label_seeds = 3  # subsamples per fraction below 1
-mask_ratios = [0.75, 0.9]  # claim 2: ratios pretrained again (notebook 03's own ratio is the reference)
+pretrain_mask_ratios = [0.75, 0.9]  # claim 2: ratios pretrained again (notebook 03's own ratio is the reference)
 knn_k = 20  # neighbours of the k-NN monitor
 device = "auto"  # auto = cuda when available
 max_images = 0  # images per part of each split, a seeded sample by class (0 = all; dry run)
@@ -94,14 +94,15 @@ print(f"{len(data)} split(s): {sorted(data)}")
 
 # %%
 encoders = {f"USF-MAE (mask {base_ratio:.0%})": (mae_checkpoint, False), ablations.RANDOM: (mae_checkpoint, True)}
-labels_scores = ablations.score_encoders(encoders, data, label_fractions, label_seeds, seed, device, knn_k)
+pretrained = next(iter(encoders))
+fractions = sorted(set(label_fractions) | {1.0})  # all labels always: claims 2 and 3 reuse those rows
+labels_scores = ablations.score_encoders(encoders, data, fractions, label_seeds, seed, device, knn_k)
 labels_scores.to_csv(step_dir / "labels_pretrained_vs_random.csv", index=False)
 means = ablations.mean_scores(labels_scores)
 fig = ablations.plot_curves(means, "fraction", "Frozen encoder: pretrained vs random init", "training labels",
                             log_x=True, x_labels=lambda f: f"{f:.0%}")
 fig.savefig(step_dir / "labels_pretrained_vs_random.png", dpi=120, bbox_inches="tight")
-pretrained = next(iter(encoders))
-for fraction in (min(label_fractions), 1.0):
+for fraction in (min(fractions), 1.0):
     for method in ablations.METHODS:
         for line in ablations.verdict(labels_scores, pretrained, ablations.RANDOM, profile, method, fraction):
             print(line)
@@ -120,22 +121,28 @@ else:
 
 # %% [markdown]
 # ## 2. Mask ratio: what transfers
-# Notebook 03's recipe pretrained again at each ratio in `mask_ratios` (every other parameter is
+# Notebook 03's recipe pretrained again at each ratio in `pretrain_mask_ratios` (every other parameter is
 # the checkpoint's own), then scored like claim 1 with all labels. Resumable: a finished run is reused.
 
 # %%
-ratio_encoders = {f"mask {base_ratio:.0%}": (mae_checkpoint, False)}
-for ratio in mask_ratios:
+ratio_encoders = {}  # the other ratios; notebook 03's and random init come from claim 1
+store_dir = Path(out_dir) / "03_mae_pretraining" / "store"
+if pretrain_mask_ratios and not (run_params and (store_dir / "store.json").exists()):
+    print(f"no other ratio pretrained: {'the checkpoint records no recipe (released weights)' if not run_params else f'no packed store at {store_dir}'}; "
+          "claim 2 needs notebook 03's run in this out_dir")
+    pretrain_mask_ratios = []
+for ratio in pretrain_mask_ratios:
     if ratio == base_ratio:
         continue
     run = step_dir / f"pretrain_mask{round(100 * ratio)}"
     print(f"pretraining at mask {ratio:.0%} -> {run}")
     ratio_encoders[f"mask {ratio:.0%}"] = (ablations.pretrain_variant(
-        mae_checkpoint, Path(out_dir) / "03_mae_pretraining" / "store", run, mask_ratio=ratio), False)
-ratio_encoders[ablations.RANDOM] = (mae_checkpoint, True)
-ratio_scores = ablations.score_encoders(ratio_encoders, data, [1.0], 1, seed, device, knn_k)
+        mae_checkpoint, store_dir, run, mask_ratio=ratio), False)
+ratio_scores = pd.concat([ablations.reuse(labels_scores, {pretrained: f"mask {base_ratio:.0%}", ablations.RANDOM: ablations.RANDOM}),
+                          *([ablations.score_encoders(ratio_encoders, data, [1.0], 1, seed, device, knn_k)] if ratio_encoders else [])],
+                         ignore_index=True)
 ratio_scores["mask_ratio"] = ratio_scores["encoder"].map(
-    {label: float(label.split()[1].rstrip("%")) / 100 for label in ratio_encoders if label.startswith("mask")})
+    lambda label: float(label.split()[1].rstrip("%")) / 100 if label.startswith("mask") else float("nan"))
 ratio_scores.to_csv(step_dir / "mask_ratio_transfer.csv", index=False)
 pretrained_ratios = ratio_scores.dropna(subset=["mask_ratio"])
 fig = ablations.plot_curves(ablations.mean_scores(pretrained_ratios.assign(encoder="pretrained"),
@@ -145,31 +152,34 @@ fig = ablations.plot_curves(ablations.mean_scores(pretrained_ratios.assign(encod
                             reference=ablations.mean_scores(ratio_scores[ratio_scores["encoder"] == ablations.RANDOM]))
 fig.savefig(step_dir / "mask_ratio_transfer.png", dpi=120, bbox_inches="tight")
 for label in ratio_encoders:
-    if label.startswith("mask") and label != f"mask {base_ratio:.0%}":
-        for method in ablations.METHODS:
-            for line in ablations.verdict(ratio_scores, f"mask {base_ratio:.0%}", label, profile, method):
-                print(line)
+    for method in ablations.METHODS:
+        for line in ablations.verdict(ratio_scores, f"mask {base_ratio:.0%}", label, profile, method):
+            print(line)
 
 # %% [markdown]
 # ## 3. Pretraining length
-# The snapshots notebook 03 kept (`snapshot_epochs`) and its last checkpoint, scored with all labels;
-# epoch 0 is the random init.
+# The snapshots notebook 03 kept (`snapshot_epochs`) and its last checkpoint, scored with all labels,
+# against the optimiser steps each had taken; step 0 is the random init.
 
 # %%
-kept = pretrain.snapshots(mae_checkpoint.parent)
-last_epoch = int(mae._read_checkpoint(mae_checkpoint).get("epoch") or run_params.get("epochs", 0))
-along = {"epoch 0": (mae_checkpoint, True), **{f"epoch {e}": (path, False) for e, path in kept.items() if e < last_epoch},
-         f"epoch {last_epoch}": (mae_checkpoint, False)}
-length_scores = ablations.score_encoders(along, data, [1.0], 1, seed, device, knn_k)
-length_scores["epoch"] = length_scores["encoder"].str.split().str[1].astype(int)
-length_scores.to_csv(step_dir / "pretraining_length.csv", index=False)
-fig = ablations.plot_curves(ablations.mean_scores(length_scores.assign(encoder="notebook 03's run"),
-                                                  by=("encoder", "dataset", "method", "epoch")),
-                            "epoch", "Downstream score along pretraining (frozen encoder, all labels)",
-                            "pretraining epochs")
-fig.savefig(step_dir / "pretraining_length.png", dpi=120, bbox_inches="tight")
-if len(along) < 3:
-    print("only the start and the end: set snapshot_epochs in notebook 03 for points in between")
-for method in ablations.METHODS:
-    for line in ablations.verdict(length_scores, f"epoch {last_epoch}", "epoch 0", profile, method):
-        print(line)
+last_step = mae._read_checkpoint(mae_checkpoint).get("step")
+if not isinstance(last_step, int):
+    print("the checkpoint records no step (released weights): no curve along pretraining")
+else:
+    kept = {int(mae._read_checkpoint(path)["step"]): path for path in pretrain.snapshots(mae_checkpoint.parent).values()}
+    along = {f"step {k}": (path, False) for k, path in kept.items() if k < last_step}  # start and end: from claim 1
+    length_scores = pd.concat([ablations.reuse(labels_scores, {ablations.RANDOM: "step 0", pretrained: f"step {last_step}"}),
+                               *([ablations.score_encoders(along, data, [1.0], 1, seed, device, knn_k)] if along else [])],
+                              ignore_index=True)
+    length_scores["step"] = length_scores["encoder"].str.split().str[1].astype(int)
+    length_scores.to_csv(step_dir / "pretraining_length.csv", index=False)
+    fig = ablations.plot_curves(ablations.mean_scores(length_scores.assign(encoder="notebook 03's run"),
+                                                      by=("encoder", "dataset", "method", "step")),
+                                "step", "Downstream score along pretraining (frozen encoder, all labels)",
+                                "pretraining steps (optimiser)")
+    fig.savefig(step_dir / "pretraining_length.png", dpi=120, bbox_inches="tight")
+    if not along:
+        print("only the start and the end: set snapshot_epochs in notebook 03 for points in between")
+    for method in ablations.METHODS:
+        for line in ablations.verdict(length_scores, f"step {last_step}", "step 0", profile, method):
+            print(line)

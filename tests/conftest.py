@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 import csv
+import os
 import re
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import pandas as pd
 import pytest
 
 from usfmae_lib import synthetic
+
+# Under pytest-xdist (README's test command) each worker, and every kernel or command it starts,
+# computes on one thread: two workers with torch's default of one thread per core would put twice
+# as many busy threads as cores on the machine, and OpenMP threads that wait by spinning then slow
+# every step. A single test run (no workers) keeps torch's default.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Real ultrasound samples live beside a development checkout (../shared/data/real), never in the
 # repository: a user's clone has none, and every test that reads them skips and says why.

@@ -6,7 +6,7 @@
 2. Mask ratio: notebook 03's recipe pretrained again at other ratios (same images, epochs and
    seed); what transfers is scored the same way, next to the 25% run of notebook 03.
 3. Pretraining length: the same scores at the snapshots notebook 03 kept along its run
-   (`snapshot_epochs`), the monitor self-supervised libraries run during pretraining.
+   (`snapshot_epochs`), against optimiser steps: the monitor self-supervised libraries run during pretraining.
 
 Frozen features are computed once per (checkpoint, split) and every label fraction and seed reuses
 them, which is why all three fit in minutes on a CPU. k-NN: cosine similarity on L2-normalised
@@ -122,6 +122,13 @@ def score_encoders(encoders: dict, data: dict, fractions=(1.0,), label_seeds: in
         if log:
             log(f"scored {label}: {len(data)} split(s), {len(cache)} images")
     return pd.concat(tables, ignore_index=True)
+
+
+def reuse(scores: pd.DataFrame, names: dict, fraction: float = 1.0) -> pd.DataFrame:
+    """The rows of already scored encoders at one label fraction under new labels ({old: new}):
+    claims 2 and 3 compare with the same two encoders claim 1 scored, so they are not scored twice."""
+    rows = scores[scores["encoder"].isin(names) & (scores["fraction"] == fraction)]
+    return rows.assign(encoder=rows["encoder"].map(names))
 
 
 def pretrain_variant(checkpoint, store_dir, run_dir, progress: bool = False, **changes) -> Path:
