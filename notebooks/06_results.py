@@ -39,11 +39,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from usfmae_lib import results as res, study
-from usfmae_lib.metrics import confusion
 
 STEP = "06_results"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)

@@ -22,7 +22,7 @@
 #
 # 1. **Pretraining on ultrasound helps**, most with few labels: notebook 03's encoder against the
 #    same architecture at random init, with 1, 10, 25 and 100% of the training labels. The
-#    fine-tuned side of this claim is notebook 05's (drawn here too when its tables exist).
+#    fine-tuned side of this claim is notebook 05's (its table printed here when it exists).
 # 2. **25% masking transfers better than 75-90%** (the paper's text; the official code used 75%):
 #    notebook 03's recipe run again at each other ratio, same images, epochs and seed.
 # 3. **Longer pretraining pays less and less** (the paper: 500 epochs give about what 100 do): the
@@ -56,6 +56,7 @@ from pathlib import Path
 import pandas as pd
 
 from usfmae_lib import UsfmaeError, ablations, mae, pretrain, study
+from usfmae_lib.results import percent
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split, official_folds
 
@@ -73,7 +74,8 @@ mae_checkpoint = Path(checkpoint) if checkpoint else Path(out_dir) / "03_mae_pre
 if not mae_checkpoint.exists():
     raise UsfmaeError(f"{mae_checkpoint} not found: run notebook 03 (MAE pretraining) for this out_dir first, "
                       "or set the checkpoint parameter")
-run_params = mae._read_checkpoint(mae_checkpoint).get("params") or {}
+run_record = mae._read_checkpoint(mae_checkpoint)  # read once: its recipe (claim 2) and its step (claim 3)
+run_params = run_record.get("params") or {}
 size = ft.mae_checkpoint_info(mae_checkpoint)[2]
 base_ratio = run_params.get("mask_ratio", 0.25)
 print(f"checkpoint {mae_checkpoint}: {run_params.get('model', '?')}, {size} px, mask {base_ratio:.0%}, "
@@ -100,7 +102,7 @@ labels_scores = ablations.score_encoders(encoders, data, fractions, label_seeds,
 labels_scores.to_csv(step_dir / "labels_pretrained_vs_random.csv", index=False)
 means = ablations.mean_scores(labels_scores)
 fig = ablations.plot_curves(means, "fraction", "Frozen encoder: pretrained vs random init", "training labels",
-                            log_x=True, x_labels=lambda f: f"{f:.0%}")
+                            log_x=True, x_labels=percent)
 fig.savefig(step_dir / "labels_pretrained_vs_random.png", dpi=120, bbox_inches="tight")
 for fraction in (min(fractions), 1.0):
     for method in ablations.METHODS:
@@ -126,6 +128,7 @@ else:
 
 # %%
 ratio_encoders = {}  # the other ratios; notebook 03's and random init come from claim 1
+ratio_of = {f"mask {base_ratio:.0%}": base_ratio}  # encoder label -> its mask ratio
 store_dir = Path(out_dir) / "03_mae_pretraining" / "store"
 if pretrain_mask_ratios and not (run_params and (store_dir / "store.json").exists()):
     print(f"no other ratio pretrained: {'the checkpoint records no recipe (released weights)' if not run_params else f'no packed store at {store_dir}'}; "
@@ -138,11 +141,11 @@ for ratio in pretrain_mask_ratios:
     print(f"pretraining at mask {ratio:.0%} -> {run}")
     ratio_encoders[f"mask {ratio:.0%}"] = (ablations.pretrain_variant(
         mae_checkpoint, store_dir, run, mask_ratio=ratio), False)
+    ratio_of[f"mask {ratio:.0%}"] = ratio
 ratio_scores = pd.concat([ablations.reuse(labels_scores, {pretrained: f"mask {base_ratio:.0%}", ablations.RANDOM: ablations.RANDOM}),
                           *([ablations.score_encoders(ratio_encoders, data, [1.0], 1, seed, device, knn_k)] if ratio_encoders else [])],
                          ignore_index=True)
-ratio_scores["mask_ratio"] = ratio_scores["encoder"].map(
-    lambda label: float(label.split()[1].rstrip("%")) / 100 if label.startswith("mask") else float("nan"))
+ratio_scores["mask_ratio"] = ratio_scores["encoder"].map(ratio_of)  # random init: NaN
 ratio_scores.to_csv(step_dir / "mask_ratio_transfer.csv", index=False)
 pretrained_ratios = ratio_scores.dropna(subset=["mask_ratio"])
 fig = ablations.plot_curves(ablations.mean_scores(pretrained_ratios.assign(encoder="pretrained"),
@@ -162,7 +165,7 @@ for label in ratio_encoders:
 # against the optimiser steps each had taken; step 0 is the random init.
 
 # %%
-last_step = mae._read_checkpoint(mae_checkpoint).get("step")
+last_step = run_record.get("step")
 if not isinstance(last_step, int):
     print("the checkpoint records no step (released weights): no curve along pretraining")
 else:
@@ -171,7 +174,7 @@ else:
     length_scores = pd.concat([ablations.reuse(labels_scores, {ablations.RANDOM: "step 0", pretrained: f"step {last_step}"}),
                                *([ablations.score_encoders(along, data, [1.0], 1, seed, device, knn_k)] if along else [])],
                               ignore_index=True)
-    length_scores["step"] = length_scores["encoder"].str.split().str[1].astype(int)
+    length_scores["step"] = length_scores["encoder"].map({"step 0": 0, f"step {last_step}": last_step, **{f"step {k}": k for k in kept}})
     length_scores.to_csv(step_dir / "pretraining_length.csv", index=False)
     fig = ablations.plot_curves(ablations.mean_scores(length_scores.assign(encoder="notebook 03's run"),
                                                       by=("encoder", "dataset", "method", "step")),

@@ -26,7 +26,7 @@ from . import UsfmaeError, mae, pretrain
 from . import finetune as ft
 from .metrics import classification_metrics
 from .plots import paired_difference
-from .results import DATASET_TITLES, unjudged
+from .results import DATASET_TITLES, percent, unjudged
 
 STEP = "07_ablations"
 METHODS = ("k-NN", "linear probe")
@@ -67,23 +67,14 @@ def _knn_proba(train_x, train_y, x, n_classes: int, k: int = 20) -> np.ndarray:
     return votes / votes.sum(1, keepdims=True)
 
 
-def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed, cs=(0.01, 0.1, 1.0, 10.0)):
-    """Logistic regression on standardised features, C picked on validation F1: test probabilities."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed):
+    """Notebook 05's linear probe (ft.fit_probe) on these features: test probabilities."""
     if len(np.unique(train_y)) < 2:  # one labelled class: a one-class predictor, as sklearn cannot fit
         prob = np.zeros((len(feats["test"]), n_classes))
         prob[:, train_y[0]] = 1
         return prob
-    best = None
-    for c in cs:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-        clf.fit(train_x, train_y)
-        f1 = classification_metrics(y_val, ft._full_proba(clf, feats["val"], n_classes), positive)["f1"]
-        if best is None or f1 > best[0]:
-            best = (f1, clf)
-    return ft._full_proba(best[1], feats["test"], n_classes)
+    clf = ft.fit_probe(train_x, train_y, feats["val"], y_val, n_classes, positive, seed)[2]
+    return ft._full_proba(clf, feats["test"], n_classes)
 
 
 def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
@@ -171,7 +162,7 @@ def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, me
             why.append("one pair: no spread to judge the difference by")
         elif d["low"] <= 0 <= d["high"]:
             why.append("the 95% interval includes 0")
-        head = f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {fraction:.0%} of labels: {a} vs {b}"
+        head = f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {percent(fraction)} of labels: {a} vs {b}"
         if why:
             lines.append(f"{head}: too small to judge ({'; '.join(why)}); {numbers}")
         else:

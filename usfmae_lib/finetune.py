@@ -871,9 +871,6 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
                  pool: str = "token", device="auto", n_bootstrap: int = 1000, cs=(0.01, 0.1, 1.0, 10.0),
                  log=print) -> dict:
     """Frozen encoder -> features -> LogisticRegression (C picked on validation F1); resumable."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
     directory = run_dir(runs, split.dataset, split.fold, model_name, "probe", tag, seed, 1.0, split.images)
@@ -892,15 +889,8 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     model.to(device)
     feats = {part: features(model, data.images[part], device) for part in ("train", "val", "test")}
     y = {part: data.labels[part].numpy() for part in feats}
-    best = None
-    for c in cs:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
-        clf.fit(feats["train"], y["train"])
-        prob = _full_proba(clf, feats["val"], len(split.classes))
-        f1 = classification_metrics(y["val"], prob, split.positive)["f1"]
-        if best is None or f1 > best[0]:
-            best = (f1, c, clf)
-    val_f1, c, clf = best
+    val_f1, c, clf = fit_probe(feats["train"], y["train"], feats["val"], y["val"], len(split.classes),
+                               split.positive, seed, cs)
     prob = _full_proba(clf, feats["test"], len(split.classes))
     if log:
         log(f"{split.dataset} {model_name} linear probe: C={c:g}, val f1 {val_f1:.3f}; init {init}")
@@ -910,6 +900,23 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
                fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
                img_size=data.img_size, probe_C=c, pool=pool, val_f1=val_f1, run=directory.relative_to(runs).as_posix())
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
+
+
+def fit_probe(train_x, train_y, val_x, val_y, n_classes: int, positive, seed: int,
+              cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[float, float, object]:
+    """(validation F1, C, fitted pipeline) of the logistic regression on standardised features whose
+    C (of `cs`) scores the best validation F1: the linear probe of notebooks 05 and 07."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    best = None
+    for c in cs:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+        clf.fit(train_x, train_y)
+        f1 = classification_metrics(val_y, _full_proba(clf, val_x, n_classes), positive)["f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, c, clf)
+    return best
 
 
 def _full_proba(clf, x, n_classes) -> np.ndarray:

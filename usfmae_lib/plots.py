@@ -638,13 +638,10 @@ def plot_attention(images: np.ndarray, maps: torch.Tensor, labels=None, scale: f
 def frontend_available() -> bool:
     """True inside a Jupyter kernel (JupyterLab / Notebook), False in a plain Python process.
     A papermill run is also a kernel but has no one looking: the notebook's `interactive`
-    parameter (False in every profile) covers that case."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+    parameter (None = off under usfmae run, study.setup) covers that case."""
+    from .study import jupyter_kernel
+
+    return jupyter_kernel()
 
 
 def _ellipsize(text: str, width: int = 60) -> str:

@@ -364,10 +364,10 @@ def output_folder(out_dir, name: str, notebooks_dir: Path | None = None) -> Path
     notebooks_dir = Path(notebooks_dir or NOTEBOOKS_DIR).resolve()
     if out_dir is None:
         here = Path.cwd().resolve()
-        base = notebooks_dir.parent if here == notebooks_dir or notebooks_dir in here.parents else here
+        base = notebooks_dir.parent if study.inside(here, notebooks_dir) else here
         return base / "outputs" / name
     path = Path(out_dir).expanduser().resolve()
-    if path == notebooks_dir or notebooks_dir in path.parents:
+    if study.inside(path, notebooks_dir):
         raise UsfmaeError(f"--out {path} is inside {notebooks_dir}: outputs never go beside the notebooks; "
                           f"the default is outputs/{name} under the repository root")
     return path

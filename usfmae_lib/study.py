@@ -71,7 +71,7 @@ def setup(namespace: dict, step: str) -> None:
         if is_path_parameter(name) and name in namespace:
             namespace[name] = resolve_path_value(namespace[name], root)
     out = namespace.get("out_dir")
-    if isinstance(out, str) and out and _inside(Path(out), runner.NOTEBOOKS_DIR):
+    if isinstance(out, str) and out and inside(Path(out), runner.NOTEBOOKS_DIR):
         raise UsfmaeError(f"out_dir {out} is inside {runner.NOTEBOOKS_DIR}: outputs never go beside the "
                           f"notebooks; use outputs/<profile> (relative paths start at the repository root {root})")
     for name in FRONT_END:
@@ -89,7 +89,8 @@ def jupyter_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside(path: Path, folder: Path) -> bool:
+    """path is folder or lies below it (links resolved)."""
     path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
     return path == folder or folder in path.parents
 
@@ -123,7 +124,7 @@ def _apply_profile(ns: dict, step: str, saved: dict, committed: dict) -> None:
             if ns.get(key) != value:
                 applied.append(f"{key}={value!r}")
             ns[key] = value
-        where = os.path.relpath(file, runner.REPO_ROOT) if _inside(file, runner.REPO_ROOT) else file
+        where = os.path.relpath(file, runner.REPO_ROOT) if inside(file, runner.REPO_ROOT) else file
         print(f"profile {profile}: applied {where}" + (f" ({', '.join(applied)})" if applied else " (no change)")
               + (f"; kept your cell's {', '.join(kept)}" if kept else ""))
     else:
