@@ -252,9 +252,9 @@ def _check_complete(data: bytes, fmt: str):
             raise Reject("truncated", f"TIFF directory at byte {ifd}, file has {len(data)}")
 
 
-def decode_image(data: bytes, name: str = "") -> np.ndarray:
+def decode_image(data: bytes, name: str = "", min_side: int = MIN_SIDE) -> np.ndarray:
     """Bytes of a PNG/JPEG/BMP/TIFF -> the decoder's array (BGR order, native bit depth), by the
-    policy of the module docstring: complete, within the size limits, then decoded."""
+    policy of the module docstring: complete, within the size limits (sides >= min_side), then decoded."""
     if len(data) == 0:
         raise Reject("zero bytes")
     fmt = next((f for magic, f in IMAGE_MAGIC.items() if data.startswith(magic)), None)
@@ -263,23 +263,25 @@ def decode_image(data: bytes, name: str = "") -> np.ndarray:
     _check_complete(data, fmt)
     size = header_size(data, fmt)
     if size is not None:
-        check_frame_size(*size)  # before decoding: a small file can declare a huge image
+        check_frame_size(*size, min_side)  # before decoding: a small file can declare a huge image
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         reason = "unsupported codec" if fmt == "tiff" else "corrupt"
         raise Reject(reason, f"OpenCV could not decode this {fmt.upper()} {name}".rstrip())
-    check_frame_size(img.shape[1], img.shape[0])  # a header Pillow could not read
+    check_frame_size(img.shape[1], img.shape[0], min_side)  # a header Pillow could not read
     check_bmode(img, f"{fmt.upper()} image")
     return img
 
 
-def read_image_file(path) -> np.ndarray:
+def read_image_file(path, min_side: int = MIN_SIDE) -> np.ndarray:
     """The one way every step reads an image file (curation, cleaning, fine-tuning, the store):
     uint8 RGB [H, W, 3], exactly what curation hashed and `load_frame(path, "image")` returns.
     Raises Reject with the reason (unreadable, zero bytes, not an image, truncated, too large,
-    too small, corrupt, unsupported codec)."""
+    too small, corrupt, unsupported codec). min_side = 1 for an evaluation set: MIN_SIDE keeps icons
+    and thumbnails out of the pretraining crawl, but a small ROI crop of an official split is a test
+    image like any other (GIST514-DB's crops are cut around the tumour)."""
     path = Path(path)
-    return to_rgb8(decode_image(read_bytes(path), path.name), bgr=True)
+    return to_rgb8(decode_image(read_bytes(path), path.name, min_side), bgr=True)
 
 
 # ============================================================================ videos
