@@ -39,11 +39,11 @@ profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 model = "mae_vit_tiny_patch16_dec128d2b"  # named configuration (paper: mae_vit_base_patch16_dec512d8b)
-model_overrides = {}  # constructor overrides of the config, e.g. {decoder_num_heads: 8} (paper's text; config: 16)
+model_overrides = {"depth": 6}  # constructor overrides of the config (paper's text: {decoder_num_heads: 8}; quick: 6 encoder blocks)
 img_size = 112  # input side in pixels (paper: 224)
 mask_ratio = 0.25  # fraction of patches hidden (paper: 0.25; official code: 0.75)
 norm_pix_loss = False  # normalise each target patch (paper: False, raw pixels; reference MAE: True)
-epochs = 10  # paper: 100
+epochs = 30  # paper: 100
 batch_size = 64  # per process (paper: 64)
 lr = 1e-3  # peak lr, AdamW (paper: 1e-3)
 blr_scaling = False  # lr x batch / 256 (official code: True with blr_batch 128)
@@ -66,7 +66,7 @@ workers = -1  # DataLoader processes; -1 = auto
 heldout_per_anatomy = 20  # images per anatomy kept out of pretraining for notebook 04 (paper: 0)
 threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
 max_steps = 0  # stop after this many optimiser steps (0 = all epochs; the dry run: 1-2), with the full schedule
-snapshot_epochs = [1, 2, 5]  # also keep the model after these epochs (epoch-NNNN.pth): notebook 07's pretraining-length curve
+snapshot_epochs = [2, 5, 10, 20]  # also keep the model after these epochs (epoch-NNNN.pth): notebook 07's pretraining-length curve
 
 # %%
 from pathlib import Path

@@ -25,9 +25,10 @@
 #    the paper evaluates them; MMOTU-2D's one train/test split;
 # 2. runs the grid of models x datasets x folds: the paper's sweep (lr x wd x batch) selected on each
 #    fold's validation score (`select_on`) with seed 0, then `n_seeds` seeds of the chosen config
-#    (`usfmae finetune` runs one cell, every fold); a Table 2 cell is the mean over folds;
-# 3. adds a linear probe of frozen encoders on every fold and label-efficiency curves on each
-#    dataset's first fold (USF-MAE vs the same architecture from scratch at a few fractions of the
+#    (at least `min_runs` runs per cell: MMOTU-2D's one split gets more seeds; `usfmae finetune`
+#    runs one cell, every fold); a Table 2 cell is the mean over folds;
+# 3. adds a linear probe of frozen encoders on every fold and label-efficiency curves on the same
+#    folds and seeds (USF-MAE vs the same architecture from scratch at a few fractions of the
 #    training labels).
 #
 # Every run is resumable (`runs/.../metrics.json`); rerunning the notebook skips finished runs.
@@ -43,14 +44,15 @@ out_dir = "outputs/quick"
 seed = 0
 datasets = ["bus-bra", "mmotu-2d", "gist514"]  # benchmarks to run
 models = ["usf-mae", "scratch"]  # encoders to compare (also: vit-b, resnet-50, vgg-19, ultrasam)
-n_seeds = 3  # fine-tuning runs per fold with the chosen config (seeds 0..n_seeds-1)
+n_seeds = 1  # fine-tuning runs per fold with the chosen config (seeds 0..n_seeds-1)
+min_runs = 3  # at least this many runs per cell: a dataset with fewer folds (MMOTU-2D: one) gets more seeds per fold
 data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/; None = synthetic twins from notebook 01
 checkpoint = None  # MAE checkpoint; None = <out_dir>/03_mae_pretraining/checkpoints/checkpoint-last.pth
 ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when models has ultrasam)
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
 missing_weights = "random"  # baseline without ImageNet weights: random (labelled RANDOM INIT in every table) or skip
 img_size = 0  # input side; 0 = the checkpoint's pretraining size (paper: 224)
-epochs = 15  # maximum epochs per run
+epochs = 8  # maximum epochs per run
 patience = 0  # early stopping: epochs without a better validation score (0 = run all epochs, keep the best)
 select_on = "balanced_accuracy"  # validation score picking epoch and config: balanced_accuracy, f1 or loss
 head_norm = True  # BatchNorm before the head (MAE's linear-probe trick); False = plain cls -> linear, the paper
@@ -61,12 +63,12 @@ batch_sizes = [32]  # sweep (paper: [32, 64])
 pool = "token"  # ViT models: token (cls -> head, the paper) or avg (global average pooling)
 probe_models = ["usf-mae", "scratch"]  # linear probe of these frozen encoders
 label_fractions = [0.1, 1.0]  # label-efficiency points (paper-style full set: [0.01, 0.1, 0.25, 1.0])
-label_seeds = 3  # seeds per label-efficiency point
+min_steps = 40  # at least this many optimiser steps per run: a label fraction's few images get more epochs (0 = epochs alone)
 busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA test folds of 5-fold-cv.csv (paper: all five)
 gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits (all five, as BUS-BRA's folds)
 val_fraction = 0.15  # MMOTU-2D and GIST514-DB: share of the training set carved out for validation (paper: not stated)
 clean_eval = False  # True: evaluation images lose burned-in annotations first, like the pretraining corpus (paper: silent)
-n_bootstrap = 1000  # bootstrap resamples for the 95% intervals
+n_bootstrap = 200  # bootstrap resamples for the 95% intervals (paper profile: 1000)
 device = "auto"  # auto = cuda when available
 max_steps = 0  # optimiser steps per fine-tuning run, then validate and stop (0 = no limit; the dry run: 1)
 max_images = 0  # images per part (train, val, test) of each split, a seeded sample by class (0 = all; dry run)
@@ -141,14 +143,16 @@ for d in datasets:
 # %% [markdown]
 # ## The grid: sweep on validation, then seeds, on every fold
 # For each (dataset, fold, model): every config of the sweep with seed 0, the best validation score
-# of that fold wins (no fold's test set picks anything), then `n_seeds` seeds of that config; test
-# metrics with bootstrap 95% intervals. Each fold has its own run folders (`runs/<dataset>/fold<k>/`).
+# of that fold wins (no fold's test set picks anything), then `n_seeds` seeds of that config (more
+# on a dataset with fewer than `min_runs` folds); test metrics with bootstrap 95% intervals. Each fold
+# has its own run folders (`runs/<dataset>/fold<k>/`).
 
 # %%
 base = ft.TrainConfig(epochs=epochs, patience=patience, img_size=size, pool=pool, select_on=select_on,
-                      head_norm=head_norm, layer_decay=layer_decay, max_steps=max_steps)
+                      head_norm=head_norm, layer_decay=layer_decay, max_steps=max_steps, min_steps=min_steps)
 configs = ft.sweep_configs(base, lrs, weight_decays, batch_sizes)
-print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}")
+seeds = {d: ft.seeds_per_fold(n_seeds, len([k for (dd, k) in splits if dd == d]), min_runs) for d in datasets}
+print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}; seeds per fold: {seeds}")
 t0 = time.time()
 cells, sweeps, chosen, data = [], [], {}, {}
 for (d, k), split in splits.items():
@@ -158,7 +162,7 @@ for (d, k), split in splits.items():
         cfg, sweep = ft.select_config(data[(d, k)], m, configs, runs, **kw)
         sweeps.append(sweep)
         chosen[(d, k, m)] = cfg
-        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **kw) for s in range(n_seeds)])
+        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **kw) for s in range(seeds[d])])
         cell["selected"] = cfg.tag()
         cells.append(cell)
 results = pd.concat(cells, ignore_index=True)
@@ -183,20 +187,20 @@ probe[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", 
 
 # %% [markdown]
 # ## Label efficiency: USF-MAE vs the same architecture from scratch
-# Training labels subsampled per class (at least one each, seeded); validation and test unchanged;
-# each model uses the config chosen on all labels. On each dataset's first fold only: the curve
-# costs `len(label_fractions) x label_seeds` runs per model, and its point is the shape, not Table 2.
+# Training labels subsampled per class (at least one each, seeded by the run's seed); validation and
+# test unchanged; each model uses the config chosen on all labels, on every fold and seed of the grid,
+# so a point is a mean over folds like a Table 2 cell (and the 100% point is the grid's own runs).
+# `min_steps` gives the small training sets more epochs: 10% of ~400 images is one batch per epoch.
 
 # %%
 curves = []
-for d in datasets:
-    k = official_folds(d, folds.get(d))[0]
+for (d, k) in splits:
     for m in ("usf-mae", "scratch"):
         cfg = chosen.get((d, k, m)) or configs[0]
-        curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=label_seeds,
+        curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
                                           checkpoint=mae_checkpoint, device=device, n_bootstrap=n_bootstrap))
 label_curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "f1"]].mean().round(3) if len(label_curve) else label_curve
+label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "f1"]].mean().round(3) if len(label_curve) else label_curve
 
 # %% [markdown]
 # ## Outputs
@@ -208,7 +212,8 @@ for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_ind
                     ("label_efficiency", label_curve)]:
     table.to_csv(step_dir / f"{name}.csv", index=False)
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
-             img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, n_configs=len(configs),
+             img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, min_runs=min_runs, seeds=seeds,
+             n_configs=len(configs), min_steps=min_steps,
              folds={d: [k for (dd, k) in splits if dd == d] for d in datasets}, val_fraction=val_fraction,
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
              patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay,

@@ -325,3 +325,38 @@ def test_clean_eval_fine_tunes_on_cleaned_copies_in_runs_of_their_own(clean_tree
     capsys.readouterr()
     assert cli.main(args) == 2  # as published into the same results.csv: refused, nothing mixed
     assert "Table 2 would average the two" in capsys.readouterr().err
+
+
+def test_min_steps_gives_a_small_training_set_more_epochs(tiny_data, checkpoint, tmp_path):
+    """A label fraction's few images still get min_steps optimiser steps (the epochs grow), the
+    full set keeps cfg.epochs, and the knob names its own run folders."""
+    base = ft.TrainConfig(epochs=1, patience=0, batch_size=4, img_size=32)
+    cfg = ft.TrainConfig(epochs=1, patience=0, batch_size=4, img_size=32, min_steps=6)
+    assert "min_steps" not in base.identity() and cfg.tag() == base.tag() + "_min6steps"
+    assert cfg.epochs_for(2) == 3 and cfg.epochs_for(10) == 1
+    row = ft.finetune_run(tiny_data, "scratch", cfg, 0, tmp_path, fraction=0.25, checkpoint=checkpoint[0],
+                          n_bootstrap=10, log=None)
+    per_epoch = max(1, row["n_train"] // 4)
+    assert row["steps_run"] >= 6 and row["epochs_run"] == -(-6 // per_epoch) and row["min_steps"] == 6
+    with pytest.raises(UsfmaeError, match="min_steps"):
+        ft.TrainConfig(min_steps=-1)
+
+
+def test_every_cell_gets_min_runs_runs_whatever_its_number_of_folds():
+    assert ft.seeds_per_fold(1, 5, 3) == 1  # five folds already give five runs
+    assert ft.seeds_per_fold(1, 1, 3) == 3  # MMOTU-2D's one split: three seeds
+    assert ft.seeds_per_fold(3, 1, 3) == 3 and ft.seeds_per_fold(2, 2, 5) == 3 and ft.seeds_per_fold(1, 1, 0) == 1
+
+
+def test_a_small_roi_crop_of_an_evaluation_set_is_read_not_refused(tmp_path):
+    """MIN_SIDE keeps icons out of the pretraining crawl; a 28 px wide ROI crop (GIST514-DB's crops
+    are cut around the tumour) is a test image of the official split and is read, resized."""
+    import cv2
+    from usfmae_lib.curation_readers import Reject, read_image_file
+
+    crop = (np.arange(28 * 37 * 3) % 251).astype(np.uint8).reshape(37, 28, 3)
+    path = tmp_path / "usd_0001.jpg"
+    cv2.imwrite(str(path), crop)
+    with pytest.raises(Reject, match="too small"):
+        read_image_file(path)  # curation's policy is unchanged
+    assert ft.read_image(path, 64).shape == (64, 64, 3)

@@ -103,20 +103,28 @@ class TrainConfig:
     head_norm: bool = False  # BatchNorm (no affine) in front of the head, as MAE's linear probe; see add_head_norm
     layer_decay: float = 1.0  # ViT lr x this per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off
     max_steps: int = 0  # stop after this many optimiser steps, then validate that epoch (0 = no limit; the dry run)
+    min_steps: int = 0  # at least this many optimiser steps: a small training set (a label fraction) gets more epochs
 
     def __post_init__(self):
         if self.select_on not in SELECT_ON:
             raise UsfmaeError(f"select_on must be one of {', '.join(SELECT_ON)}, got {self.select_on!r}")
         if self.max_steps < 0:
             raise UsfmaeError(f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+        if self.min_steps < 0:
+            raise UsfmaeError(f"min_steps must be >= 0 (0 = epochs alone), got {self.min_steps}")
 
     def identity(self) -> dict:
-        """The config as a run's identity records it: every knob, except max_steps when it is 0 (off),
-        so that runs finished before max_steps existed keep theirs and are reused."""
+        """The config as a run's identity records it: every knob, except max_steps and min_steps when
+        they are 0 (off), so that runs finished before they existed keep theirs and are reused."""
         knobs = asdict(self)
-        if not self.max_steps:
-            knobs.pop("max_steps")
+        for knob in ("max_steps", "min_steps"):
+            if not knobs[knob]:
+                knobs.pop(knob)
         return knobs
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """Epochs to run: cfg.epochs, or more when that gives fewer than min_steps optimiser steps."""
+        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
 
     def tag(self) -> str:
         """Folder name of the knobs that differ between runs of a sweep."""
@@ -124,7 +132,8 @@ class TrainConfig:
                 + (f"_ld{self.layer_decay:g}" if self.layer_decay != 1 else "")
                 + (f"_sel-{self.select_on}" if self.select_on != "balanced_accuracy" else "")
                 + ("_bnhead" if self.head_norm else "")
-                + (f"_max{self.max_steps}steps" if self.max_steps else ""))
+                + (f"_max{self.max_steps}steps" if self.max_steps else "")
+                + (f"_min{self.min_steps}steps" if self.min_steps else ""))
 
     def score(self, val: dict) -> float:
         """The validation score to maximise (loss is negated)."""
@@ -544,12 +553,13 @@ def add_head_norm(model: nn.Module) -> nn.Module:
 # ============================================================================ data
 def read_image(path, size: int) -> np.ndarray:
     """uint8 RGB [size, size, 3]: decoded by curation's one policy (`read_image_file`: a file
-    curation or cleaning refuses is refused here, for the same reason), squashed to a square
-    with cv2.INTER_AREA."""
+    curation or cleaning refuses is refused here, for the same reason, except that a side under
+    MIN_SIDE is accepted: an official split's small ROI crop is still one of its test images),
+    squashed to a square with cv2.INTER_AREA."""
     from .curation_readers import Reject, read_image_file
 
     try:
-        rgb = read_image_file(path)
+        rgb = read_image_file(path, min_side=1)
     except Reject as rej:  # never train or score on a half-grey or mis-sized image
         raise UsfmaeError(f"{path}: not a readable image: {rej}; remove or replace the file, "
                           "or take it out of the split") from None
@@ -731,7 +741,8 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     n = len(x_train)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (batch norm needs > 1 sample)
-    total = steps_per_epoch * cfg.epochs
+    epochs = cfg.epochs_for(steps_per_epoch)
+    total = steps_per_epoch * epochs
     optimiser = make_optimiser(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: warmup_cosine(s, total, max(1, int(cfg.warmup_fraction * total))))
@@ -739,7 +750,7 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     y_val = data.labels["val"].numpy()
     best = dict(score=-float("inf"), loss=float("inf"), epoch=-1, state=None, val=None)
     history, step = [], 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         model.train()
         t0, losses = time.time(), []
         perm = torch.randperm(n, generator=order_rng)
@@ -859,7 +870,7 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
                n_test=len(split.test),
                img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
                epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
-               max_steps=cfg.max_steps, steps_run=result["steps_run"],
+               max_steps=cfg.max_steps, min_steps=cfg.min_steps, steps_run=result["steps_run"],
                select_on=cfg.select_on, **{f"val_{k}": result["best_val"][k] for k in SELECT_ON},  # select_config's
                train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
     directory.mkdir(parents=True, exist_ok=True)
@@ -946,6 +957,12 @@ def run_cell(data: Data, model_name: str, configs: list[TrainConfig], runs, n_se
     return out
 
 
+def seeds_per_fold(n_seeds: int, n_folds: int, min_runs: int = 0) -> int:
+    """Seeds per fold so that a cell has at least min_runs runs: n_seeds, or more on a dataset with
+    few folds (MMOTU-2D's one split: min_runs seeds), so every cell has a spread."""
+    return max(n_seeds, math.ceil(min_runs / max(1, n_folds)))
+
+
 def label_efficiency(data: Data, model_name: str, cfg: TrainConfig, runs, fractions=LABEL_FRACTIONS,
                      n_seeds: int = 3, **kw) -> pd.DataFrame:
     """Test metrics at each fraction of training labels (stratified, >= 1 per class), n_seeds each."""
@@ -1003,7 +1020,12 @@ def add_cli(subparsers):
     p.add_argument("--layer-decay", type=float, default=1.0, help="ViT layer-wise lr decay (1 = off, the paper)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="stop each run after this many optimiser steps, then validate (0 = no limit; a dry run)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config per fold (default 3)")
+    p.add_argument("--min-runs", type=int, default=0,
+                   help="at least this many runs per cell: fewer folds than that get more seeds (default 0)")
+    p.add_argument("--min-steps", type=int, default=0,
+                   help="at least this many optimiser steps per run: small training sets (--fraction) get more "
+                        "epochs (default 0: --epochs alone)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (default 1)")
     p.add_argument("--probe", action="store_true", help="also a linear probe of the frozen encoder")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -1042,10 +1064,12 @@ def _run_cli(args) -> int:
     img_size = input_size(args.model, args.img_size, args.checkpoint)
     base = TrainConfig(epochs=args.epochs, patience=args.patience, img_size=img_size, pool=args.pool,
                        head_norm=args.head_norm, select_on=args.select_on, layer_decay=args.layer_decay,
-                       max_steps=args.max_steps)
+                       max_steps=args.max_steps, min_steps=args.min_steps)
     configs = sweep_configs(base, args.lr, args.weight_decay, args.batch_size)
     tables = []
-    for fold in official_folds(args.dataset, args.fold):
+    folds = official_folds(args.dataset, args.fold)
+    n_seeds = seeds_per_fold(args.seeds, len(folds), args.min_runs)
+    for fold in folds:
         options = dict(seed=args.split_seed, val_fraction=args.val_fraction, fold=fold)
         if args.positive:
             options["positive"] = args.positive
@@ -1057,9 +1081,9 @@ def _run_cli(args) -> int:
         data = prepare_data(split, img_size)
         if args.fraction < 1:
             cfg, _ = select_config(data, args.model, configs, runs, **kw)
-            table = label_efficiency(data, args.model, cfg, runs, fractions=[args.fraction], n_seeds=args.seeds, **kw)
+            table = label_efficiency(data, args.model, cfg, runs, fractions=[args.fraction], n_seeds=n_seeds, **kw)
         else:
-            table = run_cell(data, args.model, configs, runs, n_seeds=args.seeds, **kw)
+            table = run_cell(data, args.model, configs, runs, n_seeds=n_seeds, **kw)
         if args.probe:
             table = pd.concat([table, pd.DataFrame([linear_probe(data, args.model, 0, runs, pool=args.pool, **kw)])])
         tables.append(table)
