@@ -31,7 +31,8 @@
 # 4. regenerates Fig. 2 (original / detected mask / inpainted) on two kinds of real scan;
 # 5. cleans the pretraining corpus into the PNG tree that notebook 03 reads (`usfmae clean`).
 #
-# All logic is in `usfmae_lib/preprocess.py`; every knob is a field of `CleanConfig`.
+# All logic is in `usfmae_lib/preprocess/` (one image: `detectors.py`; a whole tree: `batch.py`; scores
+# against ground truth: `evaluate.py`); every knob is a field of `CleanConfig`.
 # Run headless: `usfmae run notebooks/02_preprocessing.ipynb -f params/smoke/02_preprocessing.yaml`.
 # Outputs land in `<out_dir>/02_preprocessing/`: figures and tables at the top, the PNG tree in
 # `clean/` (with `clean/index.csv`), per-image scores in `eval/`.

@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
 
-from usfmae_lib import plots, study
+from usfmae_lib import reconstruction, study
 
 STEP = "04_reconstruction"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -64,7 +64,7 @@ torch.manual_seed(seed)
 
 def show(fig, name):
     """Save a figure under step_dir as name.png and show it once."""
-    plots.save_figure(fig, step_dir / f"{name}.png")
+    reconstruction.save_figure(fig, step_dir / f"{name}.png")
     plt.close(fig)
     display(fig)
 
@@ -77,7 +77,7 @@ def show(fig, name):
 # from its tensor shapes, ViT-B/16 at 224 px).
 
 # %%
-model, info = plots.load_inspection_model(checkpoint, out_dir, norm_pix_loss=norm_pix_loss, device=device)
+model, info = reconstruction.load_inspection_model(checkpoint, out_dir, norm_pix_loss=norm_pix_loss, device=device)
 for key, value in info.items():
     print(f"{key:>14}: {value}")
 img_size, patch = info["img_size"], info["patch_size"]
@@ -94,20 +94,20 @@ img_size, patch = info["img_size"], info["patch_size"]
 # images (BUS-BRA, MMOTU-2D, GIST514-DB as published, not run through annotation removal).
 
 # %%
-clean = Path(clean_dir) if clean_dir else Path(out_dir) / plots.DEFAULT_CLEAN_DIR
+clean = Path(clean_dir) if clean_dir else Path(out_dir) / reconstruction.DEFAULT_CLEAN_DIR
 if data_root and not (clean / "index.csv").is_file():  # weights pretrained elsewhere: the evaluation images
     clean = Path(data_root)
-    index = candidates = plots.evaluation_index(clean)
+    index = candidates = reconstruction.evaluation_index(clean)
     held_out = True  # the evaluation sets were kept out of pretraining
 else:
-    index = plots.read_index(clean)
-    candidates, held_out = plots.heldout_rows(index, out_dir)
-sample = plots.pick_images(candidates, n_images, seed)
+    index = reconstruction.read_index(clean)
+    candidates, held_out = reconstruction.heldout_rows(index, out_dir)
+sample = reconstruction.pick_images(candidates, n_images, seed)
 print(f"{len(index)} images in {clean}; sample of {len(sample)} "
       f"({'held out of pretraining' if held_out else 'NOT held out: pretraining may have seen them'})")
 print(sample.groupby("anatomy").size().to_string())
-images = plots.load_images(clean, sample.path, img_size)  # uint8 [N, S, S, 3]
-imgs = plots.normalize_images(images)  # [N, 3, S, S], ImageNet-normalised as in training
+images = reconstruction.load_images(clean, sample.path, img_size)  # uint8 [N, S, S, 3]
+imgs = reconstruction.normalize_images(images)  # [N, 3, S, S], ImageNet-normalised as in training
 # one image per anatomy for the panels: the first of each anatomy's sample
 first = sample.reset_index().groupby("anatomy", sort=True)["index"].first().to_list()
 panel_labels = sample.anatomy.iloc[first].to_list()
@@ -120,9 +120,9 @@ panel_labels = sample.anatomy.iloc[first].to_list()
 
 # %%
 walk_ratio = panel_mask_ratios[0] if panel_mask_ratios else 0.25
-walk = plots.reconstruct(model, imgs[first[:1]], walk_ratio, plots.patch_noise(1, model.num_patches, seed),
+walk = reconstruction.reconstruct(model, imgs[first[:1]], walk_ratio, reconstruction.patch_noise(1, model.num_patches, seed),
                          norm_pix_stats)
-walk_figs = plots.plot_walkthrough(walk, 0, patch)
+walk_figs = reconstruction.plot_walkthrough(walk, 0, patch)
 show(walk_figs["patches"], "walkthrough_1_patches")
 
 # %% [markdown]
@@ -176,12 +176,12 @@ print(f"masked-patch MSE {float(walk['mse'][0]):.4f}; training objective {float(
 
 # %%
 for ratio in panel_mask_ratios:
-    noise = plots.patch_noise(len(first), model.num_patches, seed)
-    result = plots.reconstruct(model, imgs[first], ratio, noise, norm_pix_stats)
-    show(plots.plot_reconstructions(result, panel_labels), f"reconstructions_mask{round(100 * ratio)}")
+    noise = reconstruction.patch_noise(len(first), model.num_patches, seed)
+    result = reconstruction.reconstruct(model, imgs[first], ratio, noise, norm_pix_stats)
+    show(reconstruction.plot_reconstructions(result, panel_labels), f"reconstructions_mask{round(100 * ratio)}")
     if info["norm_pix_loss"] and norm_pix_stats != "oracle":
-        oracle = plots.reconstruct(model, imgs[first], ratio, noise, "oracle")
-        show(plots.plot_reconstructions(oracle, panel_labels), f"reconstructions_mask{round(100 * ratio)}_oracle_stats")
+        oracle = reconstruction.reconstruct(model, imgs[first], ratio, noise, "oracle")
+        show(reconstruction.plot_reconstructions(oracle, panel_labels), f"reconstructions_mask{round(100 * ratio)}_oracle_stats")
 
 # %% [markdown]
 # ## Mask-ratio sweep
@@ -197,13 +197,13 @@ for ratio in panel_mask_ratios:
 # profile, when an interval includes 0, or when the model does not beat the flat fill.
 
 # %%
-per_image, sweep = plots.mask_ratio_sweep(model, imgs, sample.anatomy, mask_ratios, seed=seed,
+per_image, sweep = reconstruction.mask_ratio_sweep(model, imgs, sample.anatomy, mask_ratios, seed=seed,
                                           batch_size=batch_size, paths=sample.path, norm_pix_stats=norm_pix_stats)
-plots.write_table(sweep, step_dir / "mask_ratio_sweep.csv")
-plots.write_table(per_image, step_dir / "sweep" / "per_image.csv")
+reconstruction.write_table(sweep, step_dir / "mask_ratio_sweep.csv")
+reconstruction.write_table(per_image, step_dir / "sweep" / "per_image.csv")
 display(sweep.pivot(index="anatomy", columns="mask_ratio", values="mse").round(4))
-show(plots.plot_sweep(sweep), "mask_ratio_sweep")
-verdicts = [plots.sweep_verdict(per_image, low, high, profile) for low, high in ((0.25, 0.75), (0.25, 0.9))]
+show(reconstruction.plot_sweep(sweep), "mask_ratio_sweep")
+verdicts = [reconstruction.sweep_verdict(per_image, low, high, profile) for low, high in ((0.25, 0.75), (0.25, 0.9))]
 print("\n".join(dict.fromkeys(line for v in verdicts for line in v.splitlines())))  # each ratio's line once
 
 # %% [markdown]
@@ -215,9 +215,9 @@ print("\n".join(dict.fromkeys(line for v in verdicts for line in v.splitlines())
 # none. An untrained or briefly trained model attends almost uniformly.
 
 # %%
-attn = plots.last_layer_attention(model, imgs[first])  # [n, heads, T, T]
-maps = plots.cls_attention_maps(attn)  # [n, G, G]
-show(plots.plot_attention(images[first], maps, panel_labels), "attention_last_layer")
+attn = reconstruction.last_layer_attention(model, imgs[first])  # [n, heads, T, T]
+maps = reconstruction.cls_attention_maps(attn)  # [n, G, G]
+show(reconstruction.plot_attention(images[first], maps, panel_labels), "attention_last_layer")
 print("cls attention on itself (rest of each row goes to patches):",
       attn[:, :, 0, 0].mean(dim=1).numpy().round(3))
 
@@ -229,7 +229,7 @@ print("cls attention on itself (rest of each row goes to patches):",
 # at the first panel ratio instead.
 
 # %%
-view = plots.interactive_view(model, clean, sample, walk_ratio, seed, interactive, norm_pix_stats)
+view = reconstruction.interactive_view(model, clean, sample, walk_ratio, seed, interactive, norm_pix_stats)
 if isinstance(view, plt.Figure):
     plt.close(view)
 display(view)

@@ -79,7 +79,7 @@ def make_recon_out():
     untrained checkpoint of `config` (with `overrides`) where notebook 03 leaves one."""
     import torch
 
-    from usfmae_lib import plots
+    from usfmae_lib import reconstruction
     from usfmae_lib.mae import build_model
 
     def make(out: Path, scans: dict, config: str, img_size: int, overrides: dict) -> Path:
@@ -96,7 +96,7 @@ def make_recon_out():
             writer.writeheader()
             writer.writerows(rows)
         torch.manual_seed(0)
-        ckpt = out / plots.DEFAULT_CHECKPOINT
+        ckpt = out / reconstruction.DEFAULT_CHECKPOINT
         ckpt.parent.mkdir(parents=True)
         torch.save({"model": build_model(config, img_size=img_size, **overrides).state_dict(), "step": 0,
                     "params": {"model": config, "img_size": img_size, "norm_pix_loss": False,

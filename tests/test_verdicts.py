@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from usfmae_lib import plots
+from usfmae_lib import reconstruction
 from usfmae_lib import results as res
 
 MODELS = ("usf-mae", "scratch", "resnet-50")
@@ -189,7 +189,7 @@ def _per_image(mse: dict, baseline: dict, n: int = 8, noise: float = 0.01, seed:
 def test_a_reconstruction_worse_than_the_flat_fill_makes_no_ratio_claim():
     # the smoke numbers: 1.7092 at 25%, more at 75%, both worse than the flat fill
     per_image = _per_image({0.25: 1.7092, 0.75: 1.9}, {0.25: 0.9, 0.75: 0.95})
-    text = plots.sweep_verdict(per_image, 0.25, 0.75)
+    text = reconstruction.sweep_verdict(per_image, 0.25, 0.75)
     first, second, ratio = text.splitlines()
     assert first.startswith("25% vs flat fill: does not beat the flat fill: it is worse than filling")
     assert second.startswith("75% vs flat fill: does not beat the flat fill")
@@ -201,35 +201,35 @@ def test_a_reconstruction_worse_than_the_flat_fill_makes_no_ratio_claim():
 
 def test_a_reconstruction_that_beats_the_flat_fill_compares_its_ratios():
     per_image = _per_image({0.25: 0.30, 0.9: 0.60}, {0.25: 0.90, 0.9: 0.95})
-    lines = plots.sweep_verdict(per_image, 0.25, 0.9).splitlines()
+    lines = reconstruction.sweep_verdict(per_image, 0.25, 0.9).splitlines()
     assert lines[0].startswith("25% vs flat fill: beats the flat fill")
     assert lines[1].startswith("90% vs flat fill: beats the flat fill")
     assert lines[2].startswith("25% vs 90%: the masked-patch error at 25% is lower than at 90%")
     # the same model, one ratio's difference inside the noise between images: no ratio claim
     close = _per_image({0.25: 0.30, 0.9: 0.305}, {0.25: 0.90, 0.9: 0.95}, noise=0.05)
-    ratio = plots.sweep_verdict(close, 0.25, 0.9).splitlines()[2]
+    ratio = reconstruction.sweep_verdict(close, 0.25, 0.9).splitlines()[2]
     assert ratio.startswith("25% vs 90%: too small to judge (the interval includes 0)")
     # a difference from the flat fill inside the noise: not beaten, so no ratio claim
     tie = _per_image({0.25: 0.90, 0.9: 0.60}, {0.25: 0.90, 0.9: 0.95}, noise=0.05)
-    lines = plots.sweep_verdict(tie, 0.25, 0.9).splitlines()
+    lines = reconstruction.sweep_verdict(tie, 0.25, 0.9).splitlines()
     assert "does not beat the flat fill (too small to judge: the interval includes 0)" in lines[0]
     assert lines[2].startswith("25% vs 90%: too small to judge: the model does not beat the flat fill at 25",)
 
 
 def test_smoke_profile_sweep_verdict_is_too_small_to_judge():
     per_image = _per_image({0.25: 0.30, 0.9: 0.60}, {0.25: 0.90, 0.9: 0.95})  # clear by the numbers
-    lines = plots.sweep_verdict(per_image, 0.25, 0.9, profile="smoke").splitlines()
+    lines = reconstruction.sweep_verdict(per_image, 0.25, 0.9, profile="smoke").splitlines()
     assert len(lines) == 3
     for line in lines:
         assert "too small to judge (smoke profile" in line, line
         assert "beats" not in line and "lower than" not in line, line
     assert "no claim about which ratio has the lower error" in lines[2]
-    assert plots.sweep_verdict(per_image, 0.25, 0.75) == "the sweep lacks 25% or 75%; no comparison"
+    assert reconstruction.sweep_verdict(per_image, 0.25, 0.75) == "the sweep lacks 25% or 75%; no comparison"
 
 
 def test_paired_interval_is_student_t_over_images():
-    d = plots.paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+    d = reconstruction.paired_difference([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
     half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, 3) * sd / sqrt(4)
     assert d["mean"] == pytest.approx(2.5) and d["n"] == 4
     assert (d["low"], d["high"]) == pytest.approx((2.5 - half, 2.5 + half))
-    assert np.isnan(plots.paired_difference([1.0], [0.0])["low"])
+    assert np.isnan(reconstruction.paired_difference([1.0], [0.0])["low"])

@@ -25,7 +25,7 @@ import torch
 from . import UsfmaeError, mae, pretrain
 from . import finetune as ft
 from .metrics import classification_metrics
-from .plots import paired_difference
+from .reconstruction import paired_difference
 from .results import DATASET_TITLES, percent, unjudged
 
 STEP = "07_ablations"

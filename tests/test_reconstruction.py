@@ -1,4 +1,4 @@
-"""Notebook 04 (usfmae_lib/plots.py): reconstructions, mask-ratio sweep, attention, headless run."""
+"""Notebook 04 (usfmae_lib/reconstruction.py): reconstructions, mask-ratio sweep, attention, headless run."""
 
 
 import cv2
@@ -11,7 +11,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from usfmae_lib import UsfmaeError, plots, runner  # noqa: E402
+from usfmae_lib import UsfmaeError, reconstruction, runner  # noqa: E402
 from usfmae_lib.mae import build_model  # noqa: E402
 from usfmae_lib.preprocess import normalize as loader_normalize  # noqa: E402
 
@@ -43,10 +43,10 @@ def out_dir(tmp_path_factory, make_recon_out):
 
 @pytest.fixture(scope="module")
 def batch(out_dir):
-    clean = out_dir / plots.DEFAULT_CLEAN_DIR
-    index = plots.pick_images(plots.read_index(clean), 3, seed=0)
-    images = plots.load_images(clean, index.path, SIZE)
-    return index, images, plots.normalize_images(images)
+    clean = out_dir / reconstruction.DEFAULT_CLEAN_DIR
+    index = reconstruction.pick_images(reconstruction.read_index(clean), 3, seed=0)
+    images = reconstruction.load_images(clean, index.path, SIZE)
+    return index, images, reconstruction.normalize_images(images)
 
 
 def _model(norm_pix_loss=False):
@@ -56,90 +56,90 @@ def _model(norm_pix_loss=False):
 
 def test_unnormalize_round_trip_and_same_normalisation_as_the_loader():
     images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
-    x = plots.normalize_images(images)
+    x = reconstruction.normalize_images(images)
     assert x.shape == (2, 3, SIZE, SIZE)
     np.testing.assert_allclose(x[0].numpy(), loader_normalize(images[0]), atol=1e-6)  # training's numbers
-    np.testing.assert_allclose(plots.unnormalize(x), images / 255.0, atol=1e-6)
-    assert plots.unnormalize(x * 0 + 100).max() == 1.0  # out-of-range predictions are clipped for display
+    np.testing.assert_allclose(reconstruction.unnormalize(x), images / 255.0, atol=1e-6)
+    assert reconstruction.unnormalize(x * 0 + 100).max() == 1.0  # out-of-range predictions are clipped for display
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_pasted_back_visible_patches_equal_the_original_exactly(batch, norm_pix_loss):
     _, images, imgs = batch
     model = _model(norm_pix_loss)
-    res = plots.reconstruct(model, imgs, 0.5, plots.patch_noise(len(imgs), model.num_patches, seed=3))
+    res = reconstruction.reconstruct(model, imgs, 0.5, reconstruction.patch_noise(len(imgs), model.num_patches, seed=3))
     pixel_mask = model.unpatchify(res["mask"].unsqueeze(-1).expand(-1, -1, 16 * 16 * 3))  # [N, 3, S, S], 1 hidden
     visible = pixel_mask == 0
     assert visible.any() and (~visible).any()
     assert torch.equal(res["pasted"][visible], imgs[visible])  # bit-exact
     assert torch.equal(res["pasted"][~visible], res["recon"][~visible])
     assert torch.equal(res["masked_input"][~visible], torch.zeros_like(imgs)[~visible])
-    shown = plots.unnormalize(res["pasted"])
+    shown = reconstruction.unnormalize(res["pasted"])
     vis_px = visible[:, 0].numpy()
     np.testing.assert_allclose(shown[vis_px], images[vis_px] / 255.0, atol=1e-6)
     # per-image objective averages to the model's own loss (equal numbers of hidden patches)
     with torch.no_grad():
-        loss, _, _ = model(imgs, 0.5, plots.patch_noise(len(imgs), model.num_patches, seed=3))
+        loss, _, _ = model(imgs, 0.5, reconstruction.patch_noise(len(imgs), model.num_patches, seed=3))
     assert float(res["objective"].mean()) == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_norm_pix_visible_stats_never_read_hidden_patches(batch):
     _, _, imgs = batch
     model = _model(norm_pix_loss=True)
-    noise = plots.patch_noise(len(imgs), model.num_patches, seed=0)
-    res = plots.reconstruct(model, imgs, 0.5, noise, "visible")
+    noise = reconstruction.patch_noise(len(imgs), model.num_patches, seed=0)
+    res = reconstruction.reconstruct(model, imgs, 0.5, noise, "visible")
     hidden = res["mask"].bool()
     # brighten and stretch the hidden patches only: the encoder does not see them, so an honest
     # reconstruction (stats from visible patches) must not change; the oracle one does
     changed = model.patchify(imgs).clone()
     changed[hidden] = changed[hidden] * 3 + 1
     changed = model.unpatchify(changed)
-    again = plots.reconstruct(model, changed, 0.5, noise, "visible")
+    again = reconstruction.reconstruct(model, changed, 0.5, noise, "visible")
     assert torch.allclose(again["recon"], res["recon"], atol=1e-5)
-    oracle_a = plots.reconstruct(model, imgs, 0.5, noise, "oracle")["recon"]
-    oracle_b = plots.reconstruct(model, changed, 0.5, noise, "oracle")["recon"]
+    oracle_a = reconstruction.reconstruct(model, imgs, 0.5, noise, "oracle")["recon"]
+    oracle_b = reconstruction.reconstruct(model, changed, 0.5, noise, "oracle")["recon"]
     assert not torch.allclose(oracle_a, oracle_b, atol=1e-3)
     with pytest.raises(UsfmaeError, match="norm_pix_stats"):
-        plots.reconstruct(model, imgs, 0.5, noise, "guess")
+        reconstruction.reconstruct(model, imgs, 0.5, noise, "guess")
 
 
 def test_sweep_has_one_row_per_ratio_and_anatomy_and_nested_masks(batch):
     index, _, imgs = batch
     model = _model()
     ratios = [0.1, 0.25, 0.5, 0.75, 0.9]
-    per_image, table = plots.mask_ratio_sweep(model, imgs, index.anatomy, ratios, seed=0, batch_size=4,
+    per_image, table = reconstruction.mask_ratio_sweep(model, imgs, index.anatomy, ratios, seed=0, batch_size=4,
                                               paths=index.path)
     assert len(per_image) == len(ratios) * len(imgs)
     assert len(table) == len(ratios) * (len(ANATOMIES) + 1)
     for ratio in ratios:
         rows = table[table.mask_ratio == ratio]
-        assert sorted(rows.anatomy) == sorted([*ANATOMIES, plots.ALL])
-        assert rows.set_index("anatomy").n_images.to_dict() == {"breast": 3, "liver": 3, plots.ALL: 6}
-        pooled = rows[rows.anatomy == plots.ALL].mse.item()
+        assert sorted(rows.anatomy) == sorted([*ANATOMIES, reconstruction.ALL])
+        assert rows.set_index("anatomy").n_images.to_dict() == {"breast": 3, "liver": 3, reconstruction.ALL: 6}
+        pooled = rows[rows.anatomy == reconstruction.ALL].mse.item()
         assert pooled == pytest.approx(per_image[per_image.mask_ratio == ratio].mse.mean())
     assert (table.mse > 0).all() and (table.baseline_mse > 0).all()
     # deterministic, independent of batching
-    again, _ = plots.mask_ratio_sweep(model, imgs, index.anatomy, [0.25, 0.9], seed=0, batch_size=1)
+    again, _ = reconstruction.mask_ratio_sweep(model, imgs, index.anatomy, [0.25, 0.9], seed=0, batch_size=1)
     same = per_image[per_image.mask_ratio.isin([0.25, 0.9])].reset_index(drop=True)
     pd.testing.assert_frame_equal(same.drop(columns="path"), again.drop(columns="path"), atol=1e-6)
     # one noise serves all ratios: what is hidden at 25% is hidden at 90% too
-    noise = plots.patch_noise(len(imgs), model.num_patches, 0)
-    m25 = plots.reconstruct(model, imgs, 0.25, noise)["mask"]
-    m90 = plots.reconstruct(model, imgs, 0.9, noise)["mask"]
+    noise = reconstruction.patch_noise(len(imgs), model.num_patches, 0)
+    m25 = reconstruction.reconstruct(model, imgs, 0.25, noise)["mask"]
+    m90 = reconstruction.reconstruct(model, imgs, 0.9, noise)["mask"]
     assert (m90[m25.bool()] == 1).all() and m90.sum() > m25.sum()
-    assert "lower than" in plots.sweep_verdict(table, 0.25, 0.9)
+    assert "lower than" in reconstruction.sweep_verdict(table, 0.25, 0.9)
     with pytest.raises(UsfmaeError, match="strictly between"):
-        plots.mask_ratio_sweep(model, imgs, index.anatomy, [0.0, 0.5])
+        reconstruction.mask_ratio_sweep(model, imgs, index.anatomy, [0.0, 0.5])
 
 
 def test_attention_rows_sum_to_one_and_reproduce_the_fused_block(batch):
     _, _, imgs = batch
     model = _model()
-    attn = plots.last_layer_attention(model, imgs)
+    attn = reconstruction.last_layer_attention(model, imgs)
     tokens = 1 + model.num_patches
     assert attn.shape == (len(imgs), model.blocks[-1].attn.num_heads, tokens, tokens)
     torch.testing.assert_close(attn.sum(dim=-1), torch.ones(attn.shape[:-1]), atol=1e-5, rtol=0)
-    maps = plots.cls_attention_maps(attn)
+    maps = reconstruction.cls_attention_maps(attn)
     assert maps.shape == (len(imgs), 4, 4)
     torch.testing.assert_close(maps.sum(dim=(1, 2)) + attn[:, :, 0, 0].mean(dim=1), torch.ones(len(imgs)))
 
@@ -159,49 +159,49 @@ def test_attention_rows_sum_to_one_and_reproduce_the_fused_block(batch):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(UsfmaeError, match="run notebook 03"):
-        plots.load_inspection_model("", tmp_path)
+        reconstruction.load_inspection_model("", tmp_path)
     missing = tmp_path / "nowhere" / "usf-mae.pth"
     with pytest.raises(UsfmaeError, match=str(missing)):
-        plots.load_inspection_model(str(missing), tmp_path)
+        reconstruction.load_inspection_model(str(missing), tmp_path)
     with pytest.raises(UsfmaeError, match="run notebook 02"):
-        plots.read_index(tmp_path / "clean")
+        reconstruction.read_index(tmp_path / "clean")
 
 
 def test_bare_state_dict_checkpoint_loads_with_inferred_config(tmp_path):
     """The released USF-MAE weights are a bare state dict: config and size come from shapes."""
     model = build_model(CONFIG, img_size=SIZE)
     torch.save(model.state_dict(), tmp_path / "bare.pth")
-    loaded, info = plots.load_inspection_model(str(tmp_path / "bare.pth"), tmp_path, device="cpu")
+    loaded, info = reconstruction.load_inspection_model(str(tmp_path / "bare.pth"), tmp_path, device="cpu")
     assert info["img_size"] == SIZE and info["depth"] == 12 and not info["norm_pix_loss"]
     assert not loaded.training
 
 
 def test_pick_images_is_seeded_per_anatomy(out_dir):
-    index = plots.read_index(out_dir / plots.DEFAULT_CLEAN_DIR)
-    a = plots.pick_images(index, 2, seed=5)
+    index = reconstruction.read_index(out_dir / reconstruction.DEFAULT_CLEAN_DIR)
+    a = reconstruction.pick_images(index, 2, seed=5)
     assert a.groupby("anatomy").size().to_dict() == {"breast": 2, "liver": 2}
-    pd.testing.assert_frame_equal(a, plots.pick_images(index.iloc[::-1], 2, seed=5))  # row order is irrelevant
-    assert len(plots.pick_images(index, 10, seed=5)) == len(index)
+    pd.testing.assert_frame_equal(a, reconstruction.pick_images(index.iloc[::-1], 2, seed=5))  # row order is irrelevant
+    assert len(reconstruction.pick_images(index, 10, seed=5)) == len(index)
 
 
 def test_figures_and_headless_interactive_view(batch, out_dir):
     index, images, imgs = batch
     model = _model()
-    res = plots.reconstruct(model, imgs[:2], 0.75, plots.patch_noise(2, model.num_patches, 0))
-    figs = plots.plot_walkthrough(res, 0, 16)
+    res = reconstruction.reconstruct(model, imgs[:2], 0.75, reconstruction.patch_noise(2, model.num_patches, 0))
+    figs = reconstruction.plot_walkthrough(res, 0, 16)
     assert list(figs) == ["patches", "mask", "encoder_input", "decoder_output", "loss"]
-    path = plots.save_figure(plots.plot_reconstructions(res, ["a", "b"]), out_dir / "x" / "panels.png")
+    path = reconstruction.save_figure(reconstruction.plot_reconstructions(res, ["a", "b"]), out_dir / "x" / "panels.png")
     assert cv2.imread(str(path)) is not None
-    view = plots.interactive_view(model, out_dir / plots.DEFAULT_CLEAN_DIR, index, 0.5, 0, interactive=True)
+    view = reconstruction.interactive_view(model, out_dir / reconstruction.DEFAULT_CLEAN_DIR, index, 0.5, 0, interactive=True)
     assert isinstance(view, plt.Figure)  # no Jupyter frontend here: a static figure
     plt.close("all")
 
 
 def test_interactive_view_names_the_image_above_the_row_whatever_its_length(out_dir, tmp_path):
-    src = out_dir / plots.DEFAULT_CLEAN_DIR / plots.read_index(out_dir / plots.DEFAULT_CLEAN_DIR).path.iloc[0]
+    src = out_dir / reconstruction.DEFAULT_CLEAN_DIR / reconstruction.read_index(out_dir / reconstruction.DEFAULT_CLEAN_DIR).path.iloc[0]
     name = "synth_breast_images_" + "a_long_scan_name_" * 6 + "000001.png"
     (tmp_path / name).write_bytes(src.read_bytes())
-    fig = plots.interactive_view(_model(), tmp_path, pd.DataFrame(dict(path=[name], anatomy=["breast"])), 0.5, 0)
+    fig = reconstruction.interactive_view(_model(), tmp_path, pd.DataFrame(dict(path=[name], anatomy=["breast"])), 0.5, 0)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     image = fig.axes[0].get_window_extent(renderer)
@@ -228,8 +228,8 @@ def test_notebook_runs_headless_under_the_smoke_profile(out_dir):
 def test_interactive_view_builds_widgets_in_a_jupyter_frontend(batch, out_dir, monkeypatch):
     ipywidgets = pytest.importorskip("ipywidgets")
     index, _, _ = batch
-    monkeypatch.setattr(plots, "frontend_available", lambda: True)
-    view = plots.interactive_view(_model(), out_dir / plots.DEFAULT_CLEAN_DIR, index, 0.5, 0, interactive=True)
+    monkeypatch.setattr(reconstruction, "frontend_available", lambda: True)
+    view = reconstruction.interactive_view(_model(), out_dir / reconstruction.DEFAULT_CLEAN_DIR, index, 0.5, 0, interactive=True)
     assert isinstance(view, ipywidgets.VBox)
     picker, ratio, seed_box = view.children[0].children
     assert len(picker.options) == len(index)

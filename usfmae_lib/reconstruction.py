@@ -1,6 +1,6 @@
 """What the masked autoencoder learned: reconstructions, a mask-ratio sweep, attention (notebook 04).
 
-Plain functions that notebook 04 and tests/test_plots.py call:
+Plain functions that notebook 04 and tests/test_reconstruction.py call:
 
     model, info = load_inspection_model("", out_dir)         # "" = notebook 03's checkpoint-last.pth
     index = pick_images(read_index(clean_dir), n_per_anatomy=2, seed=0)
