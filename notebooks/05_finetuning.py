@@ -63,7 +63,7 @@ batch_sizes = [32]  # sweep (paper: [32, 64])
 pool = "token"  # ViT models: token (cls -> head, the paper) or avg (global average pooling)
 probe_models = ["usf-mae", "scratch"]  # linear probe of these frozen encoders
 label_fractions = [0.1, 1.0]  # label-efficiency points (paper-style full set: [0.01, 0.1, 0.25, 1.0])
-min_steps = 40  # at least this many optimiser steps per run: a label fraction's few images get more epochs (0 = epochs alone)
+min_steps = 40  # at least this many optimiser steps per run: a label fraction's few images are passed over several times per epoch (0 = one pass)
 busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA test folds of 5-fold-cv.csv (paper: all five)
 gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits (all five, as BUS-BRA's folds)
 val_fraction = 0.15  # MMOTU-2D and GIST514-DB: share of the training set carved out for validation (paper: not stated)
@@ -190,7 +190,7 @@ probe[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", 
 # Training labels subsampled per class (at least one each, seeded by the run's seed); validation and
 # test unchanged; each model uses the config chosen on all labels, on every fold and seed of the grid,
 # so a point is a mean over folds like a Table 2 cell (and the 100% point is the grid's own runs).
-# `min_steps` gives the small training sets more epochs: 10% of ~400 images is one batch per epoch.
+# `min_steps` gives the small training sets several passes per epoch: 10% of ~400 images is one batch.
 
 # %%
 curves = []

@@ -45,7 +45,7 @@ gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits scored
 val_fraction = 0.15  # as notebook 05: MMOTU-2D and GIST514-DB carve validation from training
 label_fractions = [0.01, 0.1, 0.25, 1.0]  # claim 1: fractions of the training labels (>= 1 per class)
 label_seeds = 3  # subsamples per fraction below 1
-pretrain_mask_ratios = [0.75, 0.9]  # claim 2: ratios pretrained again (notebook 03's own ratio is the reference)
+pretrain_mask_ratios = [0.75]  # claim 2: ratios pretrained again (notebook 03's own ratio is the reference)
 knn_k = 20  # neighbours of the k-NN monitor
 device = "auto"  # auto = cuda when available
 max_images = 0  # images per part of each split, a seeded sample by class (0 = all; dry run)

@@ -327,17 +327,19 @@ def test_clean_eval_fine_tunes_on_cleaned_copies_in_runs_of_their_own(clean_tree
     assert "Table 2 would average the two" in capsys.readouterr().err
 
 
-def test_min_steps_gives_a_small_training_set_more_epochs(tiny_data, checkpoint, tmp_path):
-    """A label fraction's few images still get min_steps optimiser steps (the epochs grow), the
-    full set keeps cfg.epochs, and the knob names its own run folders."""
-    base = ft.TrainConfig(epochs=1, patience=0, batch_size=4, img_size=32)
-    cfg = ft.TrainConfig(epochs=1, patience=0, batch_size=4, img_size=32, min_steps=6)
-    assert "min_steps" not in base.identity() and cfg.tag() == base.tag() + "_min6steps"
-    assert cfg.epochs_for(2) == 3 and cfg.epochs_for(10) == 1
+def test_min_steps_gives_a_small_training_set_more_passes_per_epoch(tiny_data, checkpoint, tmp_path):
+    """A label fraction's few images still get min_steps optimiser steps (several passes per epoch,
+    the same number of epochs and validations), the full set one pass, and the knob names its own
+    run folders."""
+    base = ft.TrainConfig(epochs=2, patience=0, batch_size=4, img_size=32)
+    cfg = ft.TrainConfig(epochs=2, patience=0, batch_size=4, img_size=32, min_steps=12)
+    assert "min_steps" not in base.identity() and cfg.tag() == base.tag() + "_min12steps"
+    assert cfg.passes_for(2) == 3 and cfg.passes_for(10) == 1 and base.passes_for(1) == 1
     row = ft.finetune_run(tiny_data, "scratch", cfg, 0, tmp_path, fraction=0.25, checkpoint=checkpoint[0],
                           n_bootstrap=10, log=None)
     per_epoch = max(1, row["n_train"] // 4)
-    assert row["steps_run"] >= 6 and row["epochs_run"] == -(-6 // per_epoch) and row["min_steps"] == 6
+    assert row["epochs_run"] == 2 and row["min_steps"] == 12
+    assert row["steps_run"] == 2 * per_epoch * -(-12 // (2 * per_epoch)) >= 12
     with pytest.raises(UsfmaeError, match="min_steps"):
         ft.TrainConfig(min_steps=-1)
 

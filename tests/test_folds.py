@@ -90,3 +90,11 @@ def test_merge_results_replaces_the_same_run_and_keeps_the_others(tmp_path):
 def test_load_runs_names_a_folder_without_results(tmp_path):
     with pytest.raises(UsfmaeError, match="results.csv not found"):
         res.load_runs(tmp_path)
+
+
+def test_a_row_says_how_many_runs_made_it_per_dataset_when_they_differ():
+    """Quick: BUS-BRA and GIST514-DB 5 folds x 1 seed, MMOTU-2D (one split) 3 seeds: the row must not
+    claim 5 folds x 3 seeds."""
+    g = pd.DataFrame(dict(dataset=["bus-bra", "mmotu-2d", "gist514"], n_folds=[5, 1, 5], n_seeds=[1, 3, 1]))
+    assert res._runs_text(g) == "BUS-BRA, GIST514-DB: 5 folds x 1 seed; MMOTU-2D: 3 seeds"
+    assert res._runs_text(g.iloc[[0, 2]]) == "5 folds x 1 seed"

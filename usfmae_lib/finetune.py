@@ -31,6 +31,7 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
+
 import functools
 import itertools
 import json
@@ -48,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import UsfmaeError, atomic_write_text, mae
+from . import UsfmaeError, atomic_write_text, help_with_defaults, mae
 from .datasets import SYNTHETIC_FOLDERS, Split, load_split
 from .metrics import bootstrap_intervals, classification_metrics
 from .store import N_AUG, AugmentConfig, augment_batch
@@ -103,7 +104,7 @@ class TrainConfig:
     head_norm: bool = False  # BatchNorm (no affine) in front of the head, as MAE's linear probe; see add_head_norm
     layer_decay: float = 1.0  # ViT lr x this per block from the head down (MAE fine-tuning: 0.65-0.75); 1 = off
     max_steps: int = 0  # stop after this many optimiser steps, then validate that epoch (0 = no limit; the dry run)
-    min_steps: int = 0  # at least this many optimiser steps: a small training set (a label fraction) gets more epochs
+    min_steps: int = 0  # at least this many optimiser steps: a small training set (a label fraction) is passed over several times per epoch
 
     def __post_init__(self):
         if self.select_on not in SELECT_ON:
@@ -122,9 +123,11 @@ class TrainConfig:
                 knobs.pop(knob)
         return knobs
 
-    def epochs_for(self, steps_per_epoch: int) -> int:
-        """Epochs to run: cfg.epochs, or more when that gives fewer than min_steps optimiser steps."""
-        return max(self.epochs, math.ceil(self.min_steps / max(1, steps_per_epoch)))
+    def passes_for(self, steps_per_epoch: int) -> int:
+        """Passes over the training set per epoch: 1, or more when epochs x one pass gives fewer than
+        min_steps optimiser steps. The epochs (and so the validations) stay cfg.epochs: 10% of the labels
+        is one batch, and validating after every single step would cost more than the training."""
+        return max(1, math.ceil(self.min_steps / (max(1, steps_per_epoch) * self.epochs)))
 
     def tag(self) -> str:
         """Folder name of the knobs that differ between runs of a sweep."""
@@ -741,8 +744,8 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     n = len(x_train)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (batch norm needs > 1 sample)
-    epochs = cfg.epochs_for(steps_per_epoch)
-    total = steps_per_epoch * epochs
+    passes = cfg.passes_for(steps_per_epoch)  # > 1 only for a small training set under min_steps
+    total = steps_per_epoch * passes * cfg.epochs
     optimiser = make_optimiser(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: warmup_cosine(s, total, max(1, int(cfg.warmup_fraction * total))))
@@ -750,14 +753,16 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     y_val = data.labels["val"].numpy()
     best = dict(score=-float("inf"), loss=float("inf"), epoch=-1, state=None, val=None)
     history, step = [], 0
-    for epoch in range(epochs):
+    for epoch in range(cfg.epochs):
         model.train()
         t0, losses = time.time(), []
-        perm = torch.randperm(n, generator=order_rng)
-        for s in range(steps_per_epoch):
+        for s in range(steps_per_epoch * passes):
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-            idx = perm[s * batch:(s + 1) * batch]
+            if s % steps_per_epoch == 0:  # a new pass over the training set
+                perm = torch.randperm(n, generator=order_rng)
+            first = (s % steps_per_epoch) * batch
+            idx = perm[first:first + batch]
             u = torch.rand(len(idx), N_AUG, generator=aug_rng).to(device)  # [B, N_AUG] uniforms
             x = renormalise(augment_batch(x_train[idx].permute(0, 2, 3, 1), u, augment, cfg.img_size),
                             model)  # [B, 3, S, S], ImageNet-normalised -> the model's input statistics
@@ -990,9 +995,10 @@ def resolve_root(dataset: str, root=None, out_dir=None) -> Path:
 def add_cli(subparsers):
     """Register `usfmae finetune`."""
     p = subparsers.add_parser(
-        "finetune", help="fine-tune and evaluate one model on one dataset (one cell of Table 2)",
+        "finetune", formatter_class=help_with_defaults,
+        help="fine-tune and evaluate one model on one dataset (one cell of Table 2)",
         description="Sweep lr x wd x batch on validation with seed 0, then train --seeds seeds of the best "
-                    "config and report test metrics with bootstrap 95%% intervals. Runs are resumable: "
+                    "config and report test metrics with bootstrap 95% intervals. Runs are resumable: "
                     "RUNS/<dataset>/<model>/... with metrics.json and test_predictions.csv.")
     p.add_argument("--dataset", required=True, choices=["bus-bra", "mmotu-2d", "gist514", "folder"])
     p.add_argument("--root", required=True, help="dataset root (BUSBRA/, OTU_2d/, usd514_jpeg_roi/ or ROOT/<class>/)")
@@ -1000,33 +1006,36 @@ def add_cli(subparsers):
     p.add_argument("--checkpoint", help="MAE checkpoint (usf-mae; scratch takes its architecture) or UltraSam/SAM checkpoint")
     p.add_argument("--weights", help="local ImageNet weights file for vit-b / resnet-50 / vgg-19")
     p.add_argument("--mae-config", default=None, help=f"scratch without --checkpoint: one of {', '.join(mae.CONFIGS)}")
-    p.add_argument("--out", default="finetune_runs", help="folder for runs/ and results.csv (default finetune_runs)")
+    p.add_argument("--out", default="finetune_runs", help="folder for runs/ and results.csv")
     p.add_argument("--img-size", type=int, default=0,
                    help="input side (default 0: the model's own: the MAE checkpoint's pretraining size for usf-mae and "
                         "scratch, the ImageNet tag's for the baselines, 224 for ultrasam)")
     p.add_argument("--missing-weights", choices=MISSING_WEIGHTS, default="random",
                    help="a baseline whose ImageNet weights are not here: random = run from random init, labelled "
                         "so in every row (default); skip = stop without running")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--lr", type=float, nargs="+", default=SWEEP["lr"])
-    p.add_argument("--weight-decay", type=float, nargs="+", default=SWEEP["weight_decay"])
-    p.add_argument("--batch-size", type=int, nargs="+", default=SWEEP["batch_size"])
-    p.add_argument("--pool", choices=["token", "avg"], default="token")
+    p.add_argument("--epochs", type=int, default=20, help="maximum epochs per run (paper profile: 50)")
+    p.add_argument("--patience", type=int, default=5,
+                   help="early stopping: epochs without a better validation score (0 = run every epoch; paper profile: 10)")
+    p.add_argument("--lr", type=float, nargs="+", default=SWEEP["lr"], help="learning rates of the sweep (the paper's)")
+    p.add_argument("--weight-decay", type=float, nargs="+", default=SWEEP["weight_decay"],
+                   help="weight decays of the sweep (the paper's)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=SWEEP["batch_size"], help="batch sizes of the sweep (the paper's)")
+    p.add_argument("--pool", choices=["token", "avg"], default="token",
+                   help="ViT models: cls token -> head (the paper) or global average pooling")
     p.add_argument("--head-norm", action="store_true",
                    help="BatchNorm (no affine) before the head, as MAE's linear probe (the quick profile uses it)")
     p.add_argument("--select-on", choices=SELECT_ON, default=TrainConfig.select_on,
-                   help="validation score that picks the epoch and the sweep's config (default balanced_accuracy)")
+                   help="validation score that picks the epoch and the sweep's config")
     p.add_argument("--layer-decay", type=float, default=1.0, help="ViT layer-wise lr decay (1 = off, the paper)")
     p.add_argument("--max-steps", type=int, default=0,
                    help="stop each run after this many optimiser steps, then validate (0 = no limit; a dry run)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config per fold (default 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the chosen config per fold")
     p.add_argument("--min-runs", type=int, default=0,
-                   help="at least this many runs per cell: fewer folds than that get more seeds (default 0)")
+                   help="at least this many runs per cell: fewer folds than that get more seeds")
     p.add_argument("--min-steps", type=int, default=0,
-                   help="at least this many optimiser steps per run: small training sets (--fraction) get more "
-                        "epochs (default 0: --epochs alone)")
-    p.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (default 1)")
+                   help="at least this many optimiser steps per run: a small training set (--fraction) is passed "
+                        "over several times per epoch (0: one pass)")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels")
     p.add_argument("--probe", action="store_true", help="also a linear probe of the frozen encoder")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--fold", type=int, nargs="+", default=None,
@@ -1040,7 +1049,7 @@ def add_cli(subparsers):
                         "corpus (cached in OUT/clean_eval/<dataset>); default: the images as published (the paper is silent)")
     p.add_argument("--positive", default=None, help="folder dataset: name of the positive class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation (and folder test) split")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
     p.set_defaults(func=_run_cli)
     return p
 

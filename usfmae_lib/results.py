@@ -200,10 +200,20 @@ def _layout(long: pd.DataFrame, bold, pm: str) -> tuple[list[str], list[list[str
 
 
 def _runs_text(g: pd.DataFrame) -> str:
-    folds = int(g["n_folds"].max()) if "n_folds" in g and g["n_folds"].notna().any() else 1
-    seeds = int(g["n_seeds"].max())
-    seed_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
-    return f"{folds} folds x {seed_text}" if folds > 1 else seed_text
+    """How many runs made a row's cells: "5 folds x 1 seed", or per dataset when they differ
+    ("BUS-BRA, GIST514-DB: 5 folds x 1 seed; MMOTU-2D: 3 seeds")."""
+    def text(folds: int, seeds: int) -> str:
+        seed_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
+        return f"{folds} folds x {seed_text}" if folds > 1 else seed_text
+
+    folds = g["n_folds"].fillna(1) if "n_folds" in g else pd.Series(1, index=g.index)
+    runs = pd.DataFrame({"dataset": g["dataset"], "folds": folds.astype(int), "seeds": g["n_seeds"].astype(int)})
+    per_dataset = runs.groupby("dataset", sort=False)[["folds", "seeds"]].max()
+    kinds = per_dataset.groupby(["folds", "seeds"], sort=False).groups
+    if len(kinds) == 1:
+        return text(*next(iter(kinds)))
+    return "; ".join(f"{', '.join(DATASET_TITLES.get(d, d) for d in datasets)}: {text(*key)}"
+                     for key, datasets in kinds.items())
 
 
 def to_markdown(long: pd.DataFrame) -> str:
