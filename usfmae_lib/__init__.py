@@ -41,3 +41,19 @@ def atomic_write_text(path, text: str):
 def atomic_write_bytes(path, data: bytes):
     """Write bytes to `path` atomically (see atomic_write)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def help_with_defaults(prog: str):
+    """argparse formatter for the step commands: every option's default in --help (options whose help
+    already names its default, flags off by default and options without a default are left alone)."""
+    import argparse
+
+    class Formatter(argparse.HelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if (not action.option_strings or action.default is None or action.default is False
+                    or action.default == argparse.SUPPRESS or "default" in text.lower()):
+                return text
+            return f"{text} (default: %(default)s)".strip()
+
+    return Formatter(prog)

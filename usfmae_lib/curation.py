@@ -59,6 +59,7 @@ summary.json, data/frames.parquet (every frame read, with its status), cache/fil
 """
 from __future__ import annotations
 
+
 import itertools
 import json
 import multiprocessing
@@ -74,7 +75,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import UsfmaeError, atomic_write
+from . import UsfmaeError, atomic_write, help_with_defaults
 from .safety import check_output, end_with_parent, folder_lock
 from .curation_readers import (content_hash, file_kind, load_frame, perceptual_hash,  # noqa: F401 (public)
                                read_file, init_worker)
@@ -787,7 +788,8 @@ def plot_images_per_anatomy(c: Curation, registry: pd.DataFrame | None = None):
 def add_cli(subparsers):
     """Register `usfmae curate`."""
     p = subparsers.add_parser(
-        "curate", help="read dataset roots into one deduplicated, leakage-audited frame manifest",
+        "curate", formatter_class=help_with_defaults,
+        help="read dataset roots into one deduplicated, leakage-audited frame manifest",
         description="Read every image, video (sampled) and volume (sliced) under the roots into one manifest "
                     "of 2D frames; record rejects; drop pretraining frames near an evaluation image (leakage) "
                     "and exact/near duplicates. Re-running resumes. See docs/curation.md.")

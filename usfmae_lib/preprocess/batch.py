@@ -4,6 +4,7 @@ is in `detectors`.
 """
 from __future__ import annotations
 
+
 import csv
 import json
 import multiprocessing
@@ -17,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .. import UsfmaeError, atomic_write, atomic_write_bytes
+from .. import UsfmaeError, atomic_write, atomic_write_bytes, help_with_defaults
 from ..safety import check_output, end_with_parent, folder_lock
 from .detectors import (DETECTORS, IMAGE_SUFFIXES, INTERPOLATIONS, STAGES, CleanConfig, check_tesseract,
                         clean_image, make_config)
@@ -354,7 +355,8 @@ def _parse_param(text: str):
 def add_cli(subparsers):
     """Register `usfmae clean`."""
     p = subparsers.add_parser(
-        "clean", help="remove burned-in annotations and write the 224 px PNG tree",
+        "clean", formatter_class=help_with_defaults,
+        help="remove burned-in annotations and write the 224 px PNG tree",
         description="Remove burned-in annotations (Tesseract text, HSV + K-Means colour marks, Canny grey "
                     "marks; Navier-Stokes inpainting) and resize, for every image of a folder tree or a "
                     "curation manifest, on all cores. Resumes: finished PNGs are not redone. Writes "
@@ -362,15 +364,16 @@ def add_cli(subparsers):
     p.add_argument("input", metavar="IN_DIR_OR_MANIFEST", help="image folder, or manifest.parquet/.csv")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder of the PNG tree")
     p.add_argument("--workers", type=int, default=0, help="processes (default 0: all cores)")
-    p.add_argument("--image-size", type=int, default=CleanConfig.image_size, help="output side in px (224)")
-    p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=CleanConfig.interpolation)
+    p.add_argument("--image-size", type=int, default=CleanConfig.image_size, help="output side in px")
+    p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=CleanConfig.interpolation,
+                   help="resize filter")
     p.add_argument("--keep-aspect", action="store_true", help="scale the long side and pad (default: squash)")
     p.add_argument("--no-ocr", action="store_true", help="no text detection (no Tesseract needed)")
     p.add_argument("--save-masks", action="store_true", help="also write each annotation mask")
     p.add_argument("--masks-dir", help="where masks go (default: OUT_DIR beside, named OUT_DIR_masks)")
     p.add_argument("--report", help="per-image report CSV (default: OUT_DIR/report.csv)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other cleaning parameter (see CleanConfig), e.g. --param clahe_clip=3.0")
+                   help="any other cleaning parameter (see CleanConfig, defaults in docs/preprocessing.md), e.g. --param clahe_clip=3.0")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_cli)
     return p
