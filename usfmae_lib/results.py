@@ -206,6 +206,7 @@ def _runs_text(g: pd.DataFrame) -> str:
         seed_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
         return f"{folds} folds x {seed_text}" if folds > 1 else seed_text
 
+    g = g[g["n_seeds"].notna()]  # a dataset the model did not run on has no runs
     folds = g["n_folds"].fillna(1) if "n_folds" in g else pd.Series(1, index=g.index)
     runs = pd.DataFrame({"dataset": g["dataset"], "folds": folds.astype(int), "seeds": g["n_seeds"].astype(int)})
     per_dataset = runs.groupby("dataset", sort=False)[["folds", "seeds"]].max()
