@@ -45,7 +45,7 @@ def test_usf_mae_model_receives_the_mae_encoder_weights(checkpoint):
                                                             state["blocks.0.mlp.fc1.weight"])
     # the control: same architecture, not the MAE weights
     scratch, init, _ = ft.build_classifier("scratch", 3, 32, checkpoint=path)
-    assert init.startswith("random (scratch control")
+    assert init == f"random (scratch control, {mae.CPU_CONFIG}, depth=2)"  # the checkpoint's overrides are named
     assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
 
 

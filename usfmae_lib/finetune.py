@@ -412,7 +412,8 @@ def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None
                              else (mae_config or mae.CPU_CONFIG, {}))
         model = set_input_stats(mae_vit(config, num_classes, img_size, pool, overrides), IMAGENET_STATS)
         if name == "scratch":
-            return model, f"random (scratch control, {config})", f"random:{config}"
+            changed = "".join(f", {k}={v}" for k, v in sorted(overrides.items()))  # e.g. the quick profile's depth=6
+            return model, f"random (scratch control, {config}{changed})", f"random:{config}"
         return load_mae_encoder(model, checkpoint), f"usf-mae: {checkpoint}", _file_id(checkpoint)
     if name not in TIMM_NAMES:
         raise UsfmaeError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
