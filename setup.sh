@@ -30,4 +30,6 @@ PY
 # torch>=2.14 in pyproject.toml: pip takes PyPI's standard build, which runs on CPU and on CUDA GPUs
 # and imports together with torchvision (needed by timm). About 5.5 GB; a few minutes.
 .venv/bin/python -m pip install --progress-bar off -e ".[dev]"
+# JupyterLab from .venv saves notebooks/*.ipynb without outputs (the .py twins are the source)
+.venv/bin/python -m usfmae_lib.study --install-jupyter-config
 echo "setup: done. Activate with: source .venv/bin/activate"

@@ -160,6 +160,23 @@ def test_the_lab_save_hook_strips_outputs_of_notebooks_in_notebooks_only(repo):
     assert study.stored_outputs(json.loads((repo / "elsewhere" / "b_step.ipynb").read_text())) == 2
 
 
+def test_setup_turns_the_save_hook_on_for_every_jupyter_server_of_the_venv(tmp_path, monkeypatch):
+    """setup.sh runs `python -m usfmae_lib.study --install-jupyter-config`; Jupyter Server, reading its
+    config paths as at start, then has the hook without --config."""
+    from jupyter_server.serverapp import ServerApp
+
+    assert "-m usfmae_lib.study --install-jupyter-config" in (Path(__file__).parents[1] / "setup.sh").read_text()
+    config = tmp_path / "etc" / "jupyter" / "jupyter_server_config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"ServerApp": {"port": 9999}}))  # a setting already there is kept
+    assert study.install_jupyter_config(tmp_path) == config
+    monkeypatch.setenv("JUPYTER_CONFIG_PATH", str(tmp_path / "etc" / "jupyter"))
+    monkeypatch.chdir(tmp_path)  # no jupyter_server_config.py in the working folder
+    app = ServerApp()
+    app.load_config_file()
+    assert app.config.ContentsManager.pre_save_hook == study.HOOK and app.config.ServerApp.port == 9999
+
+
 def test_path_parameters_are_named_by_their_ending():
     for name in ("out_dir", "data_root", "data_roots", "checkpoint", "init_checkpoint", "weights_dir", "path"):
         assert study.is_path_parameter(name), name

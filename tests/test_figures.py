@@ -105,6 +105,15 @@ def test_label_efficiency_keeps_equal_lines_visible_and_shows_the_seed_spread():
     assert not any(c.has_yerr for c in one_seed.axes[0].containers)
 
 
+def test_label_efficiency_legend_counts_the_runs_of_every_panel():
+    """Quick: 5 folds x 1 seed on BUS-BRA, 3 seeds on MMOTU-2D's one split: the legend says 3-5."""
+    curve = _curve([0.1, 1.0], 5)
+    curve = curve[(curve["dataset"] == "bus-bra") | (curve["seed"] < 3)]
+    fig = res.plot_label_efficiency(curve)
+    texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert texts and all("min-max of 3-5 runs" in t for t in texts), texts
+
+
 def _loss_cell() -> str:
     cells = re.split(r"\n# %%[^\n]*\n", NOTEBOOK_03.read_text())
     (cell,) = [c for c in cells if c.startswith('log = pd.read_csv(step_dir / "log.csv")')]

@@ -577,7 +577,8 @@ def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
                             yerr=[100 * (s["mean"] - s["min"]), 100 * (s["max"] - s["mean"])] if spread else None,
                             marker=marker, ls=line, ms=6, capsize=3, lw=1.5, color=f"C{k}",
                             mfc="white" if k % 2 else f"C{k}")
-            runs = int(s["count"].min()), int(s["count"].max())
+            every = label_curve[label_curve["model"] == m].groupby(["dataset", "fraction"]).size()  # all panels
+            runs = int(every.min()), int(every.max())
             n = f"{runs[0]}" if runs[0] == runs[1] else f"{runs[0]}-{runs[1]}"
             handles.setdefault(m, (h, f"{MODEL_TITLES.get(m, m)}: "
                                       + (f"mean, min-max of {n} runs" if spread else "1 run per point")))

@@ -223,12 +223,34 @@ def strip_outputs_before_save(model: dict, path: str, contents_manager, **kwargs
         clear_outputs(model["content"])
 
 
+HOOK = "usfmae_lib.study.strip_outputs_before_save"
+JUPYTER_CONFIG = Path("etc") / "jupyter" / "jupyter_server_config.json"
+
+
+def install_jupyter_config(prefix=None) -> Path:
+    """Turn the pre-save hook on for every Jupyter server of an environment (setup.sh calls this
+    for .venv): ContentsManager.pre_save_hook in <prefix>/etc/jupyter/jupyter_server_config.json,
+    which Jupyter Server reads at start (other settings there are kept), so `jupyter lab` saves the
+    notebooks/ twins without outputs with no --config."""
+    import json
+
+    path = Path(prefix or sys.prefix) / JUPYTER_CONFIG
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    config.setdefault("ContentsManager", {})["pre_save_hook"] = HOOK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
 def main(argv=None) -> int:
     """python -m usfmae_lib.study NOTEBOOK.ipynb ...: clear stored outputs in place (cell ids and
-    metadata kept)."""
+    metadata kept). python -m usfmae_lib.study --install-jupyter-config: see install_jupyter_config."""
     import nbformat
 
     files = list(sys.argv[1:] if argv is None else argv)
+    if files == ["--install-jupyter-config"]:
+        print(f"JupyterLab in this environment saves notebooks/*.ipynb without outputs: {install_jupyter_config()}")
+        return 0
     if not files:
         print("usage: python -m usfmae_lib.study NOTEBOOK.ipynb ...  (clears their stored outputs)", file=sys.stderr)
         return 2
