@@ -233,3 +233,18 @@ def test_paired_interval_is_student_t_over_images():
     assert d["mean"] == pytest.approx(2.5) and d["n"] == 4
     assert (d["low"], d["high"]) == pytest.approx((2.5 - half, 2.5 + half))
     assert np.isnan(reconstruction.paired_difference([1.0], [0.0])["low"])
+
+
+def test_the_scratch_comparison_also_gives_the_gap_paired_by_fold():
+    # 5 folds of very different difficulty; USF-MAE 3.1-3.5 points above scratch on each: the sd between folds
+    # (~16) hides the gap, the paired difference does not; the verdict keeps its rule
+    rows = pd.concat([_rows({"usf-mae": base + 0.03 + 0.001 * k, "scratch": base}, {"usf-mae": 0.75, "scratch": 0.75},
+                            n_seeds=1, folds=(k,))
+                      for k, base in enumerate((0.40, 0.55, 0.70, 0.45, 0.80), start=1)], ignore_index=True)
+    line = _scratch_line(res.discussion(rows))
+    assert "too small to judge" in line and "the gap is inside the larger sd between folds" in line
+    assert "paired by fold and seed: +3.3 [+3.1, +3.5] (Student-t 95% over 5 pairs)" in line
+    # one run per model: no pairs to make an interval from, nothing added
+    single = _scratch_line(res.discussion(_rows({"usf-mae": 0.8, "scratch": 0.6}, {"usf-mae": 0.75, "scratch": 0.75},
+                                                n_seeds=1)))
+    assert "paired" not in single

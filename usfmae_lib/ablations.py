@@ -25,8 +25,7 @@ import torch
 from . import UsfmaeError, mae, pretrain
 from . import finetune as ft
 from .metrics import classification_metrics
-from .reconstruction import paired_difference
-from .results import DATASET_TITLES, percent, unjudged
+from .results import DATASET_TITLES, paired_difference, percent, unjudged
 
 STEP = "07_ablations"
 METHODS = ("k-NN", "linear probe")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from . import UsfmaeError, atomic_write, store
 from .mae import MaskedAutoencoderViT, load_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .results import paired_difference
 
 STEP = "04_reconstruction"
 # where notebook 03 leaves its last checkpoint, relative to out_dir
@@ -334,20 +335,6 @@ def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
 
 SMOKE_REASON = ("smoke profile: a few images and a briefly trained model check that the code runs, "
                 "they measure nothing")
-
-
-def paired_difference(a, b, level: float = 0.95) -> dict:
-    """Mean of the paired differences a - b and its Student-t interval (level, over the n pairs):
-    mean, low, high, n. Fewer than two pairs: low and high are NaN (no interval)."""
-    from scipy import stats
-
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n = len(diff)
-    mean = float(diff.mean()) if n else np.nan
-    if n < 2:
-        return dict(mean=mean, low=np.nan, high=np.nan, n=n)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n))
-    return dict(mean=mean, low=mean - half, high=mean + half, n=n)
 
 
 def _side(d: dict) -> str:
