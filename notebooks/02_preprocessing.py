@@ -131,7 +131,7 @@ print("corpus:", corpus, "| annotated set:", annotated_dir / "annotated", "| rea
 # | resize | 224x224 | squash, nearest neighbour | squash, area interpolation (`keep_aspect`, `interpolation`) | nearest neighbour aliases speckle |
 # | normalisation | ImageNet mean/std | at training | at training (`pp.normalize`, `pp.IMAGENET_MEAN/STD`); PNGs stay uint8 | |
 #
-# Every value is a field of `CleanConfig` (`usfmae clean ... --param NAME=VALUE`).
+# Every value is a field of `CleanConfig` (`usfmae clean ... --config NAME=VALUE`).
 
 # %%
 print(pd.Series(dataclasses.asdict(cfg)).to_string())

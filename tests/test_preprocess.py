@@ -212,10 +212,10 @@ def test_cli_param_and_errors(tmp_path, capsys):
     src = _folder(tmp_path / "in")
     assert cli.main(["clean", str(tmp_path / "nothing"), str(tmp_path / "o"), "--no-ocr"]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert cli.main(["clean", str(src), str(tmp_path / "o"), "--no-ocr", "--param", "bogus=1"]) == 2
+    assert cli.main(["clean", str(src), str(tmp_path / "o"), "--no-ocr", "--config", "bogus=1"]) == 2
     assert "known" in capsys.readouterr().err
     assert cli.main(["clean", str(src), str(tmp_path / "o"), "--no-ocr", "--no-progress", "--workers", "1",
-                     "--image-size", "40", "--keep-aspect", "--param", "clahe_clip=3", "--save-masks"]) == 0
+                     "--image-size", "40", "--keep-aspect", "--config", "clahe_clip=3", "--save-masks"]) == 0
     assert "1 image(s) failed" in capsys.readouterr().err
     assert cv2.imread(str(tmp_path / "o" / "setA" / "one.png")).shape == (40, 40, 3)
     assert (tmp_path / "o_masks" / "setA" / "one.png").exists()

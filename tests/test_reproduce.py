@@ -131,6 +131,14 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert statuses(out / "index.md") == {step: "skipped (unchanged)" for step in runner.STEPS}
     assert second.stdout.count("unchanged, skipped") == len(runner.STEPS)
+    # issue 18: the step through its command, with the notebook's names: notebook 05 again on BUS-BRA only,
+    # every run reused from the study's own (same parameters, same checkpoint)
+    one = subprocess.run([sys.executable, "-m", "usfmae_lib.cli", "finetune", "--profile", "smoke", "-p",
+                          "datasets=[bus-bra]", "--out", str(out)], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    results = (out / "05_finetuning" / "results.csv").read_text().splitlines()
+    assert len(results) > 1 and all(",bus-bra," in f",{row}," for row in results[1:]), results
+    assert "already finished, reused" in _printed(out / "05_finetuning" / "05_finetuning.ipynb")
 
 
 def _printed(executed) -> str:

@@ -49,6 +49,13 @@ def help_with_defaults(prog: str):
     import argparse
 
     class Formatter(argparse.HelpFormatter):
+        def _fill_text(self, text, width, indent):  # each line wrapped alone: a listing keeps its lines
+            import textwrap
+
+            return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+                                            subsequent_indent=indent + " " * (len(line) - len(line.lstrip()) + 4))
+                             for line in text.splitlines())
+
         def _get_help_string(self, action):
             text = action.help or ""
             if (not action.option_strings or action.default is None or action.default is False

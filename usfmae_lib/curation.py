@@ -793,8 +793,9 @@ def add_cli(subparsers):
         description="Read every image, video (sampled) and volume (sliced) under the roots into one manifest "
                     "of 2D frames; record rejects; drop pretraining frames near an evaluation image (leakage) "
                     "and exact/near duplicates. Re-running resumes. See docs/curation.md.")
-    p.add_argument("roots", nargs="+", help="dataset folders (see docs/curation.md: how roots map to datasets)")
-    p.add_argument("--out", required=True, help="output folder (the notebook uses OUT/01_curation)")
+    p.add_argument("roots", nargs="*", default=[], help="dataset folders (see docs/curation.md: how roots map to datasets)")
+    p.add_argument("--out", help="output folder (the notebook uses OUT/01_curation; with -f/-p/--profile: the study "
+                                 "folder OUT)")
     p.add_argument("--video-fps", type=float, default=3.0, help="frames sampled per second of video (0: all)")
     p.add_argument("--slice-axis", type=int, default=0, help="volume axis to slice, of (z, y, x)")
     p.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice")
@@ -802,11 +803,21 @@ def add_cli(subparsers):
                    help="near duplicates: 256-bit perceptual hashes at most this many bits apart")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--no-progress", action="store_true")
+    from . import runner
+
+    runner.add_step_options(p, "01_curation")
     p.set_defaults(func=_run_cli)
     return p
 
 
 def _run_cli(args) -> int:
+    from . import runner
+
+    if runner.step_mode(args):
+        return runner.run_step_cli(args, "01_curation")
+    if not args.roots or not args.out:
+        raise UsfmaeError("usfmae curate: give the dataset folders and --out OUT (or -f / -p / --profile to run "
+                          "notebook 01's whole step; see --help)")
     c = curate(args.roots, args.out, video_fps=args.video_fps, slice_axis=args.slice_axis,
                slice_step=args.slice_step, phash_threshold=args.phash_threshold, workers=args.workers,
                progress=not args.no_progress)

@@ -998,16 +998,21 @@ def add_cli(subparsers):
     p = subparsers.add_parser(
         "finetune", formatter_class=help_with_defaults,
         help="fine-tune and evaluate one model on one dataset (one cell of Table 2)",
-        description="Sweep lr x wd x batch on validation with seed 0, then train --seeds seeds of the best "
-                    "config and report test metrics with bootstrap 95% intervals. Runs are resumable: "
-                    "RUNS/<dataset>/<model>/... with metrics.json and test_predictions.csv.")
-    p.add_argument("--dataset", required=True, choices=["bus-bra", "mmotu-2d", "gist514", "folder"])
-    p.add_argument("--root", required=True, help="dataset root (BUSBRA/, OTU_2d/, usd514_jpeg_roi/ or ROOT/<class>/)")
-    p.add_argument("--model", required=True, choices=MODELS)
+        description="Two forms. One cell (--dataset, --root, --model and the options below): sweep lr x wd x batch "
+                    "on validation with seed 0, then train --seeds seeds of the best config on every official fold and "
+                    "report test metrics with bootstrap 95% intervals; resumable: OUT/runs/<dataset>/... with "
+                    "metrics.json and test_predictions.csv. The whole step (-f, -p, --profile): notebook 05's grid "
+                    "of datasets x models x folds, probes and label efficiency, with the notebook's parameter names "
+                    "(listed at the end), e.g. usfmae finetune --profile smoke -p 'datasets=[bus-bra]'.")
+    p.add_argument("--dataset", choices=["bus-bra", "mmotu-2d", "gist514", "folder"], help="one-cell form (required there): the dataset")
+    p.add_argument("--root", help="that dataset's own folder (BUSBRA/, OTU_2d/, usd514_jpeg_roi/ or ROOT/<class>/; "
+                                  "notebook 05's data_root is the folder holding them; required in the one-cell form)")
+    p.add_argument("--model", choices=MODELS, help="one-cell form (required there): the model")
     p.add_argument("--checkpoint", help="MAE checkpoint (usf-mae; scratch takes its architecture) or UltraSam/SAM checkpoint")
     p.add_argument("--weights", help="local ImageNet weights file for vit-b / resnet-50 / vgg-19")
     p.add_argument("--mae-config", default=None, help=f"scratch without --checkpoint: one of {', '.join(mae.CONFIGS)}")
-    p.add_argument("--out", default="finetune_runs", help="folder for runs/ and results.csv")
+    p.add_argument("--out", help="folder for runs/ and results.csv (default finetune_runs; with -f/-p/--profile: the "
+                                 "study folder, default outputs/<profile>)")
     p.add_argument("--img-size", type=int, default=0,
                    help="input side (default 0: the model's own: the MAE checkpoint's pretraining size for usf-mae and "
                         "scratch, the ImageNet tag's for the baselines, 224 for ultrasam)")
@@ -1051,15 +1056,26 @@ def add_cli(subparsers):
     p.add_argument("--positive", default=None, help="folder dataset: name of the positive class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation (and folder test) split")
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    from . import runner
+
+    runner.add_step_options(p, "05_finetuning")
     p.set_defaults(func=_run_cli)
     return p
 
 
 def _run_cli(args) -> int:
+    from . import runner
     from .datasets import official_folds
     from .results import fold_summary
     from .safety import check_output
 
+    if runner.step_mode(args):
+        return runner.run_step_cli(args, "05_finetuning")
+    missing = [flag for flag in ("dataset", "root", "model") if not getattr(args, flag)]
+    if missing:
+        raise UsfmaeError(f"usfmae finetune: give --{', --'.join(missing)} for one cell (one model on one dataset), or "
+                          "-f / -p / --profile to run notebook 05's whole grid; see --help")
+    args.out = args.out or "finetune_runs"
     check_output(args.out, [args.root], "output folder")
     out = Path(args.out)
     runs = out / "runs"

@@ -595,6 +595,58 @@ def add_cli(subparsers) -> None:
     rep.set_defaults(func=_reproduce_cli)
 
 
+# ----------------------------------------------------------------------------- step commands as notebooks
+# `usfmae curate | clean | finetune` also take a step's notebook parameters: with -f, -p or --profile they
+# run the step's notebook headlessly (what `usfmae run notebooks/<step>.ipynb` does), so a command, a
+# notebook and `usfmae reproduce` compute the same thing under the same parameter names.
+
+
+def add_step_options(parser: argparse.ArgumentParser, step: str, short_p: bool = True) -> None:
+    """Add -f / -p / --profile to a step command; its --help lists notebook <step>'s parameters. Call it
+    after the command's own options: those are refused together with these (run_step_cli)."""
+    own = {a.dest: (a.option_strings[0] if a.option_strings else a.metavar or a.dest.upper(), a.default)
+           for a in parser._actions if a.dest not in ("help", "out") and a.default != argparse.SUPPRESS}
+    parser.set_defaults(_own_options=own)
+    group = parser.add_argument_group(
+        f"notebook {step}'s whole step (any of these runs notebooks/{step}.ipynb headlessly, as `usfmae run`; "
+        "--out is then the study folder, default outputs/<profile>)")
+    group.add_argument("-f", "--params-file", dest="step_files", action="append", default=[], metavar="YAML",
+                       help=f"parameter file with the notebook's names, e.g. params/smoke/{step}.yaml (repeatable)")
+    group.add_argument(*(["-p"] if short_p else []), "--step-param", dest="step_params", action="append", default=[],
+                       metavar="KEY=VALUE", help="override one of the notebook's parameters (YAML value)")
+    group.add_argument("--profile", choices=PROFILES, default=None,
+                       help=f"start from params/<profile>/{step}.yaml (then -f files, then -p)")
+    parser.epilog = f"notebook {step}'s parameters and their defaults (its parameters cell):\n" + parameters_text(step)
+
+
+def parameters_text(step: str) -> str:
+    """The parameters cell of notebooks/<step>.py as it reads (name = default  # what it is), indented."""
+    path = NOTEBOOKS_DIR / f"{step}.py"
+    if not path.is_file():
+        return f"  ({path} not found: the notebooks come with a clone of the repository)"
+    source = study._parameters_source(path.read_text(), ".py") or ""
+    return "\n".join(f"  {line}" for line in source.splitlines() if line.strip())
+
+
+def step_mode(args: argparse.Namespace) -> bool:
+    """True when a step command was given -f, -p or --profile (its notebook runs, see add_step_options)."""
+    return bool(getattr(args, "step_files", None) or getattr(args, "step_params", None) or getattr(args, "profile", None))
+
+
+def run_step_cli(args: argparse.Namespace, step: str) -> int:
+    """Run notebook <step> for a step command given -f, -p or --profile. The command's own options
+    (changed from their defaults) are refused: they belong to its other form, under other names."""
+    given = [name for dest, (name, default) in getattr(args, "_own_options", {}).items()
+             if getattr(args, dest, default) != default]
+    if given:
+        raise UsfmaeError(f"{', '.join(given)}: not with -f / -p / --profile, which run notebook {step} with its own "
+                          f"parameter names (listed by --help); give those as -p KEY=VALUE")
+    files = ([PARAMS_DIR / args.profile / f"{step}.yaml"] if args.profile else []) + list(args.step_files)
+    result = run_notebook(NOTEBOOKS_DIR / f"{step}.py", files, args.step_params, args.out)
+    print(f"executed {result.notebook} in {result.seconds:.1f} s -> {result.executed}")
+    return 0
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     result = run_notebook(args.notebook, args.param_files, args.overrides, args.out, log_output=args.log_output)
     print(f"executed {result.notebook} in {result.seconds:.1f} s -> {result.executed}")

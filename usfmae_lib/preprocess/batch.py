@@ -5,6 +5,7 @@ is in `detectors`.
 from __future__ import annotations
 
 
+import argparse
 import csv
 import json
 import multiprocessing
@@ -337,10 +338,10 @@ def _write_report_and_index(jobs, out_dir: Path, report: Path):
 def _parse_param(text: str):
     key, sep, value = text.partition("=")
     if not sep:
-        raise UsfmaeError(f"--param {text!r}: write KEY=VALUE, e.g. --param clahe_clip=3.0")
+        raise UsfmaeError(f"--config {text!r}: write KEY=VALUE, e.g. --config clahe_clip=3.0")
     types = {f.name: f.type for f in fields(CleanConfig)}
     if key not in types:
-        raise UsfmaeError(f"--param {key}: unknown; known: {sorted(types)}")
+        raise UsfmaeError(f"--config {key}: unknown; known: {sorted(types)}")
     default = getattr(CleanConfig(), key)
     try:
         if isinstance(default, bool):
@@ -349,7 +350,7 @@ def _parse_param(text: str):
             return key, value.lower() in ("true", "1")
         return key, type(default)(value)
     except ValueError:
-        raise UsfmaeError(f"--param {key}={value}: expected a {type(default).__name__}") from None
+        raise UsfmaeError(f"--config {key}={value}: expected a {type(default).__name__}") from None
 
 
 def add_cli(subparsers):
@@ -361,8 +362,8 @@ def add_cli(subparsers):
                     "marks; Navier-Stokes inpainting) and resize, for every image of a folder tree or a "
                     "curation manifest, on all cores. Resumes: finished PNGs are not redone. Writes "
                     "OUT_DIR/index.csv and a per-image report; a bad image is listed, never fatal.")
-    p.add_argument("input", metavar="IN_DIR_OR_MANIFEST", help="image folder, or manifest.parquet/.csv")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder of the PNG tree")
+    p.add_argument("input", metavar="IN_DIR_OR_MANIFEST", nargs="?", help="image folder, or manifest.parquet/.csv")
+    p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output folder of the PNG tree")
     p.add_argument("--workers", type=int, default=0, help="processes (default 0: all cores)")
     p.add_argument("--image-size", type=int, default=CleanConfig.image_size, help="output side in px")
     p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=CleanConfig.interpolation,
@@ -372,15 +373,29 @@ def add_cli(subparsers):
     p.add_argument("--save-masks", action="store_true", help="also write each annotation mask")
     p.add_argument("--masks-dir", help="where masks go (default: OUT_DIR beside, named OUT_DIR_masks)")
     p.add_argument("--report", help="per-image report CSV (default: OUT_DIR/report.csv)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other cleaning parameter (see CleanConfig, defaults in docs/preprocessing.md), e.g. --param clahe_clip=3.0")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other cleaning parameter (see CleanConfig, defaults in docs/preprocessing.md), e.g. --config clahe_clip=3.0")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", help=argparse.SUPPRESS)  # the study folder, with -f / -p / --profile only
+    from .. import runner
+
+    runner.add_step_options(p, "02_preprocessing")
     p.set_defaults(func=_run_cli)
     return p
 
 
 def _run_cli(args) -> int:
-    over = dict(_parse_param(t) for t in args.param)
+    from .. import runner
+
+    if runner.step_mode(args):
+        return runner.run_step_cli(args, "02_preprocessing")
+    if args.out:
+        raise UsfmaeError("usfmae clean: --out is the study folder of -f / -p / --profile; give OUT_DIR as the second "
+                          "argument")
+    if not args.input or not args.out_dir:
+        raise UsfmaeError("usfmae clean: give IN_DIR_OR_MANIFEST and OUT_DIR (or -f / -p / --profile to run notebook "
+                          "02's whole step; see --help)")
+    over = dict(_parse_param(t) for t in args.config)
     over.update(image_size=args.image_size, interpolation=args.interpolation)
     if args.keep_aspect:
         over["keep_aspect"] = True
