@@ -189,7 +189,8 @@ else:  # too few steps to smooth: each step, marked
     ax.plot(log.epoch, log.loss, lw=1, marker="o", ms=3, label=f"per step ({len(log)} step{'s' * (len(log) != 1)})")
 ax.set_xlabel("epoch")
 ax.set_ylabel("masked-patch MSE (normalised pixels)" if not norm_pix_loss else "masked-patch MSE (per-patch normalised)")
-ax.set_title(f"{model}, {img_size} px, mask {mask_ratio:.0%}: reconstruction loss")
+changed = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())  # e.g. the quick profile's depth=6
+ax.set_title(f"{model}{changed}, {img_size} px, mask {mask_ratio:.0%}: reconstruction loss")
 ax.legend()
 fig.tight_layout()
 fig.savefig(step_dir / "fig_loss_curve.png", dpi=120)
