@@ -112,7 +112,7 @@ class TrainConfig:
         if self.max_steps < 0:
             raise UsfmaeError(f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
         if self.min_steps < 0:
-            raise UsfmaeError(f"min_steps must be >= 0 (0 = epochs alone), got {self.min_steps}")
+            raise UsfmaeError(f"min_steps must be >= 0 (0 = one pass over the training images per epoch), got {self.min_steps}")
 
     def identity(self) -> dict:
         """The config as a run's identity records it: every knob, except max_steps and min_steps when
