@@ -126,9 +126,10 @@ def test_loss_curve_legend_fits_the_number_of_steps(tmp_path, n_steps, legend, c
     pd.DataFrame(dict(step=np.arange(1, n_steps + 1), epoch=np.linspace(0, 1, n_steps), loss=np.linspace(1, 0.5, n_steps),
                       lr=1e-3, images_per_s=10.0)).to_csv(tmp_path / "log.csv", index=False)
     scope = dict(pd=pd, plt=plt, step_dir=tmp_path, norm_pix_loss=False, model="mae_vit_tiny", img_size=32,
-                 mask_ratio=0.25, warmup_fraction=0.05, summary=dict(steps=n_steps))
+                 mask_ratio=0.25, warmup_fraction=0.05, summary=dict(steps=n_steps), model_overrides={"depth": 6})
     plt.close("all")  # the cell's first figure is the loss curve
     exec(_loss_cell(), scope)
     fig = plt.figure(plt.get_fignums()[0])
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == legend
+    assert fig.axes[0].get_title() == "mae_vit_tiny, depth=6, 32 px, mask 25%: reconstruction loss"  # the model trained
     assert not re.search(r"\b1 steps\b", capsys.readouterr().out)
