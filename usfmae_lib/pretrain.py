@@ -690,9 +690,7 @@ def _add_arguments(p: argparse.ArgumentParser):
 
 
 def _run_cli(args) -> int:
-    from .runner import check_params, load_params, parse_value
-
-    from .runner import PARAMS_DIR
+    from .runner import PARAMS_DIR, check_params, load_params, parse_value
 
     profile_file = [PARAMS_DIR / args.profile / f"{STEP}.yaml"] if args.profile else []
     params, origin = load_params(profile_file + list(args.params_file), args.param)

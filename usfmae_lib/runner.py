@@ -601,7 +601,7 @@ def add_cli(subparsers) -> None:
 # notebook and `usfmae reproduce` compute the same thing under the same parameter names.
 
 
-def add_step_options(parser: argparse.ArgumentParser, step: str, short_p: bool = True) -> None:
+def add_step_options(parser: argparse.ArgumentParser, step: str) -> None:
     """Add -f / -p / --profile to a step command; its --help lists notebook <step>'s parameters. Call it
     after the command's own options: those are refused together with these (run_step_cli)."""
     own = {a.dest: (a.option_strings[0] if a.option_strings else a.metavar or a.dest.upper(), a.default)
@@ -612,7 +612,7 @@ def add_step_options(parser: argparse.ArgumentParser, step: str, short_p: bool =
         "--out is then the study folder, default outputs/<profile>)")
     group.add_argument("-f", "--params-file", dest="step_files", action="append", default=[], metavar="YAML",
                        help=f"parameter file with the notebook's names, e.g. params/smoke/{step}.yaml (repeatable)")
-    group.add_argument(*(["-p"] if short_p else []), "--step-param", dest="step_params", action="append", default=[],
+    group.add_argument("-p", "--step-param", dest="step_params", action="append", default=[],
                        metavar="KEY=VALUE", help="override one of the notebook's parameters (YAML value)")
     group.add_argument("--profile", choices=PROFILES, default=None,
                        help=f"start from params/<profile>/{step}.yaml (then -f files, then -p)")
