@@ -37,7 +37,7 @@ profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 data_roots = []  # real dataset folders; empty = the synthetic tree made by `usfmae synth`
-data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/ (as in notebooks 04-07): curated as one more root, so its evaluation sets are audited for leakage (never in the manifest)
+data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/ (as in notebooks 04-07): with data_roots, curated as one more root, so its evaluation sets are audited for leakage (never in the manifest)
 synthetic_profile = ""  # size of that tree: smoke, quick or paper; "" = this profile's own (the dry run: smoke)
 video_fps = 3.0  # frames sampled per second of video time (paper: 3); 0 = every frame
 slice_axis = 0  # volume axis to slice, of the (z, y, x) array
@@ -149,8 +149,10 @@ if not data_roots:
 
 # %%
 roots = [Path(r) for r in data_roots] or [synth_dir]
-if data_root and Path(data_root) not in roots:  # the evaluation sets of notebooks 04-07, for the leakage audit
+if data_root and data_roots and Path(data_root) not in roots:  # the evaluation sets of notebooks 04-07, audited
     roots.append(Path(data_root))
+elif data_root and not data_roots:  # generated pretraining images cannot copy a real evaluation image
+    print(f"data_root {data_root}: not audited, the pretraining images are the synthetic tree's (its own twins are)")
 cur = curation.curate(roots, step_dir, video_fps=video_fps, slice_axis=slice_axis, slice_step=slice_step,
                       phash_threshold=phash_threshold, workers=workers, progress=True)
 print(curation.describe(cur))
