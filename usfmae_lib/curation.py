@@ -59,7 +59,6 @@ summary.json, data/frames.parquet (every frame read, with its status), cache/fil
 """
 from __future__ import annotations
 
-
 import itertools
 import json
 import multiprocessing

@@ -31,7 +31,6 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
-
 import functools
 import itertools
 import json

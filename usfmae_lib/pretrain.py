@@ -669,7 +669,9 @@ def _add_arguments(p: argparse.ArgumentParser):
                    help="parameter file, e.g. params/quick/03_mae_pretraining.yaml (repeatable)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter (YAML value: 3, 1e-3, true, [0.9, 0.999])")
-    p.add_argument("--profile", choices=("smoke", "quick", "paper", "official"),
+    from .runner import PROFILES  # light: runner imports nbformat and papermill only where it runs a notebook
+
+    p.add_argument("--profile", choices=PROFILES,
                    help="start from params/<profile>/03_mae_pretraining.yaml (then -f files, then -p)")
     p.add_argument("--out", help="study output folder OUT (default outputs/<profile>)")
     p.add_argument("--data", help="preprocessed images (default OUT/02_preprocessing/clean)")
@@ -690,10 +692,9 @@ def _add_arguments(p: argparse.ArgumentParser):
 
 
 def _run_cli(args) -> int:
-    from .runner import PARAMS_DIR, check_params, load_params, parse_value
+    from .runner import check_params, load_params, parse_value, with_profile
 
-    profile_file = [PARAMS_DIR / args.profile / f"{STEP}.yaml"] if args.profile else []
-    params, origin = load_params(profile_file + list(args.params_file), args.param)
+    params, origin = load_params(with_profile(STEP, args.profile, args.params_file), args.param)
     for key, default in DEFAULTS.items():
         value = getattr(args, f"opt_{key}", None)
         if value is not None:

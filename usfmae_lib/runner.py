@@ -628,6 +628,12 @@ def parameters_text(step: str) -> str:
     return "\n".join(f"  {line}" for line in source.splitlines() if line.strip())
 
 
+def with_profile(step: str, profile: str | None, files=()) -> list:
+    """Parameter files in the order they apply: params/<profile>/<step>.yaml (when a profile is given),
+    then `files`; -p overrides come after all of them."""
+    return ([PARAMS_DIR / profile / f"{step}.yaml"] if profile else []) + list(files)
+
+
 def step_mode(args: argparse.Namespace) -> bool:
     """True when a step command was given -f, -p or --profile (its notebook runs, see add_step_options)."""
     return bool(getattr(args, "step_files", None) or getattr(args, "step_params", None) or getattr(args, "profile", None))
@@ -641,8 +647,8 @@ def run_step_cli(args: argparse.Namespace, step: str) -> int:
     if given:
         raise UsfmaeError(f"{', '.join(given)}: not with -f / -p / --profile, which run notebook {step} with its own "
                           f"parameter names (listed by --help); give those as -p KEY=VALUE")
-    files = ([PARAMS_DIR / args.profile / f"{step}.yaml"] if args.profile else []) + list(args.step_files)
-    result = run_notebook(NOTEBOOKS_DIR / f"{step}.py", files, args.step_params, args.out)
+    result = run_notebook(NOTEBOOKS_DIR / f"{step}.py", with_profile(step, args.profile, args.step_files),
+                          args.step_params, args.out)
     print(f"executed {result.notebook} in {result.seconds:.1f} s -> {result.executed}")
     return 0
 

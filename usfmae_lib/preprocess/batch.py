@@ -4,7 +4,6 @@ is in `detectors`.
 """
 from __future__ import annotations
 
-
 import argparse
 import csv
 import json
