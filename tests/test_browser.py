@@ -121,8 +121,10 @@ def driver(lab):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # no background networking: this machine's closed network refuses Chromium's own connections
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000"):
+                "--window-size=1400,1000", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-quic"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(DRIVER), options=options)
     browser.set_page_load_timeout(120)
@@ -131,9 +133,12 @@ def driver(lab):
 
 
 # ------------------------------------------------------------------------------------ the user's actions
-# every query looks in the notebook on screen: a notebook opened before stays in the page, hidden
-ACTIVE = ("const nb = [...document.querySelectorAll('.jp-NotebookPanel')]"
-          ".find(p => !p.classList.contains('lm-mod-hidden')) || document;")
+# every query looks in the notebook _open named (window.usfmaeNotebook), found by its tab: on opening a
+# second notebook the lab first restores the one opened before, visible for a second or two, and only
+# then opens the new one and hides the old (CI once typed into the wrong notebook in that gap)
+ACTIVE = ("const tab = [...document.querySelectorAll('#jp-main-dock-panel .lm-TabBar-tab')]"
+          ".find(t => (t.querySelector('.lm-TabBar-tabLabel') || {}).textContent === window.usfmaeNotebook);"
+          "const nb = (tab && document.getElementById(tab.dataset.id)) || document;")
 
 
 def _wait(condition, timeout: float, what: str, browser=None, shot: Path | None = None):
@@ -150,8 +155,10 @@ def _wait(condition, timeout: float, what: str, browser=None, shot: Path | None 
 
 def _open(browser, lab, name: str, shots: Path):
     browser.get(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
+    browser.execute_script("window.usfmaeNotebook = arguments[0];", name)
     _wait(lambda: browser.execute_script(
-        ACTIVE + "return nb !== document && nb.querySelectorAll('.jp-CodeCell .cm-content').length"),
+        ACTIVE + "return nb !== document && !nb.classList.contains('lm-mod-hidden') && "
+                 "nb.querySelectorAll('.jp-CodeCell .cm-content').length"),
         120, f"{name} to open", browser, shots / f"{name}_open_failed.png")
     _wait(lambda: _kernel_idle(browser), 120, f"{name}'s kernel to start", browser, shots / f"{name}_kernel_failed.png")
 
@@ -180,14 +187,14 @@ def _set_profile(browser, profile: str, shots: Path):
     for _ in range(10):  # the notebook lays itself out for a while after opening: a line found can be
         try:             # re-rendered before the click lands; click until its editor has the focus
             line = profile_line()
-            old = line.text.split("=", 1)[1].strip().strip('"')
+            old = line.get_attribute("textContent").split("=", 1)[1].strip().strip('"')
             browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
             ActionChains(browser).click(line).perform()
             time.sleep(0.5)
             if browser.execute_script("const a = document.activeElement; return !!(a && a.closest('.cm-content') && "
                                       "a.closest('.cm-content').contains(arguments[0]));", line):
                 break
-        except WebDriverException:
+        except (WebDriverException, IndexError):  # re-rendered or hidden while we looked
             time.sleep(1)
     else:
         browser.save_screenshot(str(shots / "set_profile_failed.png"))
