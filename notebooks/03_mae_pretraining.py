@@ -190,7 +190,7 @@ else:  # too few steps to smooth: each step, marked
 ax.set_xlabel("epoch")
 ax.set_ylabel("masked-patch MSE (normalised pixels)" if not norm_pix_loss else "masked-patch MSE (per-patch normalised)")
 changed = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())  # e.g. the quick profile's depth=6
-ax.set_title(f"{model}{changed}, {img_size} px, mask {mask_ratio:.0%}: reconstruction loss")
+ax.set_title(f"reconstruction loss, {img_size} px, mask {mask_ratio:.0%}\n{model}{changed}", fontsize=10)  # 2 lines: ViT-B's name is long
 ax.legend()
 fig.tight_layout()
 fig.savefig(step_dir / "fig_loss_curve.png", dpi=120)

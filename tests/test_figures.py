@@ -7,11 +7,13 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from usfmae_lib import results as res  # noqa: E402
+from usfmae_lib import runner  # noqa: E402
 from usfmae_lib.datasets import MMOTU_CLASSES  # noqa: E402
 
 MODELS = ["usf-mae", "scratch", "vit-b", "resnet-50", "vgg-19"]
@@ -120,16 +122,32 @@ def _loss_cell() -> str:
     return cell
 
 
+def _run_loss_cell(tmp_path, n_steps: int, **params):
+    pd.DataFrame(dict(step=np.arange(1, n_steps + 1), epoch=np.linspace(0, 1, n_steps), loss=np.linspace(1, 0.5, n_steps),
+                      lr=1e-3, images_per_s=10.0)).to_csv(tmp_path / "log.csv", index=False)
+    scope = dict(pd=pd, plt=plt, step_dir=tmp_path, norm_pix_loss=False, warmup_fraction=0.05, summary=dict(steps=n_steps),
+                 **params)
+    plt.close("all")  # the cell's first figure is the loss curve
+    exec(_loss_cell(), scope)
+    return plt.figure(plt.get_fignums()[0])
+
+
 @pytest.mark.parametrize("n_steps, legend", [(3, ["per step (3 steps)"]), (1, ["per step (1 step)"]),
                                              (500, ["per step", "running mean of 10 steps"])])
 def test_loss_curve_legend_fits_the_number_of_steps(tmp_path, n_steps, legend, capsys):
-    pd.DataFrame(dict(step=np.arange(1, n_steps + 1), epoch=np.linspace(0, 1, n_steps), loss=np.linspace(1, 0.5, n_steps),
-                      lr=1e-3, images_per_s=10.0)).to_csv(tmp_path / "log.csv", index=False)
-    scope = dict(pd=pd, plt=plt, step_dir=tmp_path, norm_pix_loss=False, model="mae_vit_tiny", img_size=32,
-                 mask_ratio=0.25, warmup_fraction=0.05, summary=dict(steps=n_steps), model_overrides={"depth": 6})
-    plt.close("all")  # the cell's first figure is the loss curve
-    exec(_loss_cell(), scope)
-    fig = plt.figure(plt.get_fignums()[0])
+    fig = _run_loss_cell(tmp_path, n_steps, model="mae_vit_tiny", img_size=32, mask_ratio=0.25,
+                         model_overrides={"depth": 6})
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == legend
-    assert fig.axes[0].get_title() == "mae_vit_tiny, depth=6, 32 px, mask 25%: reconstruction loss"  # the model trained
+    assert fig.axes[0].get_title() == "reconstruction loss, 32 px, mask 25%\nmae_vit_tiny, depth=6"  # the model trained
     assert not re.search(r"\b1 steps\b", capsys.readouterr().out)
+
+
+def test_loss_curve_title_fits_in_the_figure_for_the_paper_model(tmp_path):
+    """The paper profile's ViT-B name with its override once ran off both edges of the figure."""
+    paper = yaml.safe_load((runner.REPO_ROOT / "params" / "paper" / "03_mae_pretraining.yaml").read_text())
+    fig = _run_loss_cell(tmp_path, 2, model=paper["model"], img_size=paper["img_size"], mask_ratio=paper["mask_ratio"],
+                         model_overrides=paper.get("model_overrides") or {})
+    fig.canvas.draw()
+    title, frame = fig.axes[0].title.get_window_extent(), fig.bbox
+    assert paper["model"] in fig.axes[0].get_title()
+    assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1, (title, frame)
