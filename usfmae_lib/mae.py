@@ -196,30 +196,42 @@ class MaskedAutoencoderViT(nn.Module):
         return x_masked, mask, ids_restore
 
     # ------------------------------------------------------------------ forward
+    def encoder_tokens(self, x, mask_ratio, noise=None):
+        """imgs [N, C, H, W] -> the encoder's input [N, 1+K, D] (cls, then the visible patches'
+        tokens with their position embeddings, in noise order), mask [N, L], ids_restore [N, L]."""
+        x = self.patch_embed(x)                            # [N, L, D]
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [N, 1+K, D]
+        return x, mask, ids_restore
+
     def forward_encoder(self, x, mask_ratio, noise=None):
         """imgs [N, C, H, W] -> latent [N, 1+K, D] (cls first, after `norm`), mask, ids_restore.
 
         With mask_ratio 0 the tokens still come out in noise order, as in the reference; pass
         noise = arange(L) to keep patch order.
         """
-        x = self.patch_embed(x)                            # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, K, D]
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
-        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # [N, 1+K, D]
+        x, mask, ids_restore = self.encoder_tokens(x, mask_ratio, noise)  # [N, 1+K, D]
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore):
-        """latent [N, 1+K, D] -> pred [N, L, p*p*C] (cls dropped)."""
+    def decoder_tokens(self, x, ids_restore):
+        """latent [N, 1+K, D] -> the decoder's input [N, 1+L, Dd]: cls, then every patch position in
+        patch order, the encoded visible tokens where they were and the shared mask token at each
+        hidden one, all with the decoder's position embeddings."""
         x = self.decoder_embed(x)                          # [N, 1+K, Dd]
         n, _, dim = x.shape
         mask_tokens = self.mask_token.expand(n, ids_restore.shape[1] + 1 - x.shape[1], -1)  # [N, L-K, Dd]
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd] shuffled order
         x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dim))  # patch order
         x = torch.cat([x[:, :1, :], x_], dim=1)            # [N, 1+L, Dd]
-        x = x + self.decoder_pos_embed
+        return x + self.decoder_pos_embed
+
+    def forward_decoder(self, x, ids_restore):
+        """latent [N, 1+K, D] -> pred [N, L, p*p*C] (cls dropped)."""
+        x = self.decoder_tokens(x, ids_restore)            # [N, 1+L, Dd]
         for blk in self.decoder_blocks:
             x = blk(x)
         x = self.decoder_pred(self.decoder_norm(x))        # [N, 1+L, p*p*C]
@@ -283,8 +295,7 @@ def _read_checkpoint(path, fix: str | None = None) -> dict:
         raise UsfmaeError(_with_fix(f"checkpoint {path}: {_unknown_format_cause(path, kind)}", fix, DEFAULT_FIX))
     try:
         if kind == "safetensors":
-            import safetensors.torch
-            obj = safetensors.torch.load_file(str(path))
+            obj = _read_safetensors(path)
         else:
             # weights_only: tensors and plain python containers only; anything that would call
             # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed.
@@ -300,6 +311,21 @@ def _read_checkpoint(path, fix: str | None = None) -> dict:
                                     "not a state dict or {'model': state_dict}", fix,
                                     "save model.state_dict() instead"))
     return obj
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors; with the constructor record this project writes into its
+    metadata (teaching.write_weights: model, overrides, img_size), {'model': tensors, **record},
+    so load_model rebuilds models that no named config describes."""
+    import json
+
+    import safetensors
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        record = (f.metadata() or {}).get("usfmae_record")
+    return {"model": state, **json.loads(record)} if record else state
 
 
 def _with_fix(message: str, fix: str | None, default: str) -> str:
@@ -544,6 +570,7 @@ def load_model(path, config: str | None = None, img_size: int | None = None) -> 
                          "or check that it is an MAE checkpoint with reference key names")
         raise UsfmaeError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+    model.trained_params = dict(params)  # the recipe the file records (empty for a bare state dict)
     return model
 
 
