@@ -389,9 +389,11 @@ def _describe_failure(nb, notebook: Path, err, executed: Path) -> str:
 
 
 def _code_fingerprint() -> str:
-    """Hash of the library's source: a code change redoes every step."""
+    """Hash of the library's source and shipped data (the teaching MAE's weights included): a change
+    redoes every step."""
     h = hashlib.sha256()
-    for f in sorted((REPO_ROOT / "usfmae_lib").rglob("*.py")):
+    library = REPO_ROOT / "usfmae_lib"
+    for f in sorted([*library.rglob("*.py"), *(library / "data").rglob("*.*")]):
         h.update(f.relative_to(REPO_ROOT).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()

@@ -42,12 +42,16 @@ def is_path_parameter(name: str) -> bool:
     return bool(_PATH_NAME.search(name))
 
 
+# values of path parameters that name something instead of a file (notebook 04's checkpoint)
+NAMED_VALUES = ("teaching",)
+
+
 def resolve_path_value(value, base: Path):
-    """A relative path (a string, or a list of them) made absolute against base; "", None, and
-    absolute paths stay as given ("~" is expanded)."""
+    """A relative path (a string, or a list of them) made absolute against base; "", None, names in
+    NAMED_VALUES and absolute paths stay as given ("~" is expanded)."""
     if isinstance(value, (list, tuple)):
         return type(value)(resolve_path_value(v, base) for v in value)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and value.strip() and value not in NAMED_VALUES:
         path = Path(value).expanduser()
         return path.as_posix() if path.is_absolute() else os.path.normpath(Path(base) / path)
     return value
@@ -87,6 +91,35 @@ def jupyter_kernel() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def show_figure(fig, path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG at `path`, close it, and display that file once.
+
+    The one rule for figures in the notebooks: the picture a reader sees is the saved file itself
+    (the same bytes), shown once in the cell that makes it; closing the figure keeps the inline
+    backend from showing it a second time. Outside IPython nothing is displayed. Returns nothing,
+    so that a call can end a cell without printing anything.
+    """
+    import matplotlib.pyplot as plt
+
+    from usfmae_lib import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+    show_image(path)
+
+
+def show_image(path) -> None:
+    """Display a PNG file as it is (its bytes) when running under IPython; do nothing elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(filename=str(path)))
 
 
 def inside(path: Path, folder: Path) -> bool:
