@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -16,14 +16,18 @@
 # %% [markdown]
 # # 04 · What the masked autoencoder learned: reconstructions
 #
-# A walkthrough of masked autoencoding on ultrasound, for newcomers and for teaching:
-# patches, a random mask, what the encoder sees, what the decoder predicts, and the loss.
-# Then, for the checkpoint of notebook 03 (or any MAE checkpoint):
+# Notebook 03 took one batch through the MAE by hand (patches, mask, encoder and decoder inputs,
+# loss). This notebook inspects a *trained* one: notebook 03's checkpoint, or, when the run has
+# none or `checkpoint = "teaching"`, the small MAE that ships with the repository, trained on the
+# project's synthetic ultrasound long enough to learn anatomy (`usfmae_lib/data/teaching_mae/`,
+# with its model card). The smoke profile shows that one: its own 2-epoch model draws noise.
 #
-# 1. reconstruction panels per anatomy (original / masked / reconstruction / visible pasted back);
-# 2. a mask-ratio sweep (10-90%): masked-patch error per ratio and anatomy, as a table and a plot;
+# 1. reconstruction panels per anatomy, beside OpenCV's classical inpainting of the same holes;
+# 2. a mask-ratio sweep (10-90%): the masked-patch error per ratio and anatomy against two baselines
+#    that learned nothing, a flat fill and OpenCV's inpainting, with the verdicts in one table;
 # 3. the encoder's last-layer attention (cls token to patches);
-# 4. an interactive view, on by itself in JupyterLab (`interactive = None`), a static figure headless.
+# 4. an interactive view, on by itself in JupyterLab (`interactive = None`), a static figure headless;
+# 5. an exercise.
 #
 # Run headless: `usfmae run notebooks/04_reconstruction.ipynb -f params/smoke/04_reconstruction.yaml`.
 # Outputs land in `<out_dir>/04_reconstruction/`. Every mask comes from seeded noise, so every
@@ -33,7 +37,7 @@
 profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
-checkpoint = ""  # "" = <out_dir>/03_mae_pretraining/checkpoints/checkpoint-last.pth; or any MAE checkpoint
+checkpoint = ""  # "" = notebook 03's checkpoint-last.pth (the shipped teaching MAE when there is none); "teaching"; or any MAE checkpoint
 mask_ratios = [0.1, 0.25, 0.5, 0.75, 0.9]  # ratios of the sweep
 panel_mask_ratios = [0.25, 0.75]  # reconstruction panels at these ratios (paper: 25%; official code: 75%)
 n_images = 20  # images per anatomy in the sweep (a seeded sample)
@@ -58,38 +62,35 @@ STEP = "04_reconstruction"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
-print(f"profile={profile}  outputs -> {step_dir}")
 torch.manual_seed(seed)
 
 
-def show(fig, name):
-    """Save a figure under step_dir as name.png and show it once."""
-    reconstruction.save_figure(fig, step_dir / f"{name}.png")
-    plt.close(fig)
-    display(fig)
+def show(fig, name):  # save under step_dir and show the saved file, once
+    study.show_figure(fig, step_dir / f"{name}.png")
 
 
 # %% [markdown]
 # ## The model
 #
-# `checkpoint = ""` reads what notebook 03 wrote; any file `load_checkpoint` reads works too,
-# including the released USF-MAE weights (a bare state dict: the configuration is inferred
-# from its tensor shapes, ViT-B/16 at 224 px).
+# Any file `load_checkpoint` reads works, including the released USF-MAE weights (a bare state
+# dict: the configuration is inferred from its tensor shapes, ViT-B/16 at 224 px).
 
 # %%
 model, info = reconstruction.load_inspection_model(checkpoint, out_dir, norm_pix_loss=norm_pix_loss, device=device)
-for key, value in info.items():
-    print(f"{key:>14}: {value}")
 img_size, patch = info["img_size"], info["patch_size"]
+trained_ratio = info["trained_mask_ratio"]  # None when the file does not record it (a bare state dict)
+print(f"{info['checkpoint']}: {info['depth']}-block encoder of width {info['embed_dim']}, {img_size} px, "
+      f"{info['num_patches']} patches of {patch} px, {info['parameters'] / 1e6:.1f} M parameters, trained at mask "
+      + (f"{trained_ratio:.0%}" if trained_ratio is not None else "ratio not recorded"))
 
 # %% [markdown]
 # ## The images
 #
 # Images come from the cleaned tree of notebook 02 (`clean/index.csv`), a seeded sample of
 # `n_images` per anatomy. When notebook 03 records the images it held out of pretraining
-# (`03_mae_pretraining/heldout.csv`), only those are used; otherwise the sample may include images the
-# model trained on, and the printout says so. For strictly unseen images, point `clean_dir` at
-# another cleaned tree (e.g. a downstream dataset run through notebook 02). For weights pretrained
+# (`03_mae_pretraining/store/heldout.csv`), only those are used; otherwise the sample may include
+# images notebook 03's model trained on, and the printout says so (the teaching MAE never saw any
+# of them: it was trained on images rendered from another seed). For weights pretrained
 # elsewhere (the released USF-MAE) with no cleaned tree here, `data_root` gives the evaluation sets'
 # images (BUS-BRA, MMOTU-2D, GIST514-DB as published, not run through annotation removal).
 
@@ -99,13 +100,16 @@ if data_root and not (clean / "index.csv").is_file():  # weights pretrained else
     clean = Path(data_root)
     index = candidates = reconstruction.evaluation_index(clean)
     held_out = True  # the evaluation sets were kept out of pretraining
+elif info["teaching"]:  # rendered from another seed: every image here is new to it
+    index = candidates = reconstruction.read_index(clean)
+    held_out = True
 else:
     index = reconstruction.read_index(clean)
     candidates, held_out = reconstruction.heldout_rows(index, out_dir)
 sample = reconstruction.pick_images(candidates, n_images, seed)
-print(f"{len(index)} images in {clean}; sample of {len(sample)} "
-      f"({'held out of pretraining' if held_out else 'NOT held out: pretraining may have seen them'})")
-print(sample.groupby("anatomy").size().to_string())
+print(f"{len(sample)} of {len(index)} images, {len(sample) // max(1, sample.anatomy.nunique())} per anatomy "
+      f"({', '.join(sorted(sample.anatomy.unique()))}); "
+      f"{'never seen in pretraining' if held_out else 'NOT held out: pretraining may have seen them'}")
 images = reconstruction.load_images(clean, sample.path, img_size)  # uint8 [N, S, S, 3]
 imgs = reconstruction.normalize_images(images)  # [N, 3, S, S], ImageNet-normalised as in training
 # one image per anatomy for the panels: the first of each anatomy's sample
@@ -113,57 +117,14 @@ first = sample.reset_index().groupby("anatomy", sort=True)["index"].first().to_l
 panel_labels = sample.anatomy.iloc[first].to_list()
 
 # %% [markdown]
-# ## Walkthrough: one image through the masked autoencoder
-#
-# **1. Patches.** A ViT reads an image as a sequence of square patches (16 x 16 pixels here),
-# each flattened to 16 x 16 x 3 numbers and projected to one token.
-
-# %%
-walk_ratio = panel_mask_ratios[0] if panel_mask_ratios else 0.25
-walk = reconstruction.reconstruct(model, imgs[first[:1]], walk_ratio, reconstruction.patch_noise(1, model.num_patches, seed),
-                         norm_pix_stats)
-walk_figs = reconstruction.plot_walkthrough(walk, 0, patch)
-show(walk_figs["patches"], "walkthrough_1_patches")
-
-# %% [markdown]
-# **2. A random mask.** Each patch draws a random number; the patches with the largest ones are
-# hidden (here the mask ratio of the panels). The paper hides 25%, the reference MAE 75%.
-
-# %%
-show(walk_figs["mask"], "walkthrough_2_mask")
-
-# %% [markdown]
-# **3. What the encoder sees.** Only the visible patches (plus a learned cls token) enter the
-# encoder, in shuffled order; each carries its position embedding, so order does not matter.
-# Dropping hidden patches is what makes MAE pretraining cheap.
-
-# %%
-show(walk_figs["encoder_input"], "walkthrough_3_encoder_input")
-
-# %% [markdown]
-# **4. What the decoder predicts.** The decoder receives the encoded visible tokens plus one
-# shared mask token at every hidden position and predicts the pixels of *every* patch.
-
-# %%
-show(walk_figs["decoder_output"], "walkthrough_4_decoder_output")
-
-# %% [markdown]
-# **5. The loss.** Mean squared error between prediction and image, averaged over the hidden
-# patches only (the visible ones are given, so predicting them teaches nothing).
-# For a `norm_pix_loss` model the training loss compares normalised patches; the map below is
-# always in ImageNet-normalised pixels.
-
-# %%
-show(walk_figs["loss"], "walkthrough_5_loss")
-print(f"masked-patch MSE {float(walk['mse'][0]):.4f}; training objective {float(walk['objective'][0]):.4f}")
-
-# %% [markdown]
 # ## Reconstruction panels per anatomy
 #
 # The reference MAE demo's four panels, one row per anatomy, at each of `panel_mask_ratios`:
 # the image, the masked input (hidden patches at the ImageNet mean colour), the decoder's
-# prediction, and the prediction with the visible patches of the image pasted back (what
-# "inpainting" looks like). Images are un-normalised with the ImageNet mean and std.
+# prediction, and the prediction with the visible patches pasted back (what "inpainting" looks
+# like); then OpenCV's inpainting of the same hidden patches (`cv2.inpaint`, Navier-Stokes, the
+# method notebook 02 uses to remove annotations), which fills each hole from its border inward
+# and knows nothing about anatomy. What learning buys is the difference between the last two.
 #
 # A `norm_pix_loss` model predicts each patch with its own mean and variance removed, so its
 # prediction carries no brightness or contrast: to draw it, each patch needs a mean and std.
@@ -187,14 +148,12 @@ for ratio in panel_mask_ratios:
 # ## Mask-ratio sweep
 #
 # The masked-patch MSE (ImageNet-normalised pixels, hidden patches only) of every sampled image
-# at each ratio. One seeded noise per image serves all ratios, so the patches hidden at 25% are
-# among those hidden at 90%. The dashed line is a baseline that fills every hidden patch with the
-# mean colour of the visible pixels: a model that does not beat it has learned little.
-# The paper claims that 25% masking preserves fine anatomy better than 75%; the table says what
-# this checkpoint does (a model trained at one ratio is evaluated at all of them). The verdicts
-# below pair images: at each ratio the per-image difference from the flat fill, then between
-# the ratios, each with a Student-t 95% interval over images; "too small to judge" on the smoke
-# profile, when an interval includes 0, or when the model does not beat the flat fill.
+# at each ratio, against two baselines that learned nothing: a flat fill (every hidden pixel gets
+# the mean colour of the visible ones) and OpenCV's inpainting. One seeded noise per image serves
+# all ratios, so the patches hidden at 25% are among those hidden at 90%. The dotted line marks
+# the ratio the model was *trained* at: evaluating a model at another ratio is not pretraining at
+# it, so this sweep says how one model copes with more or fewer holes, not whether 25% pretraining
+# beats 75% (notebook 07 pretrains at both to test that).
 
 # %%
 per_image, sweep = reconstruction.mask_ratio_sweep(model, imgs, sample.anatomy, mask_ratios, seed=seed,
@@ -202,9 +161,23 @@ per_image, sweep = reconstruction.mask_ratio_sweep(model, imgs, sample.anatomy, 
 reconstruction.write_table(sweep, step_dir / "mask_ratio_sweep.csv")
 reconstruction.write_table(per_image, step_dir / "sweep" / "per_image.csv")
 display(sweep.pivot(index="anatomy", columns="mask_ratio", values="mse").round(4))
-show(reconstruction.plot_sweep(sweep), "mask_ratio_sweep")
-verdicts = [reconstruction.sweep_verdict(per_image, low, high, profile) for low, high in ((0.25, 0.75), (0.25, 0.9))]
-print("\n".join(dict.fromkeys(line for v in verdicts for line in v.splitlines())))  # each ratio's line once
+show(reconstruction.plot_sweep(sweep, trained_ratio=trained_ratio), "mask_ratio_sweep")
+
+# %% [markdown]
+# **Verdicts.** Each row compares the model's error with another's on the same images: the
+# difference (model minus the other) of each image, its mean, and a Student-t 95% interval over
+# images. "lower error" / "higher error" when the interval excludes 0, "no clear difference" when
+# it does not. The ratio rows compare the model with itself at two ratios and are judged only where
+# it beats the flat fill at both. The smoke profile samples two images per anatomy and judges nothing.
+
+# %%
+judged_ratio = trained_ratio if trained_ratio in mask_ratios else panel_mask_ratios[0]
+verdicts = reconstruction.verdict_table(per_image, judged_ratio, mask_ratios, profile)
+reconstruction.write_table(verdicts, step_dir / "verdicts.csv")
+if profile == "smoke":
+    print(f"smoke profile: {n_images} images per anatomy check that the code runs and measure nothing; "
+          "every verdict reads 'too small to judge'")
+display(verdicts.drop(columns=["method"]).round(4))
 
 # %% [markdown]
 # ## Attention of the encoder's last layer
@@ -212,14 +185,13 @@ print("\n".join(dict.fromkeys(line for v in verdicts for line in v.splitlines())
 # Where the cls token looks in the last encoder block, averaged over heads, with the whole image
 # visible (as a fine-tuned encoder sees it). The weights come from a forward hook that recomputes
 # softmax(q k^T / sqrt(d)) from the block's input, because the fused attention kernel returns
-# none. An untrained or briefly trained model attends almost uniformly.
+# none. An untrained or briefly trained model attends almost uniformly; the MAE's objective never
+# asks the cls token to summarise the image, so even a good reconstructor may attend diffusely.
 
 # %%
 attn = reconstruction.last_layer_attention(model, imgs[first])  # [n, heads, T, T]
 maps = reconstruction.cls_attention_maps(attn)  # [n, G, G]
 show(reconstruction.plot_attention(images[first], maps, panel_labels), "attention_last_layer")
-print("cls attention on itself (rest of each row goes to patches):",
-      attn[:, :, 0, 0].mean(dim=1).numpy().round(3))
 
 # %% [markdown]
 # ## Interactive view
@@ -229,12 +201,25 @@ print("cls attention on itself (rest of each row goes to patches):",
 # at the first panel ratio instead.
 
 # %%
-view = reconstruction.interactive_view(model, clean, sample, walk_ratio, seed, interactive, norm_pix_stats)
+view = reconstruction.interactive_view(model, clean, sample, panel_mask_ratios[0], seed, interactive, norm_pix_stats)
 if isinstance(view, plt.Figure):
-    plt.close(view)
-display(view)
+    show(view, "interactive_view_static")
+else:
+    display(view)
 
-# %%
-written = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()
-                 and p.suffix in (".png", ".csv"))
-print("\n".join(written))
+# %% [markdown]
+# **Exercise 2.** The model was trained at one mask ratio (printed at the top). Predict before you
+# run: at 75% hidden, will its error on the hidden patches still be lower than OpenCV's inpainting,
+# and will the gap grow or shrink compared with 25%? Set `exercise_ratio` (try 0.5, 0.75, 0.9),
+# run, and compare the two lines.
+
+# %% tags=["exercise"]
+exercise_ratio = 0.75
+for ratio in sorted({judged_ratio, exercise_ratio}):
+    r = reconstruction.reconstruct_batched(model, imgs, ratio, reconstruction.patch_noise(len(imgs), model.num_patches, seed),
+                                           batch_size, norm_pix_stats=norm_pix_stats)
+    print(f"mask {ratio:.0%}: MAE {float(r['mse'].mean()):.3f}, OpenCV inpainting {float(r['inpaint_mse'].mean()):.3f}, "
+          f"flat fill {float(r['baseline_mse'].mean()):.3f} (mean over {len(imgs)} images)")
+
+# %% [markdown]
+# *Answer.* EXERCISE_2_ANSWER

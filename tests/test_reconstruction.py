@@ -158,8 +158,6 @@ def test_attention_rows_sum_to_one_and_reproduce_the_fused_block(batch):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(UsfmaeError, match="run notebook 03"):
-        reconstruction.load_inspection_model("", tmp_path)
     missing = tmp_path / "nowhere" / "usf-mae.pth"
     with pytest.raises(UsfmaeError, match=str(missing)):
         reconstruction.load_inspection_model(str(missing), tmp_path)
@@ -188,8 +186,20 @@ def test_figures_and_headless_interactive_view(batch, out_dir):
     index, images, imgs = batch
     model = _model()
     res = reconstruction.reconstruct(model, imgs[:2], 0.75, reconstruction.patch_noise(2, model.num_patches, 0))
-    figs = reconstruction.plot_walkthrough(res, 0, 16)
-    assert list(figs) == ["patches", "mask", "encoder_input", "decoder_output", "loss"]
+    figs = {stage: reconstruction.plot_walkthrough(res, stage, 0, 16) for stage in reconstruction.WALKTHROUGH_STAGES}
+    assert list(figs) == ["patches", "mask", "encoder_input", "decoder_input", "decoder_output", "loss"]
+    with pytest.raises(UsfmaeError, match="unknown walkthrough stage"):
+        reconstruction.plot_walkthrough(res, "attention")
+    # the loss map's colour scale starts at 0: a dark patch is a small error, not the smallest one
+    loss_image = figs["loss"].axes[0].images[0]
+    assert loss_image.get_clim()[0] == 0
+    # the encoder's input is drawn as a sequence with the cls token and a position index per visible patch
+    encoder_labels = [t.get_text() for t in figs["encoder_input"].axes[0].texts]
+    assert encoder_labels.count("cls") >= 1
+    visible = [str(int(k)) for k in res["ids_keep"][0]]
+    assert [t for t in encoder_labels if t.isdigit()] == visible  # in the encoder's (shuffled) order
+    # the decoder's input: every position, mask tokens where patches were hidden
+    assert sum(t.get_text() == "M" for t in figs["decoder_input"].axes[0].texts) == int(res["mask"][0].sum())
     path = reconstruction.save_figure(reconstruction.plot_reconstructions(res, ["a", "b"]), out_dir / "x" / "panels.png")
     assert cv2.imread(str(path)) is not None
     view = reconstruction.interactive_view(model, out_dir / reconstruction.DEFAULT_CLEAN_DIR, index, 0.5, 0, interactive=True)
@@ -217,7 +227,7 @@ def test_notebook_runs_headless_under_the_smoke_profile(out_dir):
                                  out_dir=out_dir, progress=False)
     step = result.step_dir
     for name in ("reconstructions_mask25.png", "reconstructions_mask75.png", "mask_ratio_sweep.png",
-                 "attention_last_layer.png", "walkthrough_1_patches.png", "walkthrough_5_loss.png"):
+                 "attention_last_layer.png", "interactive_view_static.png"):
         assert cv2.imread(str(step / name)) is not None, name
     assert not [p.name for p in step.rglob("*") if p.name.lower().count(".png") > 1]  # one extension per file
     table = pd.read_csv(step / "mask_ratio_sweep.csv")
@@ -236,3 +246,65 @@ def test_interactive_view_builds_widgets_in_a_jupyter_frontend(batch, out_dir, m
     ratio.value = 0.9  # redraws without error
     seed_box.value = 7
     plt.close("all")
+
+
+def test_inpainting_baseline_keeps_visible_pixels_and_fills_smooth_holes():
+    """OpenCV's inpainting of the hidden patches: visible pixels come back exactly, and on a smooth
+    ramp (where diffusion from the border is right) the holes are filled far better than flat."""
+    ramp = np.tile(np.linspace(20, 230, SIZE).astype(np.uint8), (SIZE, 1))
+    images = np.repeat(ramp[None, ..., None], 3, axis=3)                   # [1, S, S, 3]
+    imgs = reconstruction.normalize_images(images)
+    g = SIZE // 16
+    mask = torch.zeros(1, g * g)
+    mask[0, [5, 6, 9]] = 1                                                  # three inner patches hidden
+    filled = reconstruction.inpaint_hidden(imgs, mask, 16)
+    hidden = np.kron(mask.numpy().reshape(g, g), np.ones((16, 16))) > 0
+    out = np.rint(reconstruction.unnormalize(filled)[0] * 255)
+    assert (out[~hidden] == images[0][~hidden]).all()
+    inpaint_err = np.abs(out[hidden] - images[0][hidden]).mean()
+    flat_err = np.abs(images[0][~hidden].mean() - images[0][hidden]).mean()
+    assert inpaint_err < flat_err / 4, (inpaint_err, flat_err)
+
+
+def test_reconstruct_reports_the_inpainting_error_on_hidden_patches_only(batch):
+    _, _, imgs = batch
+    model = _model()
+    res = reconstruction.reconstruct(model, imgs[:2], 0.5, reconstruction.patch_noise(2, model.num_patches, 1))
+    target = model.patchify(imgs[:2])
+    per_patch = ((model.patchify(res["inpainted"]) - target) ** 2).mean(dim=-1)
+    expected = (per_patch * res["mask"]).sum(dim=1) / res["mask"].sum(dim=1)
+    torch.testing.assert_close(res["inpaint_mse"], expected)
+    assert (res["inpaint_mse"] > 0).all()
+
+
+def test_verdict_table_pairs_images_and_says_no_clear_difference_inside_the_interval():
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(40):
+        anatomy = "liver" if i < 20 else "thyroid"
+        base = 1 + rng.random()
+        # liver: the model is clearly better than inpainting; thyroid: a tie up to noise
+        mse = base - (0.3 if anatomy == "liver" else 0.0) + 0.01 * rng.standard_normal()
+        rows.append(dict(mask_ratio=0.25, image=i, anatomy=anatomy, mse=mse, objective=mse,
+                         baseline_mse=base + 0.5, inpaint_mse=base))
+        rows.append(dict(mask_ratio=0.75, image=i, anatomy=anatomy, mse=mse + 0.2, objective=mse,
+                         baseline_mse=base + 0.6, inpaint_mse=base + 0.3))
+    per_image = pd.DataFrame(rows)
+    table = reconstruction.verdict_table(per_image, 0.25, [0.25, 0.75]).set_index(["comparison", "dataset"])
+    assert table.loc[("MAE vs OpenCV inpainting at 25%", "liver"), "verdict"] == "lower error"
+    assert table.loc[("MAE vs OpenCV inpainting at 25%", "thyroid"), "verdict"] == "no clear difference"
+    assert table.loc[("MAE vs flat fill at 25%", "all"), "verdict"] == "lower error"
+    assert table.loc[("MAE error at 25% vs at 75%", "all"), "verdict"] == "lower error"
+    assert table.loc[("MAE vs flat fill at 25%", "liver"), "n"] == 20
+    smoke = reconstruction.verdict_table(per_image, 0.25, [0.25, 0.75], profile="smoke")
+    assert set(smoke.verdict) == {"too small to judge"}
+
+
+def test_checkpoint_falls_back_to_the_shipped_teaching_model(tmp_path):
+    """A run without a checkpoint of its own (or checkpoint='teaching') shows the shipped teaching MAE."""
+    from usfmae_lib import teaching
+
+    for choice in ("", "teaching"):
+        model, info = reconstruction.load_inspection_model(choice, tmp_path, device="cpu")
+        assert "teaching" in info["checkpoint"] and info["trained_mask_ratio"] == teaching.RECIPE["mask_ratio"]
+        assert info["patch_size"] == teaching.RECIPE["model_overrides"]["patch_size"]

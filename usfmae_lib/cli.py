@@ -23,6 +23,7 @@ COMMANDS = {
     "clean": ("usfmae_lib.preprocess", "remove burned-in annotations and write the 224 px PNG tree"),
     "pretrain": ("usfmae_lib.pretrain", "pretrain the masked autoencoder (single process or torchrun DDP)"),
     "finetune": ("usfmae_lib.finetune", "fine-tune and evaluate one model on one dataset (one cell of Table 2)"),
+    "teaching-mae": ("usfmae_lib.teaching", "regenerate the small MAE that ships for teaching (notebooks 03, 04)"),
     "bench": ("usfmae_lib.bench", "measure images/s, TFLOP/s and MFU of a step on this machine"),
 }
 

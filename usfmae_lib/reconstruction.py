@@ -43,18 +43,20 @@ ALL = "all"  # the anatomy label of the rows that pool every image
 
 # ============================================================================ model
 def resolve_checkpoint(checkpoint, out_dir) -> Path:
-    """The checkpoint file to inspect: `checkpoint`, or notebook 03's when it is "" / None."""
+    """The checkpoint file to inspect: `checkpoint`; "" / None = notebook 03's under out_dir, or,
+    when that run has none, the shipped teaching MAE; "teaching" = the shipped teaching MAE."""
+    from . import teaching
+
+    if checkpoint == teaching.NAME:
+        return teaching.checkpoint()
     if checkpoint in (None, ""):
         path = Path(out_dir) / DEFAULT_CHECKPOINT
-        if not path.is_file():
-            raise UsfmaeError(f"checkpoint {path} does not exist: run notebook 03 (MAE pretraining) first "
-                              "with the same out_dir, or pass checkpoint=<path to a checkpoint>")
-        return path
+        return path if path.is_file() else teaching.checkpoint()
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise UsfmaeError(f"checkpoint {path} does not exist; check the path (any file load_checkpoint "
                           "reads works: ours, a reference MAE {'model': ...} file, the released USF-MAE "
-                          "weights, .safetensors)")
+                          "weights, .safetensors), or pass checkpoint='teaching' for the shipped teaching MAE")
     return path
 
 
@@ -81,12 +83,30 @@ def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | 
         model.norm_pix_loss = bool(norm_pix_loss)
     model = model.to(pick_device(device)).eval()
     enc = model.blocks[0].attn
-    info = dict(checkpoint=str(path), img_size=model.patch_embed.img_size[0], patch_size=model.patch_size,
+    from . import teaching
+
+    info = dict(checkpoint=_short_path(path, out_dir), teaching=path.resolve() == teaching.checkpoint().resolve()
+                if (teaching.FOLDER / teaching.WEIGHTS).is_file() else False, trained_mask_ratio=model.trained_params.get("mask_ratio"),
+                img_size=model.patch_embed.img_size[0], patch_size=model.patch_size,
                 num_patches=model.num_patches, embed_dim=model.pos_embed.shape[-1], depth=len(model.blocks),
                 heads=enc.num_heads, decoder_depth=len(model.decoder_blocks),
                 norm_pix_loss=bool(model.norm_pix_loss),
                 parameters=sum(p.numel() for p in model.parameters()))
     return model, info
+
+
+def _short_path(path: Path, out_dir) -> str:
+    """How a reader names a checkpoint: 'teaching MAE (shipped)', a path inside out_dir relative to
+    it, else the file name."""
+    from . import teaching
+
+    path = Path(path).resolve()
+    if path == (teaching.FOLDER / teaching.WEIGHTS).resolve():
+        return "the shipped teaching MAE (usfmae_lib/data/teaching_mae)"
+    try:
+        return path.relative_to(Path(out_dir).resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 # ============================================================================ images
@@ -236,7 +256,8 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
     back), masked_input [N, 3, S, S] (hidden patches set to 0 = the ImageNet mean colour, as the
     reference demo), ids_keep [N, K] (the encoder's input order), and per image [N]: mse (masked
     patches, normalised pixel space), objective (the model's training loss) and baseline_mse
-    (filling hidden patches with the mean colour of the visible pixels).
+    (filling hidden patches with the mean colour of the visible pixels) and inpaint_mse (OpenCV's
+    inpainting of the hidden patches, `inpainted` [N, 3, S, S]; see inpaint_hidden).
     """
     if norm_pix_stats not in ("visible", "oracle"):
         raise UsfmaeError(f"norm_pix_stats must be 'visible' or 'oracle', got {norm_pix_stats!r}")
@@ -268,6 +289,11 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
     colour = (by_channel * visible).sum(dim=(1, 2)) / (visible.sum(dim=(1, 2)) * values // 3).clamp(min=1)
     baseline_mse = masked_mean(((by_channel - colour.view(n, 1, 1, 3)) ** 2).mean(dim=(2, 3)))
 
+    # a hand-made method: OpenCV's Navier-Stokes inpainting of the hidden patches (as notebook 02
+    # removes annotations); what the MAE learned must beat it to be worth its training
+    inpainted = inpaint_hidden(model.unpatchify(target), mask, model.patch_size)  # [N, 3, S, S]
+    inpaint_mse = masked_mean(((model.patchify(inpainted) - target) ** 2).mean(dim=-1))
+
     ids_keep = torch.argsort(noise, dim=1)[:, :int(length * (1 - mask_ratio))]  # as random_masking
     out = dict(
         mask_ratio=float(mask_ratio), norm_pix_loss=bool(model.norm_pix_loss), norm_pix_stats=norm_pix_stats,
@@ -276,8 +302,25 @@ def reconstruct(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: flo
         masked_input=model.unpatchify(target * (1 - hidden)),
         recon=model.unpatchify(pred_pixels),
         pasted=model.unpatchify(target * (1 - hidden) + pred_pixels * hidden),
-        mse=mse, objective=objective, baseline_mse=baseline_mse)
+        inpainted=inpainted, mse=mse, objective=objective, baseline_mse=baseline_mse, inpaint_mse=inpaint_mse)
     return {k: v.cpu() if torch.is_tensor(v) else v for k, v in out.items()}
+
+
+def inpaint_hidden(imgs: torch.Tensor, mask: torch.Tensor, patch_size: int, radius: int = 3) -> torch.Tensor:
+    """Classical inpainting of the hidden patches: cv2.inpaint (Navier-Stokes, `radius` px) of each
+    image, with every pixel of a hidden patch in the inpainting mask.
+
+    imgs [N, 3, S, S] ImageNet-normalised (made from uint8, so the round trip is exact); mask
+    [N, L] (1 = hidden). Returns [N, 3, S, S] in the same units, visible pixels unchanged.
+    """
+    n, _, size, _ = imgs.shape
+    g = size // patch_size
+    rgb = np.rint(unnormalize(imgs) * 255).astype(np.uint8)                # [N, S, S, 3]
+    holes = mask.detach().cpu().numpy().reshape(n, g, g).astype(np.uint8)
+    holes = np.kron(holes, np.ones((1, patch_size, patch_size), np.uint8))  # [N, S, S], 1 = hidden pixel
+    filled = np.stack([cv2.inpaint(np.ascontiguousarray(rgb[i]), holes[i], radius, cv2.INPAINT_NS)
+                       for i in range(n)])
+    return normalize_images(filled, imgs.device)
 
 
 def reconstruct_batched(model, imgs, mask_ratio, noise, batch_size: int = 32, **kwargs) -> dict:
@@ -295,9 +338,9 @@ def mask_ratio_sweep(model, imgs: torch.Tensor, anatomies, mask_ratios, seed: in
 
     One noise per image (seeded) serves every ratio, so masks are nested and the ratios differ
     only in how much is hidden. Returns (per_image, table): per_image has one row per image and
-    ratio (mask_ratio, image, path, anatomy, mse, objective, baseline_mse); table one row per
-    ratio and anatomy plus one per ratio with anatomy "all" (n_images, mse mean and std,
-    objective, baseline_mse), all errors in ImageNet-normalised pixel units on hidden patches.
+    ratio (mask_ratio, image, path, anatomy, mse, objective, baseline_mse, inpaint_mse); table one
+    row per ratio and anatomy plus one per ratio with anatomy "all" (n_images, mse mean and std,
+    objective, baseline_mse, inpaint_mse), all errors in ImageNet-normalised pixel units on hidden patches.
     """
     anatomies = [str(a) for a in anatomies]
     if len(anatomies) != len(imgs):
@@ -312,7 +355,7 @@ def mask_ratio_sweep(model, imgs: torch.Tensor, anatomies, mask_ratios, seed: in
         for i, anatomy in enumerate(anatomies):
             rows.append(dict(mask_ratio=float(ratio), image=i, path=None if paths is None else str(list(paths)[i]),
                              anatomy=anatomy, mse=float(res["mse"][i]), objective=float(res["objective"][i]),
-                             baseline_mse=float(res["baseline_mse"][i])))
+                             baseline_mse=float(res["baseline_mse"][i]), inpaint_mse=float(res["inpaint_mse"][i])))
     per_image = pd.DataFrame(rows)
     return per_image, summarize_sweep(per_image)
 
@@ -322,13 +365,14 @@ def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
     def summary(df):
         return df.groupby("mask_ratio").agg(
             n_images=("mse", "size"), mse=("mse", "mean"), mse_std=("mse", "std"),
-            objective=("objective", "mean"), baseline_mse=("baseline_mse", "mean")).reset_index()
+            objective=("objective", "mean"), baseline_mse=("baseline_mse", "mean"),
+            inpaint_mse=("inpaint_mse", "mean")).reset_index()
 
     parts = [summary(rows).assign(anatomy=anatomy) for anatomy, rows in per_image.groupby("anatomy", sort=True)]
     parts.append(summary(per_image).assign(anatomy=ALL))
     table = pd.concat(parts, ignore_index=True)
     table["mse_std"] = table["mse_std"].fillna(0.0)  # one image: no spread
-    cols = ["mask_ratio", "anatomy", "n_images", "mse", "mse_std", "objective", "baseline_mse"]
+    cols = ["mask_ratio", "anatomy", "n_images", "mse", "mse_std", "objective", "baseline_mse", "inpaint_mse"]
     return table[cols].sort_values(["mask_ratio", "anatomy"], key=lambda s: s.map(
         lambda v: (v == ALL, v) if isinstance(v, str) else v)).reset_index(drop=True)
 
@@ -415,6 +459,67 @@ def sweep_verdict(per_image: pd.DataFrame, low: float = 0.25, high: float = 0.9,
     return "\n".join(lines)
 
 
+BASELINES = {"flat fill": "baseline_mse", "OpenCV inpainting": "inpaint_mse"}
+VERDICT_COLUMNS = ["comparison", "dataset", "n", "model", "other", "difference", "low", "high", "method", "verdict"]
+PAIRED_T = "paired by image, Student-t 95% over images"
+
+
+def _verdict_row(comparison: str, subset: str, a: pd.Series, b: pd.Series, smoke: bool) -> dict:
+    d = paired_difference(a, b)
+    side = _side(d)
+    verdict = ("too small to judge" if smoke else
+               {"below": "lower error", "above": "higher error"}.get(side, "no clear difference"))
+    return dict(comparison=comparison, dataset=subset, n=d["n"], model=float(a.mean()), other=float(b.mean()),
+                difference=d["mean"], low=d["low"], high=d["high"], method=PAIRED_T, verdict=verdict)
+
+
+def sweep_verdicts(per_image: pd.DataFrame, ratio: float, profile: str | None = None) -> pd.DataFrame:
+    """The sweep's verdicts as one table: at `ratio`, the model's masked-patch error against each
+    baseline (flat fill, OpenCV inpainting), per anatomy and pooled ("all"), each difference
+    (model minus baseline) paired by image with a Student-t 95% interval over images. Verdict:
+    "lower error" / "higher error" when the interval excludes 0, "no clear difference" when it
+    does not; "too small to judge" for every row on the smoke profile. Columns: VERDICT_COLUMNS."""
+    rows = per_image[np.isclose(per_image.mask_ratio, ratio)]
+    if rows.empty:
+        raise UsfmaeError(f"the sweep has no mask ratio {ratio:.0%}; add it to mask_ratios")
+    smoke = profile == "smoke"
+    out = []
+    for name, column in BASELINES.items():
+        if column not in rows:
+            continue
+        comparison = f"MAE vs {name} at {ratio:.0%}"
+        for anatomy, g in rows.groupby("anatomy", sort=True):
+            out.append(_verdict_row(comparison, anatomy, g["mse"], g[column], smoke))
+        out.append(_verdict_row(comparison, ALL, rows["mse"], rows[column], smoke))
+    return pd.DataFrame(out, columns=VERDICT_COLUMNS)
+
+
+def ratio_verdicts(per_image: pd.DataFrame, low: float, highs, profile: str | None = None) -> pd.DataFrame:
+    """The error at `low` against each ratio in `highs`, pooled over anatomies, paired by image
+    (the same image at two ratios; nested masks). Judged only where the model beats the flat fill
+    at both ratios; otherwise its error at either says nothing of what it learned."""
+    by = per_image.pivot_table(index="image", columns="mask_ratio", values=["mse", "baseline_mse"]).dropna()
+    out = []
+    for high in highs:
+        if low not in by["mse"].columns or high not in by["mse"].columns:
+            continue
+        row = _verdict_row(f"MAE error at {low:.0%} vs at {high:.0%}", ALL, by["mse"][low], by["mse"][high],
+                           profile == "smoke")
+        beats = all(_side(paired_difference(by["mse"][r], by["baseline_mse"][r])) == "below" for r in (low, high))
+        if not beats and row["verdict"] != "too small to judge":
+            row["verdict"] = "not judged: the model does not beat the flat fill at both ratios"
+        out.append(row)
+    return pd.DataFrame(out, columns=VERDICT_COLUMNS)
+
+
+def verdict_table(per_image: pd.DataFrame, ratio: float, mask_ratios, profile: str | None = None) -> pd.DataFrame:
+    """Notebook 04's verdicts in one table: sweep_verdicts at `ratio`, then ratio_verdicts of
+    `ratio` against every larger ratio of the sweep."""
+    return pd.concat([sweep_verdicts(per_image, ratio, profile),
+                      ratio_verdicts(per_image, ratio, [r for r in mask_ratios if r > ratio], profile)],
+                     ignore_index=True)
+
+
 # ============================================================================ attention
 @torch.no_grad()
 def last_layer_attention(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tensor:
@@ -484,20 +589,25 @@ def _off(ax):
 
 def plot_reconstructions(result: dict, labels=None, title: str | None = None, scale: float = 2.0):
     """The reference MAE demo's four panels per image (rows): original / masked / reconstruction /
-    reconstruction with the visible patches pasted back, all un-normalised to [0, 1] RGB."""
+    reconstruction with the visible patches pasted back, all un-normalised to [0, 1] RGB; then,
+    when the result has it, OpenCV's inpainting of the same hidden patches."""
     plt = _plt()
-    panels = [unnormalize(result[k]) for k in ("original", "masked_input", "recon", "pasted")]
+    keys = [k for k in ("original", "masked_input", "recon", "pasted", "inpainted") if k in result]
+    panels = [unnormalize(result[k]) for k in keys]
     n = len(panels[0])
     labels = list(labels) if labels is not None else [f"image {i}" for i in range(n)]
-    fig, axes = plt.subplots(n, 4, figsize=(4 * scale, n * scale + 0.3), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(n, len(keys), figsize=(len(keys) * scale, n * scale + 0.3), squeeze=False,
+                             layout="constrained")
     for i in range(n):
         for j, images in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(images[i], interpolation="nearest")
             _off(ax)
             if i == 0:
-                ax.set_title(PANEL_TITLES[j], fontsize=9)
+                ax.set_title(PANEL_TITLES[j] if j < len(PANEL_TITLES) else "OpenCV inpainting", fontsize=9)
         axes[i, 0].set_ylabel(f"{labels[i]}\nMSE {float(result['mse'][i]):.3f}", fontsize=8)
+        if "inpainted" in result:
+            axes[i, -1].set_xlabel(f"MSE {float(result['inpaint_mse'][i]):.3f}", fontsize=8)
     if title is None:
         title = f"mask {result['mask_ratio']:.0%}"
         if result["norm_pix_loss"]:
@@ -506,77 +616,131 @@ def plot_reconstructions(result: dict, labels=None, title: str | None = None, sc
     return fig
 
 
-def plot_walkthrough(result: dict, i: int = 0, patch_size: int = 16, scale: float = 3.0) -> dict:
-    """Five small figures explaining one image's trip through the MAE (keys in order):
-    patches, mask, encoder_input, decoder_output, loss."""
+def _token_strip(ax, cells: list, labels: list, per_row: int, title: str):
+    """Draw a sequence of tokens as a strip that wraps every per_row tokens, like text: each cell a
+    [p, p, 3] picture (a patch) or a colour name (a special token), its label under it."""
+    from matplotlib.colors import to_rgb
+
+    p = next(c.shape[0] for c in cells if isinstance(c, np.ndarray)) if any(
+        isinstance(c, np.ndarray) for c in cells) else 8
+    gap, label_h = max(2, p // 4), max(6, int(p * 0.7))
+    rows = int(np.ceil(len(cells) / per_row))
+    per_row = int(np.ceil(len(cells) / rows))  # rows of even length: no lone token on the last one
+    canvas = np.ones((rows * (p + label_h), per_row * (p + gap) - gap, 3))
+    for t, (cell, label) in enumerate(zip(cells, labels)):
+        r, c = divmod(t, per_row)
+        y, x = r * (p + label_h), c * (p + gap)
+        canvas[y:y + p, x:x + p] = cell if isinstance(cell, np.ndarray) else np.array(to_rgb(cell))
+        if isinstance(cell, np.ndarray):  # a patch: its position index under it
+            ax.text(x + p / 2 - 0.5, y + p + label_h * 0.45, label, ha="center", va="center", fontsize=5.5)
+        if not isinstance(cell, np.ndarray):
+            ax.text(x + p / 2 - 0.5, y + p / 2 - 0.5, "cls" if label == "cls" else "M", ha="center",
+                    va="center", fontsize=5.5, color="white", weight="bold")
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    _off(ax)
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+WALKTHROUGH_STAGES = ("patches", "mask", "encoder_input", "decoder_input", "decoder_output", "loss")
+
+
+def plot_walkthrough(result: dict, stage: str, i: int = 0, patch_size: int = 16, scale: float = 3.0,
+                     per_row: int = 16):
+    """One figure for one stage of one image's trip through the MAE (WALKTHROUGH_STAGES): patches,
+    mask, encoder_input (the token sequence the encoder gets: cls, then the visible patches in
+    its shuffled order, each labelled with its position index), decoder_input (cls, then all L
+    positions in patch order: the encoded visible tokens, drawn as their patch, and the shared
+    mask token at every hidden one), decoder_output, loss (per hidden patch, colour scale from 0).
+    One figure per call, so that a notebook makes each figure in the cell that shows it (the inline
+    backend shows every figure still open at the end of a cell)."""
+    if stage not in WALKTHROUGH_STAGES:
+        raise UsfmaeError(f"unknown walkthrough stage {stage!r}; one of {', '.join(WALKTHROUGH_STAGES)}")
     plt = _plt()
     original = unnormalize(result["original"][i:i + 1])[0]                 # [S, S, 3]
     size = original.shape[0]
     g = size // patch_size
     mask = result["mask"][i].numpy().reshape(g, g)                         # 1 = hidden
     hidden_px = np.kron(mask, np.ones((patch_size, patch_size)))[..., None] > 0
-    figs = {}
 
-    fig, ax = plt.subplots(figsize=(scale, scale))
-    ax.imshow(original)
-    _grid_lines(ax, size, patch_size)
-    ax.set_title(f"{g} x {g} = {g * g} patches of {patch_size}x{patch_size} px", fontsize=9)
-    _off(ax)
-    figs["patches"] = fig
-
-    fig, ax = plt.subplots(figsize=(scale, scale))
-    ax.imshow(np.where(hidden_px, 0.5 * original + 0.25, original))      # hidden patches washed out
-    for r, c in zip(*np.nonzero(mask)):
-        ax.add_patch(plt.Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
-                                   fill=False, ec="tab:red", lw=0.6))
-    ax.set_title(f"random mask: {int(mask.sum())} of {g * g} patches hidden ({result['mask_ratio']:.0%})",
-                 fontsize=9)
-    _off(ax)
-    figs["mask"] = fig
-
-    # what the encoder receives: the visible patches only, as a sequence (in its shuffled order)
-    keep = result["ids_keep"][i].numpy()
-    cols = int(np.ceil(np.sqrt(len(keep))))
-    rows = int(np.ceil(len(keep) / cols))
-    gap = 2
-    strip = np.ones((rows * (patch_size + gap), cols * (patch_size + gap), 3))
-    for t, idx in enumerate(keep):
+    def patch_at(idx):  # the pixels of patch idx (row-major), [p, p, 3]
         r, c = divmod(int(idx), g)
-        tr, tc = divmod(t, cols)
-        strip[tr * (patch_size + gap):tr * (patch_size + gap) + patch_size,
-              tc * (patch_size + gap):tc * (patch_size + gap) + patch_size] = \
-            original[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]
-    fig, ax = plt.subplots(figsize=(scale, scale * rows / cols))
-    ax.imshow(strip)
-    ax.set_title(f"encoder input: {len(keep)} visible patches + 1 cls token\n(sequence order, no mask tokens)",
-                 fontsize=9)
-    _off(ax)
-    figs["encoder_input"] = fig
+        return original[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]
 
-    fig, ax = plt.subplots(figsize=(scale, scale))
-    ax.imshow(unnormalize(result["recon"][i:i + 1])[0])
-    _grid_lines(ax, size, patch_size, colour="black", width=0.3)
-    ax.set_title("decoder output: every patch predicted\n(only hidden ones count in the loss)", fontsize=9)
-    _off(ax)
-    figs["decoder_output"] = fig
-
-    per_patch = ((result["pred_pixels"][i] - result["target"][i]) ** 2).mean(dim=-1).numpy().reshape(g, g)
-    shown = np.ma.masked_where(mask == 0, per_patch)
-    fig, ax = plt.subplots(figsize=(scale * 1.2, scale))
-    im = ax.imshow(shown, cmap="magma", interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="MSE per hidden patch")
-    ax.set_title(f"loss = mean over hidden patches = {float(result['mse'][i]):.3f}\n(visible patches: white)",
-                 fontsize=9)
-    _off(ax)
-    figs["loss"] = fig
-    for fig in figs.values():
+    if stage == "patches":
+        fig, ax = plt.subplots(figsize=(scale, scale))
+        ax.imshow(original)
+        _grid_lines(ax, size, patch_size)
+        for idx in range(g * g) if g <= 8 else ():  # small grids: the position index of each patch
+            r, c = divmod(idx, g)
+            ax.text((c + 0.5) * patch_size, (r + 0.5) * patch_size, str(idx), ha="center", va="center",
+                    fontsize=6, color="yellow")
+        ax.set_title(f"{g} x {g} = {g * g} patches of {patch_size}x{patch_size} px\n(numbered row by row)", fontsize=9)
+        _off(ax)
         fig.tight_layout()
-    return figs
+        return fig
+
+    if stage == "mask":
+        fig, ax = plt.subplots(figsize=(scale, scale))
+        ax.imshow(np.where(hidden_px, 0.5 * original + 0.25, original))      # hidden patches washed out
+        for r, c in zip(*np.nonzero(mask)):
+            ax.add_patch(plt.Rectangle((c * patch_size - 0.5, r * patch_size - 0.5), patch_size, patch_size,
+                                       fill=False, ec="tab:red", lw=0.6))
+        ax.set_title(f"random mask: {int(mask.sum())} of {g * g} patches hidden ({result['mask_ratio']:.0%})",
+                     fontsize=9)
+        _off(ax)
+        fig.tight_layout()
+        return fig
+
+    if stage == "encoder_input":
+        keep = result["ids_keep"][i].numpy()
+        rows = int(np.ceil((len(keep) + 1) / per_row))
+        fig, ax = plt.subplots(figsize=(per_row * 0.42, rows * 0.62 + 0.6))
+        _token_strip(ax, ["tab:orange"] + [patch_at(k) for k in keep], ["cls"] + [str(int(k)) for k in keep], per_row,
+                     f"encoder input: a sequence of 1 + {len(keep)} tokens, the cls token and the visible patches "
+                     f"in shuffled order\n(number = the patch's position, carried by its position embedding; "
+                     f"no hidden patch, no mask token)")
+        fig.tight_layout()
+        return fig
+
+    if stage == "decoder_input":
+        hidden = set(np.nonzero(mask.reshape(-1))[0].tolist())
+        cells = ["tab:orange"] + ["0.55" if k in hidden else patch_at(k) for k in range(g * g)]
+        labels = ["cls"] + [str(k) for k in range(g * g)]
+        rows = int(np.ceil(len(cells) / per_row))
+        fig, ax = plt.subplots(figsize=(per_row * 0.42, rows * 0.62 + 0.6))
+        _token_strip(ax, cells, labels, per_row,
+                     f"decoder input: 1 + {g * g} tokens in patch order, the encoded visible tokens (drawn as their "
+                     f"patch)\nand the one shared mask token M at each of the {len(hidden)} hidden positions")
+        fig.tight_layout()
+        return fig
+
+    if stage == "decoder_output":
+        fig, ax = plt.subplots(figsize=(scale, scale))
+        ax.imshow(unnormalize(result["recon"][i:i + 1])[0])
+        _grid_lines(ax, size, patch_size, colour="black", width=0.3)
+        ax.set_title("decoder output: every patch predicted\n(only hidden ones count in the loss)", fontsize=9)
+        _off(ax)
+        fig.tight_layout()
+        return fig
+
+    if stage == "loss":
+        per_patch = ((result["pred_pixels"][i] - result["target"][i]) ** 2).mean(dim=-1).numpy().reshape(g, g)
+        shown = np.ma.masked_where(mask == 0, per_patch)
+        fig, ax = plt.subplots(figsize=(scale * 1.2, scale))
+        im = ax.imshow(shown, cmap="magma", interpolation="nearest", vmin=0)  # from 0: a dark patch is a small error
+        fig.colorbar(im, ax=ax, fraction=0.046, label="MSE per hidden patch")
+        ax.set_title(f"loss = mean over hidden patches = {float(result['mse'][i]):.3f}\n(visible patches: white)",
+                     fontsize=9)
+        _off(ax)
+        fig.tight_layout()
+        return fig
 
 
-def plot_sweep(table: pd.DataFrame, title: str = "masked-patch error vs mask ratio"):
+def plot_sweep(table: pd.DataFrame, title: str = "masked-patch error vs mask ratio", trained_ratio: float | None = None):
     """Masked-patch MSE against the mask ratio: one line per anatomy, the pooled mean in black,
-    the flat-fill baseline dashed."""
+    the flat-fill and OpenCV-inpainting baselines dashed, the ratio the model was trained at marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     cmap = plt.get_cmap("tab10")
@@ -585,7 +749,12 @@ def plot_sweep(table: pd.DataFrame, title: str = "masked-patch error vs mask rat
     pooled = table[table.anatomy == ALL]
     ax.errorbar(100 * pooled.mask_ratio, pooled.mse, yerr=pooled.mse_std, fmt="s-", color="black", lw=2.2,
                 capsize=3, label="all (mean ± sd over images)")
-    ax.plot(100 * pooled.mask_ratio, pooled.baseline_mse, "--", color="grey", label="baseline: mean visible colour")
+    ax.plot(100 * pooled.mask_ratio, pooled.baseline_mse, "--", color="grey", label="flat fill: mean visible colour")
+    if "inpaint_mse" in pooled:
+        ax.plot(100 * pooled.mask_ratio, pooled.inpaint_mse, "-.", color="tab:blue", lw=1.6,
+                label="OpenCV inpainting (Navier-Stokes)")
+    if trained_ratio is not None:  # evaluating at a ratio is not pretraining at it
+        ax.axvline(100 * trained_ratio, color="tab:red", ls=":", lw=1.5, label=f"trained at {trained_ratio:.0%}")
     ax.set_xlabel("mask ratio (% of patches hidden)")
     ax.set_ylabel("MSE on hidden patches\n(ImageNet-normalised pixels)")
     ax.set_xticks(100 * pooled.mask_ratio)
