@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,9 +24,14 @@
 # 1. packs the cleaned PNGs of notebook 02 once into a memory-mapped uint8 store;
 # 2. shows the augmentation, including the zoom-out half of the crop range (scale > 1), which
 #    the official code silently replaces by a centre crop;
-# 3. pretrains with the same function as `usfmae pretrain` (and `torchrun -m usfmae_lib.pretrain`),
+# 3. takes one batch through the untrained model by hand, stage by stage, with the shape of every
+#    tensor and one figure per stage, so that you know what the training below computes;
+# 4. pretrains with the same function as `usfmae pretrain` (and `torchrun -m usfmae_lib.pretrain`),
 #    resumably: re-running continues from the last checkpoint, or does nothing when finished;
-# 4. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
+# 5. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
+#
+# Cells tagged `exercise` ask you to predict, change one value, run and compare; the answer is in
+# the markdown cell below each.
 #
 # Every difference between the paper and the official code is a parameter below; see
 # `docs/pretraining.md`. The `paper` profile follows the paper's text, the `official` profile
@@ -78,7 +83,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from usfmae_lib import UsfmaeError, mae, pretrain, store, study
+from usfmae_lib import UsfmaeError, mae, pretrain, reconstruction, store, study, teaching
 
 STEP = "03_mae_pretraining"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -89,7 +94,12 @@ if not clean_dir.is_dir():
     raise UsfmaeError(f"{clean_dir} does not exist: run notebook 02 first "
                       f"(usfmae run notebooks/02_preprocessing.ipynb -f params/{profile}/02_preprocessing.yaml)")
 pretrain.check_init_checkpoint(init_checkpoint, step_dir)  # a missing start file stops here, before packing
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
+
+
+def show(fig, name):  # save under step_dir and show the saved file, once
+    study.show_figure(fig, step_dir / f"{name}.png", dpi=110)
+
 
 # %% [markdown]
 # ## 1. The packed store
@@ -138,7 +148,7 @@ dataset = store.StoreDataset(store_dir, seed, num_patches=1)
 shown = np.linspace(0, len(dataset) - 1, 4).astype(int)
 
 
-def show(x):  # normalised [3, H, W] -> displayable [H, W, 3]
+def as_picture(x):  # normalised [3, H, W] -> displayable [H, W, 3]
     x = x * torch.tensor(store.IMAGENET_STD).view(3, 1, 1) + torch.tensor(store.IMAGENET_MEAN).view(3, 1, 1)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -152,17 +162,140 @@ for r, i in enumerate(shown):
         views.append(store.augment_batch(batch["images"], batch["aug"], augment, img_size)[0])
     views.append(store.augment_batch(batch["images"], torch.rand(1, store.N_AUG), zoom_out, img_size)[0])
     for c, v in enumerate(views):
-        axes[r, c].imshow(show(v))
+        axes[r, c].imshow(as_picture(v))
         axes[r, c].set_axis_off()
 for c, title in enumerate(["stored image"] + [f"epoch {e}" for e in range(5)] + ["scale 2.0 (zoom-out)"]):
     axes[0, c].set_title(title, fontsize=9)
 fig.suptitle(f"Pretraining augmentation: rotation {rot_degrees[0]:g}-{rot_degrees[1]:g} deg, flips p {flip_p:g}, "
              f"crop {crop_scale[0]:g}x-{crop_scale[1]:g}x (black padding)")
 fig.tight_layout()
-fig.savefig(step_dir / "fig_augmentation.png", dpi=110)
+show(fig, "fig_augmentation")
 
 # %% [markdown]
-# ## 3. Pretraining
+# ## 3. The masked autoencoder, one batch by hand
+#
+# Before training it, take one batch of the images above through the model that section 4 trains,
+# still at its random initial weights, calling the model's own methods one stage at a time
+# (`usfmae_lib/mae.py`, `MaskedAutoencoderViT`; the reference MAE's `models_mae.py` splits its
+# forward the same way). Shapes: N images, H = W pixels, p the patch side, L = (H/p)^2 patches,
+# K = int(L x (1 - mask_ratio)) visible ones, D the encoder width, D' the decoder width.
+#
+# 1. **patchify**: the image is cut into L square patches of p x p x 3 numbers each;
+# 2. **encoder_tokens**: each patch becomes one token of width D (a linear projection plus its
+#    position embedding); a random `mask_ratio` of them is dropped, and a learned cls token goes first;
+# 3. **forward_encoder**: the ViT blocks read only those 1 + K tokens: hidden patches cost nothing;
+# 4. **decoder_tokens**: the encoded tokens are narrowed to D', put back in patch order, and one shared,
+#    learned mask token fills every hidden position: the decoder sees all 1 + L positions;
+# 5. **forward_decoder**: a small ViT predicts p x p x 3 pixel values for every patch;
+# 6. **forward_loss**: the mean squared error over the hidden patches only (the visible ones were given).
+
+# %%
+untrained = mae.build_model(model, img_size=img_size, **model_overrides)  # section 4 trains this model
+torch.manual_seed(seed)
+x = store.augment_batch(dataset.__getitems__([(0, int(i)) for i in shown])["images"],
+                        torch.zeros(len(shown), store.N_AUG), None, img_size)  # the stored images, no augmentation
+noise = reconstruction.patch_noise(len(x), untrained.num_patches, seed)  # one random number per patch
+with torch.no_grad():
+    patches = untrained.patchify(x)
+    tokens, mask, ids_restore = untrained.encoder_tokens(x, mask_ratio, noise)
+    latent, _, _ = untrained.forward_encoder(x, mask_ratio, noise)
+    decoder_in = untrained.decoder_tokens(latent, ids_restore)
+    pred = untrained.forward_decoder(latent, ids_restore)
+    loss = untrained.forward_loss(x, pred, mask)
+for name, t, meaning in [("image", x, "[N, 3, H, W]"), ("patches", patches, "[N, L, p*p*3]"),
+                         ("encoder input", tokens, "[N, 1+K, D]: cls + visible"),
+                         ("encoder output", latent, "[N, 1+K, D]"),
+                         ("decoder input", decoder_in, "[N, 1+L, D']: cls + visible + mask tokens"),
+                         ("prediction", pred, "[N, L, p*p*3]"), ("loss", loss, "[]: mean over hidden patches")]:
+    print(f"{name:>15} {str(list(t.shape)):>18}  {meaning}")
+print(f"L = {untrained.num_patches} patches, K = {tokens.shape[1] - 1} visible ({mask_ratio:.0%} hidden); "
+      f"untrained loss {float(loss):.3f}")
+
+# %% [markdown]
+# The same stages as pictures, for the first image. **Patches**: the grid the ViT reads.
+
+# %%
+walk = reconstruction.reconstruct(untrained, x[:1], mask_ratio, noise[:1])  # the first image, the same mask
+
+
+def stage(name):  # one figure per stage of the walk, made in the cell that shows it
+    return reconstruction.plot_walkthrough(walk, name, 0, untrained.patch_size)
+
+
+show(stage("patches"), "mae_1_patches")
+
+# %% [markdown]
+# **The mask**: each patch drew a random number; those with the largest are hidden (outlined).
+
+# %%
+show(stage("mask"), "mae_2_mask")
+
+# %% [markdown]
+# **The encoder's input is a sequence, not a smaller picture**: the cls token, then the visible
+# patches in the shuffled order of their random numbers. Where each came from is the number under
+# it, which the token carries as its position embedding; the hidden patches are simply absent.
+
+# %%
+show(stage("encoder_input"), "mae_3_encoder_input")
+
+# %% [markdown]
+# **The decoder's input**: back in patch order, every position filled. Visible positions hold their
+# encoded token (drawn here as the patch it came from), hidden ones the same learned mask token M,
+# told apart only by their position embeddings: the decoder must work out what belongs there.
+
+# %%
+show(stage("decoder_input"), "mae_4_decoder_input")
+
+# %% [markdown]
+# **The prediction**: the decoder predicts the pixels of every patch, visible ones included. At
+# random weights that is noise.
+
+# %%
+show(stage("decoder_output"), "mae_5_decoder_output")
+
+# %% [markdown]
+# **The loss** is the squared error on the hidden patches only (colour scale from 0; visible patches
+# blank): large everywhere at random weights. Training lowers exactly this number.
+
+# %%
+show(stage("loss"), "mae_6_loss")
+
+# %% [markdown]
+# **Where training leads.** The repository ships a small MAE trained for this purpose on the
+# project's synthetic ultrasound (`usfmae_lib/data/teaching_mae/`, its card says how it was made;
+# it never saw these images). On the same scan, with 25% of its patches hidden, it continues what it
+# sees into the holes; OpenCV's inpainting of the same holes is shown last for comparison.
+
+# %%
+teacher, teacher_info = reconstruction.load_inspection_model(teaching.checkpoint(), device="cpu")
+clean_image = reconstruction.load_images(clean_dir, index.path.iloc[[int(shown[0])]], teacher_info["img_size"])
+teach = reconstruction.reconstruct(teacher, reconstruction.normalize_images(clean_image), 0.25,
+                                   reconstruction.patch_noise(1, teacher.num_patches, seed))
+show(reconstruction.plot_reconstructions(teach, [index.anatomy.iloc[int(shown[0])]],
+                                         title="the shipped teaching MAE, mask 25%"), "mae_7_teaching_model")
+
+# %% [markdown]
+# **Exercise 1.** Predict before you run: if 75% of the patches were hidden instead, how many tokens
+# would the encoder get, and how many the decoder? Which half of the model gets cheaper? Change
+# `exercise_mask_ratio` (try 0.1, 0.5, 0.9), run the cell, and compare with the shapes printed above.
+
+# %% tags=["exercise"]
+exercise_mask_ratio = 0.75
+with torch.no_grad():
+    enc_in, _, restore = untrained.encoder_tokens(x, exercise_mask_ratio, noise)
+    dec_in = untrained.decoder_tokens(untrained.forward_encoder(x, exercise_mask_ratio, noise)[0], restore)
+print(f"mask {exercise_mask_ratio:.0%}: encoder tokens {enc_in.shape[1]}, decoder tokens {dec_in.shape[1]}")
+
+# %% [markdown]
+# *Answer.* The encoder gets 1 + int(L x (1 - ratio)) tokens: fewer as the ratio grows (at 75%, a
+# quarter of the patches plus the cls token). The decoder always gets 1 + L: the mask tokens take
+# the hidden patches' places. The encoder, the big half, gets cheaper, its attention more than
+# linearly (its cost grows with the square of the token count): that is why the reference MAE hides
+# 75% and trains 3x faster. The paper hides 25% and argues that ultrasound's fine texture needs the
+# context; notebook 07 tests which ratio transfers better.
+
+# %% [markdown]
+# ## 4. Pretraining
 #
 # `pretrain.train` is what `usfmae pretrain` and `torchrun -m usfmae_lib.pretrain` run. Per step:
 # augment, forward with the sample's mask noise, backward, clip, AdamW, schedule; losses stay on
@@ -175,41 +308,23 @@ fig.savefig(step_dir / "fig_augmentation.png", dpi=110)
 summary = pretrain.train(store_dir, step_dir, resume=True, progress=False, **params)
 print(f"ran {summary['last_step']} of the schedule's {summary['steps']} steps on {summary['device']} in "
       f"{summary['precision_run']} (precision requested: {precision})")
-pd.Series(summary).to_frame("value")
+pd.Series({k: v for k, v in summary.items() if k != "checkpoint"}).to_frame("value")
 
 # %%
 log = pd.read_csv(step_dir / "log.csv")
-window = max(1, len(log) // 50)  # a running mean over ~2% of the run; none under 100 steps
+window = pretrain.smoothing_window(len(log))
+show(pretrain.plot_loss_curve(log, model, model_overrides, img_size, mask_ratio, norm_pix_loss), "fig_loss_curve")
+
+# %%
+show(pretrain.plot_lr_schedule(log, warmup_fraction, summary["steps"]), "fig_lr_schedule")
 span = "step" if window == 1 else f"{window} steps"
-fig, ax = plt.subplots(figsize=(7, 4))
-if window > 1:
-    ax.plot(log.epoch, log.loss, lw=0.6, alpha=0.4, label="per step")
-    ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), lw=2, label=f"running mean of {span}")
-else:  # too few steps to smooth: each step, marked
-    ax.plot(log.epoch, log.loss, lw=1, marker="o", ms=3, label=f"per step ({len(log)} step{'s' * (len(log) != 1)})")
-ax.set_xlabel("epoch")
-ax.set_ylabel("masked-patch MSE (normalised pixels)" if not norm_pix_loss else "masked-patch MSE (per-patch normalised)")
-changed = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())  # e.g. the quick profile's depth=6
-ax.set_title(f"reconstruction loss, {img_size} px, mask {mask_ratio:.0%}\n{model}{changed}", fontsize=10)  # 2 lines: ViT-B's name is long
-ax.legend()
-fig.tight_layout()
-fig.savefig(step_dir / "fig_loss_curve.png", dpi=120)
-
-fig, ax = plt.subplots(figsize=(7, 3))
-ax.plot(log.step, log.lr)
-ax.set_xlabel("step")
-ax.set_ylabel("learning rate")
-ax.set_title(f"linear warmup over {warmup_fraction:.0%} of {summary['steps']} steps, then half-cycle cosine")
-fig.tight_layout()
-fig.savefig(step_dir / "fig_lr_schedule.png", dpi=120)
-
 first, last = log.loss.head(window).mean(), log.loss.tail(window).mean()
 print(f"loss: first {span} {first:.4f} -> last {span} {last:.4f} ({last / first:.0%} of the start)")
 pd.DataFrame([{**summary, "loss_first_steps": first, "loss_last_steps": last}]).to_csv(
     step_dir / "pretraining_summary.csv", index=False)
 
 # %% [markdown]
-# ## 4. The encoder, for fine-tuning
+# ## 5. The encoder, for fine-tuning
 #
 # The encoder alone (no decoder, no mask token) is written in timm's `VisionTransformer` key
 # layout; notebook 05 fine-tunes from it. Loading it back into a timm ViT with strict=True checks
@@ -224,4 +339,4 @@ vit = timm.models.vision_transformer.VisionTransformer(
     img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
     num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=0)
 vit.load_state_dict(load_file(encoder_file), strict=True)
-print(f"encoder -> {encoder_file} ({encoder_file.stat().st_size / 1e6:.1f} MB), loads into timm VisionTransformer")
+print(f"encoder -> {encoder_file.relative_to(step_dir)} ({encoder_file.stat().st_size / 1e6:.1f} MB), loads into timm VisionTransformer")

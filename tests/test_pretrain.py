@@ -356,7 +356,7 @@ def test_resume_after_sigkill_ends_with_the_weights_of_an_uninterrupted_run(clea
     assert 3 <= killed_at < 30
 
     assert pretrain.main(argv + ["--resume"]) == 0
-    assert f"resumed from {ckpt_file} at step {killed_at}" in capsys.readouterr().out
+    assert f"resumed from checkpoints/{ckpt_file.name} at step {killed_at}" in capsys.readouterr().out
 
     whole = tmp_path / "whole"
     pretrain.train(pretrain_store(clean_tree, whole), whole / pretrain.STEP, progress=False, **{**params, "workers": 0})

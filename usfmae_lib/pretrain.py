@@ -401,7 +401,7 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
         start_step = _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler)
         if rank == 0:
             _truncate_log(log_file, start_step)
-            print(f"resumed from {ckpt_file} at step {start_step} of {stop_step}"
+            print(f"resumed from {ckpt_file.relative_to(run_dir).as_posix()} at step {start_step} of {stop_step}"
                   + (f" (max_steps; the schedule has {total_steps})" if stop_step < total_steps else ""))
     elif p["init_checkpoint"]:
         load_init_checkpoint(model, p["init_checkpoint"])
@@ -645,6 +645,49 @@ def _last_logged_loss(log_file: Path) -> float:
     with open(log_file) as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["loss"]) if rows else float("nan")
+
+
+# ============================================================================ figures
+def smoothing_window(n_steps: int) -> int:
+    """Steps in the loss curve's running mean: ~2% of the run; 1 (none) under 100 steps."""
+    return max(1, n_steps // 50)
+
+
+def plot_loss_curve(log, model: str, model_overrides: dict, img_size: int, mask_ratio: float,
+                    norm_pix_loss: bool = False):
+    """The training loss of log.csv against the epoch: each step, and a running mean when there are
+    enough steps to smooth; the title names the model trained (with its constructor overrides)."""
+    import matplotlib.pyplot as plt  # imported on use: training itself needs no display
+
+    window = smoothing_window(len(log))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if window > 1:
+        ax.plot(log.epoch, log.loss, lw=0.6, alpha=0.4, label="per step")
+        ax.plot(log.epoch, log.loss.rolling(window, min_periods=1).mean(), lw=2,
+                label=f"running mean of {window} steps")
+    else:  # too few steps to smooth: each step, marked
+        ax.plot(log.epoch, log.loss, lw=1, marker="o", ms=3, label=f"per step ({len(log)} step{'s' * (len(log) != 1)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked-patch MSE (per-patch normalised)" if norm_pix_loss else "masked-patch MSE (normalised pixels)")
+    changed = "".join(f", {k}={v}" for k, v in (model_overrides or {}).items())  # e.g. the quick profile's depth=6
+    # two lines: ViT-B's name with an override runs off a one-line title
+    ax.set_title(f"reconstruction loss, {img_size} px, mask {mask_ratio:.0%}\n{model}{changed}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_schedule(log, warmup_fraction: float, total_steps: int):
+    """The learning rate each logged step used."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(log.step, log.lr)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"linear warmup over {warmup_fraction:.0%} of {total_steps} steps, then half-cycle cosine")
+    fig.tight_layout()
+    return fig
 
 
 # ============================================================================ command line
