@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -126,8 +126,7 @@ if not data_roots:
 
 # %%
 if not data_roots:
-    fig = synthetic.plot_gallery(synth_dir)
-    fig.savefig(step_dir / "fig_synthetic_gallery.png", dpi=120, bbox_inches="tight")
+    study.show_figure(synthetic.plot_gallery(synth_dir), step_dir / "fig_synthetic_gallery.png")
 
 # %% [markdown]
 # ## Curation
@@ -217,18 +216,23 @@ display(Markdown((step_dir / "table1.md").read_text()))
 
 # %% [markdown]
 # ## Fig. 1: one frame per dataset
+#
+# The first kept frame of each dataset (the first image of each evaluation set, in red), with its
+# anatomy and how many frames the dataset gave. Grey scans are drawn on the fixed 0-255 grey scale.
 
 # %%
-fig = curation.plot_montage(cur)
-fig.savefig(step_dir / "fig1_montage.png", dpi=120, bbox_inches="tight")
+study.show_figure(curation.plot_montage(cur), step_dir / "fig1_montage.png")
 
 # %% [markdown]
 # ## Images per anatomy
 #
 # Frames kept in this run per anatomy, beside the paper's pretraining images per anatomy
 # (Table 1 without the evaluation sets; the paper's anatomy labels, which overlap: "Heart" and
-# "Echocardiography", "Fetal Head" and "Fetal Head Circumference").
+# "Echocardiography", "Fetal Head" and "Fetal Head Circumference"). The two totals differ by
+# orders of magnitude, so both panels show each anatomy's share of its own total on the same
+# linear scale, with the count beside each bar: the mixes can be compared, and Heart's half of
+# the paper's corpus shows as what it is.
 
 # %%
 fig = curation.plot_images_per_anatomy(cur, registry)
-fig.savefig(step_dir / "fig_images_per_anatomy.png", dpi=120, bbox_inches="tight")
+study.show_figure(fig, step_dir / "fig_images_per_anatomy.png")

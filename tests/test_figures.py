@@ -1,8 +1,14 @@
 """Figures a reader relies on: notebook 06's confusion grid and label-efficiency plot
-(usfmae_lib/results.py) and notebook 03's loss curve. Fast: no notebook is executed."""
+(usfmae_lib/results.py), notebook 03's loss curve, notebook 01's anatomy panels and scans
+(usfmae_lib/curation.py) and notebook 02's figures (usfmae_lib/preprocess/figures.py), and how
+notebooks 01 and 02 save and show them. Fast: no notebook is executed."""
+import ast
+import builtins
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import cv2
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -12,13 +18,17 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from usfmae_lib import pretrain  # noqa: E402
+from usfmae_lib import curation  # noqa: E402
+from usfmae_lib import preprocess as pp  # noqa: E402
 from usfmae_lib import results as res  # noqa: E402
 from usfmae_lib import runner  # noqa: E402
 from usfmae_lib.datasets import MMOTU_CLASSES  # noqa: E402
 
 MODELS = ["usf-mae", "scratch", "vit-b", "resnet-50", "vgg-19"]
 CLASSES = {"bus-bra": ["benign", "malignant"], "mmotu-2d": list(MMOTU_CLASSES), "gist514": ["leiomyoma", "GIST"]}
-NOTEBOOK_03 = Path(__file__).resolve().parents[1] / "notebooks" / "03_mae_pretraining.py"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_03 = NOTEBOOKS / "03_mae_pretraining.py"
 
 
 @pytest.fixture(autouse=True)
@@ -116,20 +126,12 @@ def test_label_efficiency_legend_counts_the_runs_of_every_panel():
     assert texts and all("min-max of 3-5 runs" in t for t in texts), texts
 
 
-def _loss_cell() -> str:
-    cells = re.split(r"\n# %%[^\n]*\n", NOTEBOOK_03.read_text())
-    (cell,) = [c for c in cells if c.startswith('log = pd.read_csv(step_dir / "log.csv")')]
-    return cell
-
-
 def _run_loss_cell(tmp_path, n_steps: int, **params):
-    pd.DataFrame(dict(step=np.arange(1, n_steps + 1), epoch=np.linspace(0, 1, n_steps), loss=np.linspace(1, 0.5, n_steps),
-                      lr=1e-3, images_per_s=10.0)).to_csv(tmp_path / "log.csv", index=False)
-    scope = dict(pd=pd, plt=plt, step_dir=tmp_path, norm_pix_loss=False, warmup_fraction=0.05, summary=dict(steps=n_steps),
-                 **params)
-    plt.close("all")  # the cell's first figure is the loss curve
-    exec(_loss_cell(), scope)
-    return plt.figure(plt.get_fignums()[0])
+    log = pd.DataFrame(dict(step=np.arange(1, n_steps + 1), epoch=np.linspace(0, 1, n_steps),
+                            loss=np.linspace(1, 0.5, n_steps), lr=1e-3, images_per_s=10.0))
+    assert "pretrain.plot_loss_curve(" in NOTEBOOK_03.read_text()  # the notebook draws it with this function
+    return pretrain.plot_loss_curve(log, params["model"], params["model_overrides"], params["img_size"],
+                                    params["mask_ratio"])
 
 
 @pytest.mark.parametrize("n_steps, legend", [(3, ["per step (3 steps)"]), (1, ["per step (1 step)"]),
@@ -151,3 +153,74 @@ def test_loss_curve_title_fits_in_the_figure_for_the_paper_model(tmp_path):
     title, frame = fig.axes[0].title.get_window_extent(), fig.bbox
     assert paper["model"] in fig.axes[0].get_title()
     assert frame.x0 <= title.x0 and title.x1 <= frame.x1 and title.y1 <= frame.y1, (title, frame)
+
+
+# ------------------------------------------------------------------------------------ notebooks 01 and 02
+@pytest.mark.parametrize("name", ["01_curation", "02_preprocessing"])
+def test_notebook_saves_each_figure_through_show_figure_and_imports_what_it_calls(name):
+    """A figure shown once, as the saved file (study.show_figure); no drawing in the notebook;
+    every name a cell calls is imported or defined (02 once called display without importing it)."""
+    source = (NOTEBOOKS / f"{name}.py").read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.startswith("#"))
+    assert ".savefig(" not in code and "plt." not in code and "imshow" not in code
+    assert code.count("study.show_figure(") >= 3
+    tree = ast.parse(code)
+    bound = {a.asname or a.name.split(".")[0] for node in ast.walk(tree)
+             if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    bound |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
+    bound |= {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert not called - bound - set(dir(builtins)), called - bound - set(dir(builtins))
+
+
+@pytest.mark.parametrize("name", ["01_curation", "02_preprocessing"])
+def test_headings_describe_the_content_not_the_bug_tracker(name):
+    headings = re.findall(r"^# #+ (.+)$", (NOTEBOOKS / f"{name}.py").read_text(), flags=re.M)
+    assert headings and not [h for h in headings if re.search(r"\bissues?\b", h, flags=re.I)]
+
+
+def test_anatomy_panels_are_shares_on_one_linear_scale():
+    manifest = pd.DataFrame({"anatomy": ["heart"] * 6 + ["liver"] * 3 + ["lung"]})
+    fig = curation.plot_images_per_anatomy(SimpleNamespace(manifest=manifest))
+    run, paper = fig.axes[:2]
+    assert run.get_xscale() == paper.get_xscale() == "linear"
+    assert run.get_xlim() == paper.get_xlim() and run.get_xlim()[1] <= 1.0
+    bars = [p.get_width() for p in run.patches]
+    assert sorted(bars) == pytest.approx([0.1, 0.3, 0.6])  # shares of this run's 10 frames
+    assert sum(p.get_width() for p in paper.patches) == pytest.approx(1.0)
+    assert any("60.0% (6)" in t.get_text() for t in run.texts)  # the count is still there
+
+
+def test_grey_scans_are_drawn_grey_on_a_fixed_scale_and_colour_stays_colour():
+    grey = np.stack([np.full((8, 8), 40, np.uint8)] * 3, axis=-1)  # a dim grey scan as RGB
+    colour = grey.copy()
+    colour[0, 0] = (255, 0, 0)
+    fig, (a, b) = plt.subplots(1, 2)
+    curation.draw_scan(a, grey)
+    curation.draw_scan(b, colour)
+    (ga,), (cb,) = a.get_images(), b.get_images()
+    assert ga.get_array().ndim == 2 and ga.get_cmap().name == "gray" and ga.get_clim() == (0, 255)
+    assert cb.get_array().ndim == 3
+
+
+def test_cleaning_settings_shown_are_those_that_differ_from_the_defaults():
+    changes = pp.config_changes(pp.make_config(image_size=64, ocr=False))
+    assert changes.set_index("parameter")["value"].to_dict() == {"ocr": False, "image_size": 64}
+    assert changes.set_index("parameter")["default"].to_dict() == {"ocr": True, "image_size": 224}
+    assert pp.config_changes(pp.CleanConfig()).empty
+
+
+def test_fig2_has_a_row_for_an_unannotated_still(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        img = np.clip(rng.normal(90, 30, (64, 80)), 0, 255).astype(np.uint8)
+        if i == 0:
+            cv2.line(img, (10, 10), (60, 10), 255, 1)  # a mark: the annotated pick
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), img)
+    fig = pp.plot_annotation_removal(paths[:1], pp.make_config(ocr=False), unannotated=paths[1:])
+    rows = fig.axes[0].get_subplotspec().get_geometry()[0]
+    assert rows == 2 and len(fig.axes) == 6
+    assert fig.axes[3].get_title().startswith("no annotation, largest mask of 2:")
+    assert all(im.get_cmap().name == "gray" and im.get_clim() == (0, 255) for ax in fig.axes for im in ax.get_images())

@@ -31,3 +31,30 @@ def test_sections_in_the_promised_order():
     positions = [headings.index(h) for h in promised]
     assert positions == sorted(positions)
     assert README.index("USF-MAE") < README.index("## Setup")  # what the study is, first
+
+
+def _section(heading: str) -> str:
+    return README.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_learning_path_comes_first_and_its_commands_are_the_real_ones():
+    headings = re.findall(r"^## (.+)$", README, flags=re.M)
+    assert headings[0] == "Learning path"  # before Setup: where a newcomer starts
+    path = _section("Learning path")
+    assert f"`{first_command('Setup')}`" in path
+    assert "`.venv/bin/usfmae reproduce --profile smoke`" in path and "smoke" in runner.PROFILES
+    assert f"`{first_command('Notebooks in JupyterLab')}`" in path
+    for name in ("03_mae_pretraining", "04_reconstruction"):
+        assert f"`{name}`" in path and (runner.NOTEBOOKS_DIR / f"{name}.py").is_file()
+
+
+def test_the_table2_box_is_short_and_matches_the_folds_of_the_code():
+    from usfmae_lib.datasets import official_folds
+
+    quote = re.search(r"^> \*\*What a Table 2 cell means\.\*\*.+?(?=\n\n)", README, flags=re.M | re.S).group(0)
+    box = " ".join(quote.replace(">", " ").split())  # one line, without the quote marks
+    assert len(box.split()) < 120
+    n = {d: len(official_folds(d)) for d in ("bus-bra", "gist514", "mmotu-2d")}
+    assert f"BUS-BRA's {n['bus-bra']} folds" in box and f"GIST514-DB's {n['gist514']} splits" in box
+    assert n["mmotu-2d"] == 1 and "MMOTU-2D has one split" in box
+    assert "one run's uncertainty on its test set, not the uncertainty of the mean" in box

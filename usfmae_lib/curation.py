@@ -735,6 +735,23 @@ def describe(c: Curation) -> str:
 
 
 # ============================================================================ figures
+def is_grey(img: np.ndarray) -> bool:
+    """A 2D array, or RGB whose three channels are equal: a grey scan, where colour means nothing."""
+    return img.ndim == 2 or (img.shape[-1] == 3 and (img[..., 0] == img[..., 1]).all()
+                             and (img[..., 1] == img[..., 2]).all())
+
+
+def draw_scan(ax, img: np.ndarray, title: str = "", fontsize: float = 9, **title_kw) -> None:
+    """One image on `ax` as it is: a grey scan (or mask) on the fixed 0-255 grey scale, so black is
+    black and no contrast is stretched; colour (Doppler, marks) as RGB. No axes."""
+    if is_grey(img):
+        ax.imshow(img if img.ndim == 2 else img[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img)
+    ax.set_title(title, fontsize=fontsize, **title_kw)
+    ax.axis("off")
+
+
 def plot_montage(c: Curation, max_cols: int = 8):
     """Fig. 1: one frame per dataset (the first kept one; the first image of an evaluation set)."""
     import matplotlib.pyplot as plt
@@ -751,34 +768,53 @@ def plot_montage(c: Curation, max_cols: int = 8):
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (d, row) in zip(axes.ravel(), picks):
-        ax.imshow(load_frame(row["source"], row["kind"], int(row["frame"]), int(row["axis"])))
         count = f"{d.frames} eval images" if d.is_eval else f"{d.kept} frames kept"
-        ax.set_title(f"{d.dataset}\n{d.anatomy} · {count}", fontsize=8, color="tab:red" if d.is_eval else "black")
+        draw_scan(ax, load_frame(row["source"], row["kind"], int(row["frame"]), int(row["axis"])),
+                  f"{d.dataset}\n{d.anatomy} · {count}", fontsize=8, color="tab:red" if d.is_eval else "black")
     fig.suptitle("One frame per dataset (Fig. 1; evaluation sets in red)", fontsize=11)
     fig.tight_layout()
     return fig
 
 
+def images_per_anatomy(c: Curation, registry: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per anatomy: frames kept in this run and the paper's pretraining images (Table 1 without
+    the evaluation sets), each as a count and as a share of its own total."""
+    registry = load_registry() if registry is None else registry
+    found = c.manifest.groupby("anatomy").size().rename("run")
+    paper = registry[~registry["is_eval"]].groupby("anatomy")["paper_count"].sum().rename("paper")
+    table = pd.concat([found, paper], axis=1).fillna(0).astype(int)
+    table.index = table.index.astype(str)
+    for col in ("run", "paper"):
+        table[f"{col}_share"] = table[col] / max(int(table[col].sum()), 1)
+    return table
+
+
 def plot_images_per_anatomy(c: Curation, registry: pd.DataFrame | None = None):
     """Bars: frames kept per anatomy in this run, beside the paper's pretraining images per
-    anatomy (Table 1 without the evaluation sets)."""
+    anatomy (Table 1 without the evaluation sets). Both panels show shares of their own total on
+    the same linear axis (the totals differ by orders of magnitude, the mixes can be compared);
+    each bar is labelled with its count."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
-    registry = load_registry() if registry is None else registry
-    found = c.manifest.groupby("anatomy").size().sort_values()
-    paper = registry[~registry["is_eval"]].groupby("anatomy")["paper_count"].sum().sort_values()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, max(4.0, 0.28 * len(paper))))
-    a1.barh(found.index.astype(str), found.to_numpy(), color="tab:blue")
-    a1.set_title(f"this run: {int(found.sum()):,} frames kept")
-    a2.barh(paper.index, paper.to_numpy(), color="tab:gray")
-    a2.set_xscale("log")  # Heart alone is over half of the corpus
-    a2.set_title(f"paper, Table 1 without the evaluation sets: {int(paper.sum()):,} images")
-    for ax, counts in ((a1, found), (a2, paper)):
-        ax.set_xlabel("frames" + (" (log scale)" if ax is a2 else ""))
+    table = images_per_anatomy(c, registry)
+    panels = [(table[table["run"] > 0].sort_values("run_share"), "run", "tab:blue", "this run: {:,} frames kept"),
+              (table[table["paper"] > 0].sort_values("paper_share"), "paper", "tab:gray",
+               "paper, Table 1 without the evaluation sets: {:,} images")]
+    top = max(float(table[["run_share", "paper_share"]].max().max()), 0.01)
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4.0, 0.28 * len(panels[1][0]))))
+    for ax, (rows, col, colour, title) in zip(axes, panels):
+        shares = rows[f"{col}_share"].to_numpy()
+        ax.barh(rows.index, shares, color=colour)
+        ax.set_xlim(0, top * 1.3)  # room for the labels; one scale for both panels
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.set_xlabel("share of the panel's images")
+        ax.set_title(title.format(int(rows[col].sum())))
         ax.tick_params(axis="y", labelsize=8)
-        for y, v in enumerate(counts.to_numpy()):
-            ax.text(v, y, f" {int(v):,}", va="center", fontsize=7)
-    fig.suptitle("Images per anatomy")
+        for y, (share, count) in enumerate(zip(shares, rows[col].to_numpy())):
+            ax.text(share, y, f" {share:.1%} ({count:,})" if share >= 0.001 else f" <0.1% ({count:,})",
+                    va="center", fontsize=7)
+    fig.suptitle("Images per anatomy, as shares of each total")
     fig.tight_layout()
     return fig
 

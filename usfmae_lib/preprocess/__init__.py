@@ -6,6 +6,8 @@
                   report and index, and the `usfmae clean` command
     evaluate.py   scores against ground truth: synthetic per-kind masks and ablations
                   (`evaluate_annotated`), OCR before and after on real scans (`evaluate_real`)
+    figures.py    notebook 02's figures (`plot_stages`, `plot_removal_quality`, Fig. 2 as
+                  `plot_annotation_removal`, `plot_clean_samples`) and short tables (`config_changes`)
 
 Notebook 02 and `usfmae clean` use the names below (`from usfmae_lib import preprocess as pp`).
 """
@@ -17,5 +19,7 @@ from .detectors import (DETECTORS, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, 
 from .evaluate import (ABLATIONS, KINDS, PSNR_IDENTICAL, evaluate_annotated, evaluate_real, image_scores,
                        markdown_table, mask_scores, psnr_ssim, read_words, still_read, summarize_annotated,
                        synthetic_kind_masks)
+from .figures import (config_changes, mask_fraction_row, most_marked, plot_annotation_removal, plot_clean_samples,
+                      plot_removal_quality, plot_stages, quality_per_kind, real_summary, unannotated_stills)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
