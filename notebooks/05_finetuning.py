@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -33,7 +33,9 @@
 #
 # Every run is resumable (`runs/.../metrics.json`); rerunning the notebook skips finished runs.
 # Every row says where its weights came from (`init`): a baseline without ImageNet weights on
-# this machine starts from random weights, and the tables say so.
+# this machine starts from random weights, one warning says so (with the number of runs it
+# affects), and the tables say so in every row. Each loop shows one progress bar in JupyterLab and
+# prints one line when it ends (runs trained, runs reused), nothing per run or epoch.
 #
 # Run headless: `usfmae run notebooks/05_finetuning.ipynb -f params/smoke/05_finetuning.yaml`.
 # Outputs land in `<out_dir>/05_finetuning/`.
@@ -79,16 +81,20 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from IPython.display import display
+from tqdm.auto import tqdm
 
 from usfmae_lib import UsfmaeError, study
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split, official_folds
+from usfmae_lib.results import relative_init
 
 STEP = "05_finetuning"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 runs = step_dir / "runs"
+headless = study.MARKER in globals()  # under usfmae run a progress bar would only be printed text: none
 print(f"profile={profile}  outputs -> {step_dir}")
 
 # %% [markdown]
@@ -116,14 +122,15 @@ if unavailable and missing_weights == "skip":
     print(f"skipped, no ImageNet weights here (missing_weights = 'skip'): {', '.join(unavailable)}")
     models = [m for m in models if m not in unavailable]
     probe_models = [m for m in probe_models if m not in unavailable]
-elif unavailable:
-    print(f"from RANDOM weights, no ImageNet weights here (labelled in every row): {', '.join(unavailable)}")
-print(f"checkpoint {mae_checkpoint} (pretrained at {mae_size} px); fine-tuning at {size} px; "
+# (missing_weights = 'random': the grid below warns once per baseline, with the runs it affects)
+shown_checkpoint = mae_checkpoint.relative_to(out_dir) if mae_checkpoint.is_relative_to(out_dir) else mae_checkpoint
+print(f"checkpoint {shown_checkpoint} (pretrained at {mae_size} px); fine-tuning at {size} px; "
       f"{'synthetic twins' if synthetic else 'data_root ' + str(data_root)}")
 
 # %%
 folds = {"bus-bra": busbra_folds, "gist514": gist_splits}
 splits = {}  # (dataset, fold) -> Split
+first_folds = {}  # dataset -> images per class and part of its first fold (shown below)
 for d in datasets:
     for k in official_folds(d, folds.get(d)):
         split = load_split(d, roots[d], seed=seed, fold=k, val_fraction=val_fraction)
@@ -131,14 +138,15 @@ for d in datasets:
             split = ft.remove_annotations(split, step_dir / "clean_eval" / d)
         splits[(d, k)] = cap_split(split, max_images, seed)
     first = splits[(d, official_folds(d, folds.get(d))[0])]
+    first_folds[f"{d} ({first.split})"] = first.summary()
     ks = [k for (dd, k) in splits if dd == d]
-    print(f"{d}: {len(ks)} fold(s) {ks}; the first, {first.split}, images per class and part:")
-    print(first.summary().to_string())
+    line = f"{d}: {len(ks)} fold(s) {ks}"
     if d != "bus-bra":  # BUS-BRA has official validation marks; the others lose val_fraction of training
         n_official = len(first.train) + len(first.val)
-        print(f"val_fraction {val_fraction:g}: {len(first.val)} of the {n_official} official training images "
-              f"validate, {len(first.train)} train ({100 * len(first.train) / n_official:.0f}%)")
-    print()
+        line += (f"; val_fraction {val_fraction:g}: {len(first.val)} of the {n_official} official training images "
+                 f"validate, {len(first.train)} train")
+    print(line)
+display(pd.concat(first_folds, names=["dataset (first fold)", "class"]))  # images per class and part
 
 # %% [markdown]
 # ## The grid: sweep on validation, then seeds, on every fold
@@ -154,11 +162,12 @@ configs = ft.sweep_configs(base, lrs, weight_decays, batch_sizes)
 seeds = {d: ft.seeds_per_fold(n_seeds, len([k for (dd, k) in splits if dd == d]), min_runs) for d in datasets}
 print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}; seeds per fold: {seeds}")
 t0 = time.time()
-cells, sweeps, chosen, data = [], [], {}, {}
-for (d, k), split in splits.items():
-    data[(d, k)] = ft.prepare_data(split, size)
-    for m in models:
-        kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m), device=device, n_bootstrap=n_bootstrap)
+data = {key: ft.prepare_data(split, size) for key, split in splits.items()}  # decoded and resized once
+cells, sweeps, chosen = [], [], {}
+with ft.warnings_once():  # a baseline without ImageNet weights: one warning, not one per fold
+    for (d, k), m in tqdm([(key, m) for key in splits for m in models], desc="grid", disable=headless):
+        kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m), device=device, n_bootstrap=n_bootstrap,
+                  log=None)
         cfg, sweep = ft.select_config(data[(d, k)], m, configs, runs, **kw)
         sweeps.append(sweep)
         chosen[(d, k, m)] = cfg
@@ -166,9 +175,10 @@ for (d, k), split in splits.items():
         cell["selected"] = cfg.tag()
         cells.append(cell)
 results = pd.concat(cells, ignore_index=True)
-print(f"grid done in {time.time() - t0:.0f} s")
-results[["dataset", "fold", "model", "seed", "init", "selected", "val_balanced_accuracy", "val_f1", "precision",
-         "recall", "f1", "f1_low", "f1_high", "accuracy", "roc_auc"]].round(3)
+print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat(sweeps + cells), runs, t0)}")
+relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "selected", "val_balanced_accuracy",
+                                 "val_f1", "precision", "recall", "f1", "f1_low", "f1_high", "accuracy",
+                                 "roc_auc"]].round(3)
 
 # %% [markdown]
 # ## Linear probe of frozen encoders
@@ -176,14 +186,17 @@ results[["dataset", "fold", "model", "seed", "init", "selected", "val_balanced_a
 # validation F1: how much the representation itself separates the classes.
 
 # %%
-probes = []
-for (d, k) in splits:
-    for m in probe_models:
+probes, t0 = [], time.time()
+with ft.warnings_once():
+    for (d, k), m in tqdm([(key, m) for key in splits for m in probe_models], desc="probes", disable=headless):
         kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m) if m in weights else None, device=device,
-                  n_bootstrap=n_bootstrap)
+                  n_bootstrap=n_bootstrap, log=None)
         probes.append(ft.linear_probe(data[(d, k)], m, seed, runs, pool=pool, **kw))
 probe = pd.DataFrame(probes)
-probe[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", "f1_high"]].round(3) if len(probe) else probe
+if len(probe):
+    print(f"probes: {ft.run_tally(probe, runs, t0)}")
+(relative_init(probe, out_dir)[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", "f1_high"]]
+ .round(3) if len(probe) else probe)
 
 # %% [markdown]
 # ## Label efficiency: USF-MAE vs the same architecture from scratch
@@ -193,13 +206,15 @@ probe[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", 
 # `min_steps` gives the small training sets several passes per epoch: 10% of ~400 images is one batch.
 
 # %%
-curves = []
-for (d, k) in splits:
-    for m in ("usf-mae", "scratch"):
-        cfg = chosen.get((d, k, m)) or configs[0]
-        curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
-                                          checkpoint=mae_checkpoint, device=device, n_bootstrap=n_bootstrap))
+curves, t0 = [], time.time()
+for (d, k), m in tqdm([(key, m) for key in splits for m in ("usf-mae", "scratch")], desc="label efficiency",
+                      disable=headless):
+    cfg = chosen.get((d, k, m)) or configs[0]
+    curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
+                                      checkpoint=mae_checkpoint, device=device, n_bootstrap=n_bootstrap, log=None))
 label_curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+if len(label_curve):  # the 100% points are the grid's own runs: reused here
+    print(f"label efficiency: {ft.run_tally(label_curve, runs, t0)}")
 label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "f1"]].mean().round(3) if len(label_curve) else label_curve
 
 # %% [markdown]

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -20,8 +20,8 @@
 # runs: `results_dir`) into the paper's Table 2
 # (precision, recall, F1 per benchmark) with the paper's numbers beside ours, mean +/- sd over
 # seeds and bootstrap intervals, the init of every model, confusion matrices, the
-# label-efficiency plot, and a discussion computed from the rows: what the run supports and what
-# it does not.
+# label-efficiency plot, the verdicts (USF-MAE against the same architecture from scratch) as one
+# table, and a discussion computed from the rows: what the run supports and what it does not.
 #
 # Run headless: `usfmae run notebooks/06_results.ipynb -f params/smoke/06_results.yaml`.
 # Outputs land in `<out_dir>/06_results/`.
@@ -36,10 +36,8 @@ results_dir = None  # fine-tuning folder: notebook 05's or an `usfmae finetune -
 # %%
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import pandas as pd
+from IPython.display import Markdown
 
 from usfmae_lib import results as res, study
 
@@ -52,7 +50,9 @@ print(f"profile={profile}  outputs -> {step_dir}")
 # %%
 src = Path(results_dir) if results_dir else Path(out_dir) / "05_finetuning"
 runs = res.load_runs(src)
-results, probe, label_curve, setup = runs.results, runs.probe, runs.label_curve, runs.setup
+# checkpoint paths in `init` relative to the output folder: "usf-mae: 03_mae_pretraining/checkpoints/..."
+results, probe, label_curve = (res.relative_init(t, out_dir) for t in (runs.results, runs.probe, runs.label_curve))
+setup = runs.setup
 synthetic = setup.get("synthetic", False)
 print(f"{len(results)} fine-tuning rows ({results.groupby('dataset')['fold'].nunique().to_dict()} folds); "
       f"{len(probe)} probe rows; {len(label_curve)} label-efficiency rows; data: "
@@ -73,7 +73,7 @@ print(f"{len(results)} fine-tuning rows ({results.groupby('dataset')['fold'].nun
 # the profile that made the numbers (notebook 05's, else this one); a dry run's numbers are judged as none
 judged_as = "dry-run" if setup.get("max_steps") or setup.get("max_images") else setup.get("profile", profile)
 paths = res.write_table2(results, step_dir, judged_as)
-print((step_dir / "table2.md").read_text())
+Markdown(paths["md"].read_text())  # table2.md as it is, rendered
 
 # %% [markdown]
 # ## All metrics, with intervals
@@ -104,43 +104,60 @@ all_metrics
 # %%
 matrices = res.first_run_confusions(results, src / "runs")  # {(dataset, model): counts, rows true}
 fig = res.plot_confusion_grid(matrices, "Confusion matrices: test set, first fold, lowest seed of each cell")
-fig.savefig(step_dir / "confusion_matrices.png", dpi=dpi)
+study.show_figure(fig, step_dir / "confusion_matrices.png", dpi)
 
 # %% [markdown]
 # ## Label efficiency
-# Test F1 against the fraction of training labels (log axis, a tick at each fraction run): the mean over
-# label seeds with bars from the lowest to the highest seed when there are several. Models are shifted a
-# little sideways and differ in marker and line style, so a model with the same values as another stays visible.
+# Test F1 (%, one 0-100 axis for every panel) against the fraction of training labels (log axis, a tick
+# at each fraction run). Each point is the mean of its runs (folds x label seeds), with a min-max bar
+# (lowest to highest run) when there are several; the legend gives the number of runs. Models are shifted
+# a little sideways and differ in marker and line style, so a model with the same values as another
+# stays visible.
 
 # %%
 if len(label_curve):
-    fig = res.plot_label_efficiency(label_curve, "f1")
-    fig.savefig(step_dir / "label_efficiency.png", dpi=dpi)
     label_curve.groupby(["dataset", "model", "fraction"])["f1"].agg(["mean", "std", "count"]).round(3).to_csv(
         step_dir / "label_efficiency.csv")
+    study.show_figure(res.plot_label_efficiency(label_curve, "f1"), step_dir / "label_efficiency.png", dpi)
+
+# %% [markdown]
+# ## Does pretraining help? The verdicts
+# USF-MAE against the same architecture from scratch, per dataset: the gap in mean F1 (points), its
+# interval paired by fold and seed, and the verdict. "Beats" needs all of: neither model near a
+# one-class predictor, a gap larger than the spread between folds (or seeds), and bootstrap
+# intervals that do not overlap; otherwise "too small to judge", with every reason that failed.
+# Also in `verdicts.csv`.
+
+# %%
+verdicts = res.scratch_verdicts(results, judged_as)
+res.show_verdicts(verdicts, step_dir, judged_as)
 
 # %% [markdown]
 # ## Discussion
-# Each statement below is computed from the rows above, for this run's data and settings.
+# Each statement below is computed from the rows above, for this run's data and settings. The same
+# statements, each USF-MAE vs scratch verdict spelled out with every number behind it, are in
+# `discussion.md`.
 
 # %%
-statements = res.discussion(results, label_curve, synthetic=synthetic, profile=judged_as)
+settings = []
 if setup:  # notebook 05 wrote its settings; a folder of CLI runs has them in its rows
-    statements.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
-                      f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples; "
-                      f"epoch and config picked on validation {setup.get('select_on', 'f1')}; "
-                      f"{'BatchNorm before the head' if setup.get('head_norm') else 'plain linear head'}"
-                      f"{', layer decay %g' % setup['layer_decay'] if setup.get('layer_decay', 1) != 1 else ''}.")
+    settings.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
+                    f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples; "
+                    f"epoch and config picked on validation {setup.get('select_on', 'f1')}; "
+                    f"{'BatchNorm before the head' if setup.get('head_norm') else 'plain linear head'}"
+                    f"{', layer decay %g' % setup['layer_decay'] if setup.get('layer_decay', 1) != 1 else ''}.")
+dry_run = []
 if setup.get("max_steps") or setup.get("max_images"):  # a dry run (usfmae reproduce --dry-run): say so first
-    statements.insert(0, f"DRY RUN: every fine-tuning run stopped after {setup.get('max_steps') or 'all'} optimiser "
-                         f"step(s), on at most {setup.get('max_images') or 'all'} images per split part; these numbers "
-                         "check that the code runs, they measure nothing.")
-text = "\n".join(f"- {s}" for s in statements)
-(step_dir / "discussion.md").write_text(text + "\n")
-print(text)
+    dry_run.append(f"DRY RUN: every fine-tuning run stopped after {setup.get('max_steps') or 'all'} optimiser "
+                   f"step(s), on at most {setup.get('max_images') or 'all'} images per split part; these numbers "
+                   "check that the code runs, they measure nothing.")
+full = dry_run + res.discussion(results, label_curve, synthetic=synthetic, profile=judged_as) + settings
+(step_dir / "discussion.md").write_text("".join(f"- {s}\n" for s in full))
+# on screen: the verdicts and the profile's reason are in the table above, so the list leaves them out
+shown = dry_run + res.discussion(results, label_curve, synthetic=synthetic, profile=judged_as, on_screen=True) + settings
+Markdown("".join(f"- {s}\n" for s in shown))
 
 # %%
-index = ["# 06 · Results", ""] + [f"- [{p.name}]({p.name})" for p in sorted(step_dir.iterdir())
-                                   if p.suffix in (".png", ".csv", ".md", ".tex") and p.name != "index.md"]
-(step_dir / "index.md").write_text("\n".join(index) + "\n")
-print("\n".join(index))
+made = [p.name for p in sorted(step_dir.iterdir()) if p.suffix in (".png", ".csv", ".md", ".tex") and p.name != "index.md"]
+(step_dir / "index.md").write_text("\n".join(["# 06 · Results", ""] + [f"- [{n}]({n})" for n in made]) + "\n")
+print(f"{len(made)} files in {step_dir.name}/ (listed in index.md): {', '.join(made)}")

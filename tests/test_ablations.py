@@ -2,6 +2,7 @@
 model, no notebook; notebook 07 itself runs in the smoke reproduce (tests/test_reproduce.py)."""
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from usfmae_lib import ablations
@@ -65,3 +66,68 @@ def test_mean_scores_average_folds_and_label_seeds():
                                f1=[0.2, 0.4, 0.6, 0.9]))
     means = ablations.mean_scores(scores).set_index("fraction")
     assert abs(means.loc[0.1, "f1"] - 0.4) < 1e-12 and means.loc[0.1, "n"] == 3 and np.isnan(means.loc[1.0, "sd"])
+
+
+def _paired_scores(noisy=False):
+    rows = []
+    for fold in (1, 2, 3, 4, 5):
+        for enc, f1 in (("pretrained", 0.80 + 0.01 * fold), ("random init", 0.60 + 0.012 * fold)):
+            rows.append(dict(encoder=enc, dataset="bus-bra", fold=fold, method="k-NN", fraction=0.1,
+                             label_seed=0, f1=f1))
+    return pd.DataFrame(rows)
+
+
+def test_verdict_rows_hold_the_same_verdicts_as_a_table():
+    from usfmae_lib import results as res
+
+    scores = _paired_scores()
+    (row,) = ablations.verdict_rows(scores, "pretrained", "random init", "quick", "k-NN", 0.1)
+    assert list(row) == res.VERDICT_COLUMNS
+    assert row["comparison"] == "pretrained vs random init, 10% of labels" and row["dataset"] == "BUS-BRA"
+    assert row["verdict"] == "pretrained above random init" and row["method"] == "k-NN"
+    assert row["difference"] == pytest.approx(100 * np.mean([0.2 - 0.002 * k for k in range(1, 6)]))
+    assert row["low"] < row["difference"] < row["high"]
+    (line,) = ablations.verdict(scores, "pretrained", "random init", "quick", "k-NN", 0.1)
+    assert f"{row['difference']:+.1f} [{row['low']:+.1f}, {row['high']:+.1f}]" in line  # the sentence's numbers
+    # smoke: too small to judge, the profile's reason left to the line above the table
+    (smoke,) = ablations.verdict_rows(scores, "pretrained", "random init", "smoke", "k-NN", 0.1)
+    assert smoke["verdict"] == "too small to judge"
+    (one,) = ablations.verdict_rows(scores[scores["fold"] == 1], "pretrained", "random init", "smoke", "k-NN", 0.1)
+    assert one["verdict"] == "too small to judge (one pair: no spread to judge the difference by)"
+    assert np.isnan(one["low"]) and np.isnan(one["high"])
+
+
+def test_the_exercise_scores_another_fraction_on_the_features_already_computed():
+    data, good = _data()
+    _, noise = _data(informative=False)
+    features = {"pretrained": {("bus-bra", 1): good}, "random init": {("bus-bra", 1): noise}}
+    split = {("bus-bra", 1): data}
+    all_labels = ablations.score_features(features, split, [1.0], 1, k=5)
+    few = ablations.score_features(features, split, [0.05], 2, k=5)
+    assert set(few["encoder"]) == {"pretrained", "random init"} and set(few["fraction"]) == {0.05}
+    table = ablations.fraction_table(pd.concat([few, all_labels]))
+    assert table.columns.tolist() == [("pretrained", "5%"), ("pretrained", "100%"), ("random init", "5%"),
+                                      ("random init", "100%")]
+    assert table.index.tolist() == [("BUS-BRA", "k-NN"), ("BUS-BRA", "linear probe")]
+    assert table.loc[("BUS-BRA", "k-NN"), ("pretrained", "5%")].count(" ± ") == 1  # two label seeds: an sd
+
+
+def test_curve_bands_are_named_in_the_legend_and_never_below_zero():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = pd.DataFrame([dict(encoder=e, dataset=d, method=m, fraction=f, f1=f1, sd=0.2, n=3)
+                          for e, f1 in (("pretrained", 0.05), ("random init", 0.9)) for d in ("bus-bra", "gist514")
+                          for m in ablations.METHODS for f in (0.1, 1.0)])
+    fig = ablations.plot_curves(means, "fraction", "title", "labels", log_x=True)
+    texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert ablations.BAND in texts and "pretrained" in texts
+    for ax in fig.axes:
+        bands = [c for c in ax.collections if len(c.get_paths())]
+        assert len(bands) == 2
+        ys = np.concatenate([p.vertices[:, 1] for band in bands for p in band.get_paths()])
+        assert ys.min() >= 0 and ys.max() <= 100  # F1 5 ± 20 and 90 ± 20, clipped to 0-100
+        assert ax.get_ylim() == pytest.approx((-4, 104))  # one scale in every panel
+    plt.close(fig)

@@ -8,6 +8,9 @@ chromedriver (no browser download at run time), does what a user does:
   has no outputs (the pre-save hook setup.sh installs);
 - notebook 04 (over an untrained checkpoint where notebook 03 leaves one): the interactive view is on
   by itself in the lab, and moving its mask-ratio slider redraws the image;
+- notebook 06 (over fine-tuning results made by hand where notebook 05 leaves them): set to the smoke
+  profile and run, its figures (confusion matrices, label efficiency) are drawn in the lab, not only
+  saved;
 - the outputs land in <repo>/outputs/smoke/, nothing under notebooks/ but the notebooks.
 Screenshots go to the test's folder (pytest --basetemp, or the path printed with -s).
 
@@ -60,10 +63,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _make_finetuning_out(out: Path):
+    """What notebook 06 reads from notebook 05, made by hand: results.csv, label_efficiency.csv,
+    setup.json and each run's test_predictions.csv; two binary tasks x USF-MAE and scratch x two folds,
+    at 25% and 100% of the labels."""
+    import pandas as pd
+
+    from usfmae_lib.metrics import classification_metrics
+
+    step = out / "05_finetuning"
+    rng = np.random.default_rng(0)
+    rows = []
+    for dataset, classes in (("bus-bra", ["benign", "malignant"]), ("gist514", ["leiomyoma", "GIST"])):
+        for model in ("usf-mae", "scratch"):
+            for fold in (1, 2):
+                for fraction in (0.25, 1.0):
+                    run = f"{dataset}/fold{fold}/{model}/finetune/hand/seed0_frac{fraction:g}"
+                    labels, prob = rng.integers(0, 2, 20), rng.dirichlet([1, 1], 20)
+                    (step / "runs" / run).mkdir(parents=True)
+                    pd.DataFrame({"path": [f"{i}.png" for i in range(20)], "label": labels, "pred": prob.argmax(1),
+                                  **{f"prob_{c}": prob[:, k] for k, c in enumerate(classes)}}).to_csv(
+                        step / "runs" / run / "test_predictions.csv", index=False)
+                    row = dict(dataset=dataset, fold=fold, model=model, mode="finetune", seed=0, fraction=fraction,
+                               n_classes=2, run=run, init="random (scratch control)" if model == "scratch"
+                               else "usf-mae: 03_mae_pretraining/checkpoints/checkpoint-last.pth")
+                    for k, v in classification_metrics(labels, prob, 1).items():
+                        row.update({k: v, f"{k}_low": v - 0.1, f"{k}_high": v + 0.1})
+                    rows.append(row)
+    table = pd.DataFrame(rows)
+    table[table["fraction"] == 1.0].to_csv(step / "results.csv", index=False)
+    table.to_csv(step / "label_efficiency.csv", index=False)
+    (step / "setup.json").write_text(json.dumps(dict(profile="smoke", synthetic=True, img_size=32, epochs=1,
+                                                     n_configs=1, n_bootstrap=20, select_on="balanced_accuracy",
+                                                     head_norm=True, layer_decay=1.0)))
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, make_recon_out):
     """A copy of what the lab needs (the library, notebooks, params), and notebook 04's inputs under
-    outputs/smoke/: a tiny cleaned tree and an untrained checkpoint (notebook 03 is not run here).
+    outputs/smoke/: a tiny cleaned tree and an untrained checkpoint (notebook 03 is not run here), and
+    notebook 06's: fine-tuning results made by hand (notebook 05 is not run either).
     USFMAE_BROWSER_REPO=CLONE uses a throwaway clone instead, after `usfmae reproduce --profile smoke`
     there (README's own steps; the test edits and saves its notebook 01)."""
     given = os.environ.get("USFMAE_BROWSER_REPO")
@@ -76,6 +115,7 @@ def repo(tmp_path_factory, make_recon_out):
     rng = np.random.default_rng(0)
     scans = {a: [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(2)] for a in ("breast", "liver")}
     make_recon_out(root / "outputs" / "smoke", scans, "mae_vit_tiny_patch16_dec128d2b", 64, dict(depth=2, decoder_depth=1))
+    _make_finetuning_out(root / "outputs" / "smoke")
     return root
 
 
@@ -303,3 +343,21 @@ def test_notebooks_01_and_04_run_in_jupyterlab_in_chromium(driver, lab, repo, tm
                    if ".ipynb_checkpoints" not in p.parts)
     assert after == [p for p in before if ".ipynb_checkpoints" not in p], "the lab wrote under notebooks/"
     print(f"browser test: notebook 01 {t1 - t0:.0f} s, notebook 04 {t2 - t1:.0f} s; screenshots in {shots}")
+
+
+def test_notebook_06_draws_its_figures_in_jupyterlab(driver, lab, repo, tmp_path):
+    """Issue 25: notebook 06 once set matplotlib's Agg backend, so its figures were saved but never shown."""
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    _open(driver, lab, "06_results.ipynb", shots)  # opened after 01 and 04: found by its tab (see ACTIVE)
+    _set_profile(driver, "smoke", shots)
+    _run_all(driver, "06_results.ipynb", shots, timeout=300)
+    driver.save_screenshot(str(shots / "06_results.png"))
+    _assert_ran_cleanly(driver, "06_results.ipynb")
+    assert "profile smoke: applied params/smoke/06_results.yaml" in _outputs_text(driver)
+    drawn = _wait(lambda: (images := _drawn_images(driver)) and len(images) >= 2 and images, 60,
+                  "notebook 06's two figures to be drawn", driver, shots / "06_no_figures.png")
+    assert len(set(drawn)) == len(drawn), "a figure is shown twice"
+    step = repo / "outputs" / "smoke" / "06_results"
+    for name in ("confusion_matrices.png", "label_efficiency.png", "verdicts.csv", "table2.md"):
+        assert (step / name).is_file(), name

@@ -1,4 +1,5 @@
 """Fine-tuning and Table 2: weights really loaded, honest init, resumable runs, CLI end to end."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,42 @@ def test_a_small_roi_crop_of_an_evaluation_set_is_read_not_refused(tmp_path):
     with pytest.raises(Reject, match="too small"):
         read_image_file(path)  # curation's policy is unchanged
     assert ft.read_image(path, 64).shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------------------ what a loop of runs prints
+def test_a_warning_repeated_over_runs_is_said_once_with_its_count(capsys):
+    with ft.warnings_once():
+        for _ in range(5):
+            ft.warn("vgg-19: no ImageNet weights")
+        ft.warn("resnet-50: no ImageNet weights")
+        assert capsys.readouterr().out == ""  # nothing while the loop runs
+    assert capsys.readouterr().out.splitlines() == ["WARNING: vgg-19: no ImageNet weights [5 runs]",
+                                                    "WARNING: resnet-50: no ImageNet weights"]
+    ft.warn("outside: said at once")
+    assert capsys.readouterr().out == "WARNING: outside: said at once\n"
+
+
+def test_the_tally_counts_runs_trained_since_a_time_and_runs_reused(tmp_path):
+    import os
+
+    for name, age in (("a", 100), ("b", 100), ("c", 0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text("{}")
+        stamp = time.time() - age
+        os.utime(tmp_path / name / "metrics.json", (stamp, stamp))
+    rows = pd.DataFrame(dict(run=["a", "b", "c", "c"]))  # c twice: a sweep's seed-0 run, again as seed 0
+    assert ft.run_tally(rows, tmp_path, since=time.time() - 10) == "3 runs: 1 trained, 2 already finished, reused"
+
+
+def test_no_reused_line_for_a_run_this_process_just_trained(tiny_data, checkpoint, tmp_path, monkeypatch):
+    path, _ = checkpoint
+    cfg = ft.TrainConfig(epochs=1, batch_size=16, img_size=32)
+    said = []
+    kw = dict(checkpoint=path, n_bootstrap=20, log=said.append)
+    ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)
+    said.clear()
+    ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)  # the sweep's run, again as the cell's seed 0
+    assert said == []
+    monkeypatch.setattr(ft, "_trained_here", set())  # another process: a run found on disk is news
+    ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)
+    assert len(said) == 1 and said[0].startswith("already finished, reused: ")

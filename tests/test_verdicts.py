@@ -248,3 +248,76 @@ def test_the_scratch_comparison_also_gives_the_gap_paired_by_fold():
     single = _scratch_line(res.discussion(_rows({"usf-mae": 0.8, "scratch": 0.6}, {"usf-mae": 0.75, "scratch": 0.75},
                                                 n_seeds=1)))
     assert "paired" not in single
+
+
+# ------------------------------------------------------------------------------ notebook 06's verdict table
+def _shown(monkeypatch) -> list:
+    """What show_verdicts displays, captured (no IPython needed)."""
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
+    return shown
+
+
+def test_scratch_verdicts_are_one_row_per_dataset_with_the_paired_interval():
+    rows = _rows({"usf-mae": 0.80, "scratch": 0.60, "resnet-50": 0.70}, {m: 0.75 for m in MODELS},
+                 datasets=("bus-bra", "gist514"), folds=(1, 2), n_seeds=2)
+    table = res.scratch_verdicts(rows)
+    assert list(table.columns) == res.VERDICT_COLUMNS
+    assert table.dataset.tolist() == ["BUS-BRA", "GIST514-DB"] and (table.method == "fine-tuned").all()
+    assert table.verdict.tolist() == ["USF-MAE beats scratch"] * 2
+    assert table.difference.tolist() == pytest.approx([20.0, 20.0])
+    assert (table.low <= table.difference).all() and (table.difference <= table.high).all()  # 4 (fold, seed) pairs
+    # the same logic as the sentence: a loss is said as one, a gap inside the spread is too small to judge
+    worse = res.scratch_verdicts(_rows({"usf-mae": 0.60, "scratch": 0.80}, {"usf-mae": 0.75, "scratch": 0.75}))
+    assert worse.verdict.tolist() == ["USF-MAE does worse than scratch"]
+    close = res.scratch_verdicts(_rows({"usf-mae": 0.72, "scratch": 0.70}, {"usf-mae": 0.75, "scratch": 0.75}, sd=0.05))
+    assert close.verdict.iloc[0].startswith("too small to judge (the gap is inside the larger sd between seeds")
+    one = res.scratch_verdicts(_rows({"usf-mae": 0.8, "scratch": 0.6}, {"usf-mae": 0.75, "scratch": 0.75}, n_seeds=1))
+    assert np.isnan(one.low.iloc[0]) and np.isnan(one.high.iloc[0])  # one pair: no interval
+
+
+def test_smoke_verdicts_say_the_profile_once_above_the_table(tmp_path, monkeypatch):
+    rows = _rows({"usf-mae": 0.80, "scratch": 0.60, "resnet-50": 0.70}, {"usf-mae": 0.75, "scratch": 0.5,
+                                                                          "resnet-50": 0.75},
+                 datasets=("bus-bra", "mmotu-2d", "gist514"), folds=(1, 2))
+    table = res.scratch_verdicts(rows, "smoke")
+    assert len(table) == 3 and table.verdict.str.startswith("too small to judge").all()
+    assert not table.verdict.str.contains("smoke").any()
+    # every other reason stays in its row: scratch is near a one-class predictor on the binary tasks
+    binary = table[table.dataset != "MMOTU-2D"].verdict
+    assert binary.str.contains("from-scratch model (USF-MAE architecture) is near a one-class predictor",
+                               regex=False).all()
+    assert table.set_index("dataset").loc["MMOTU-2D", "verdict"] == "too small to judge"  # smoke alone
+    shown = _shown(monkeypatch)
+    res.show_verdicts(table, tmp_path, "smoke")
+    path = tmp_path / "verdicts.csv"
+    assert pd.read_csv(path).columns.tolist() == res.VERDICT_COLUMNS and len(pd.read_csv(path)) == 3
+    note, styled = shown
+    assert note.data.count(res.SMOKE_REASON) == 1 and "too small to judge" in note.data
+    html = styled.to_html()
+    assert "smoke profile" not in html and html.count("too small to judge") == 3
+    assert "[+" in html or "[-" in html  # the interval in one column
+    # judged by the numbers: no disclaimer
+    shown.clear()
+    res.show_verdicts(res.scratch_verdicts(rows), tmp_path, None)
+    assert "too small to judge**" not in shown[0].data and res.SMOKE_REASON not in shown[0].data
+
+
+def test_discussion_on_screen_leaves_out_what_the_table_says():
+    rows = _rows({"usf-mae": 0.80, "scratch": 0.60, "resnet-50": 0.70}, {"usf-mae": 0.75, "scratch": 0.5,
+                                                                          "resnet-50": 0.52},
+                 datasets=("bus-bra", "gist514"))
+    curve = pd.concat([rows, _rows({"usf-mae": 0.7, "scratch": 0.5}, {"usf-mae": 0.7, "scratch": 0.7},
+                                   fraction=0.25, datasets=("bus-bra", "gist514"))])
+    full = res.discussion(rows, curve, profile="smoke")
+    screen = res.discussion(rows, curve, profile="smoke", on_screen=True)
+    assert sum("from scratch on F1" in s for s in full) == 2 and not any("from scratch on F1" in s for s in screen)
+    assert sum(res.SMOKE_REASON in s for s in full) == 5 and not any(res.SMOKE_REASON in s for s in screen)
+    assert "BUS-BRA: best mean F1: too small to judge; the paper's best: UltraSam." in screen
+    assert any(s.startswith("Label efficiency: too small to judge; counts only:") for s in screen)
+    # the models near a one-class predictor, one sub-item per dataset instead of one long sentence
+    (near,) = [s for s in screen if s.startswith("Near a one-class predictor")]
+    assert near.count("\n    - ") == 2 and "\n    - BUS-BRA (one class: 50.0): " in near
+    assert "USF-MAE architecture, from scratch 50.0, ResNet-50 52.0" in near

@@ -25,7 +25,7 @@ import torch
 from . import UsfmaeError, mae, pretrain
 from . import finetune as ft
 from .metrics import classification_metrics
-from .results import DATASET_TITLES, paired_difference, percent, unjudged
+from .results import DATASET_TITLES, TOO_SMALL, paired_difference, percent, unjudged, verdict_text
 
 STEP = "07_ablations"
 METHODS = ("k-NN", "linear probe")
@@ -96,22 +96,37 @@ def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int
     return pd.DataFrame(rows)
 
 
-def score_encoders(encoders: dict, data: dict, fractions=(1.0,), label_seeds: int = 1, seed: int = 0,
-                   device="auto", k: int = 20, log=print) -> pd.DataFrame:
-    """frozen_scores of every encoder on every split. encoders: {label: (checkpoint, random_init)};
-    data: {(dataset, fold): Data}, all at one image size. One row per (encoder, split, method,
-    fraction, label seed). Each image goes through each encoder once, whatever the number of folds."""
-    tables = []
+def encoder_features(encoders: dict, data: dict, seed: int = 0, device="auto", log=print) -> dict:
+    """Frozen features of every encoder on every split: {label: {(dataset, fold): {part: [N, D]}}}.
+    encoders: {label: (checkpoint, random_init)}; data: {(dataset, fold): Data}, all at one image
+    size. Each image goes through each encoder once, whatever the number of folds; every label
+    fraction and seed scored later (score_features) reuses these."""
+    out = {}
     size = next(iter(data.values())).img_size
     for label, (checkpoint, random_init) in encoders.items():
         model, cache = frozen_encoder(checkpoint, size, random_init, seed, device=device), {}
-        for (dataset, fold), d in data.items():
-            table = frozen_scores(d, split_features(model, d, cache), fractions, label_seeds, k)
+        out[label] = {key: split_features(model, d, cache) for key, d in data.items()}
+        if log:
+            log(f"features of {label}: {len(data)} split(s), {len(cache)} images")
+    return out
+
+
+def score_features(features: dict, data: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
+    """frozen_scores of encoder_features' features: one row per (encoder, split, method, fraction,
+    label seed). Seconds: only the k-NN and the probe are fitted."""
+    tables = []
+    for label, by_split in features.items():
+        for key, feats in by_split.items():
+            table = frozen_scores(data[key], feats, fractions, label_seeds, k)
             table.insert(0, "encoder", label)
             tables.append(table)
-        if log:
-            log(f"scored {label}: {len(data)} split(s), {len(cache)} images")
     return pd.concat(tables, ignore_index=True)
+
+
+def score_encoders(encoders: dict, data: dict, fractions=(1.0,), label_seeds: int = 1, seed: int = 0,
+                   device="auto", k: int = 20, log=print) -> pd.DataFrame:
+    """frozen_scores of every encoder on every split (encoder_features, then score_features)."""
+    return score_features(encoder_features(encoders, data, seed, device, log), data, fractions, label_seeds, k)
 
 
 def reuse(scores: pd.DataFrame, names: dict, fraction: float = 1.0) -> pd.DataFrame:
@@ -140,12 +155,10 @@ def mean_scores(scores: pd.DataFrame, by=("encoder", "dataset", "method", "fract
     return g.agg(f1="mean", sd="std", n="count").reset_index()
 
 
-def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, method: str = "linear probe",
-            fraction: float = 1.0) -> list[str]:
-    """Per dataset: is encoder `a`'s F1 above encoder `b`'s? Judged on paired differences over the
-    (fold, label seed) units both have, with a Student-t 95% interval; "too small to judge" on the
-    smoke profile, with fewer than two pairs, or when the interval includes 0."""
-    lines = []
+def _paired_comparisons(scores: pd.DataFrame, a: str, b: str, profile: str | None, method: str, fraction: float):
+    """Per dataset where both encoders were scored: (dataset, pivot of F1 by (fold, label seed) with
+    columns a and b, paired_difference of a - b, why it is too small to judge: the profile's reason
+    first; empty when the difference is judged)."""
     sub = scores[(scores["method"] == method) & (scores["fraction"] == fraction)]
     for dataset, g in sub.groupby("dataset", sort=False):
         pivot = g.pivot_table(index=["fold", "label_seed"], columns="encoder", values="f1")
@@ -153,30 +166,74 @@ def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, me
             continue
         pivot = pivot[[a, b]].dropna()
         d = paired_difference(pivot[a], pivot[b])
-        numbers = (f"F1 {100 * pivot[a].mean():.1f} vs {100 * pivot[b].mean():.1f}, difference {100 * d['mean']:+.1f} "
-                   + (f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] over {d['n']} paired fold(s) x label seed(s)"
-                      if np.isfinite(d["low"]) else f"(no interval: {d['n']} pair)"))
         why = [w for w in (unjudged(profile),) if w]
         if not np.isfinite(d["low"]):
             why.append("one pair: no spread to judge the difference by")
         elif d["low"] <= 0 <= d["high"]:
             why.append("the 95% interval includes 0")
+        yield dataset, pivot, d, why
+
+
+def fraction_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean test F1 ± its sd over folds and label seeds (%), one row per (dataset, method) and one
+    column per (encoder, fraction): label fractions side by side, to compare by eye."""
+    means = mean_scores(scores)
+    means["F1 ± sd"] = [f"{100 * m:.1f} ± {100 * s:.1f}" if np.isfinite(s) else f"{100 * m:.1f}"
+                        for m, s in zip(means["f1"], means["sd"])]
+    means["labels"] = means["fraction"].map(percent)
+    table = means.pivot(index=["dataset", "method"], columns=["encoder", "labels"], values="F1 ± sd")
+    table.index = table.index.set_levels([DATASET_TITLES.get(d, d) for d in table.index.levels[0]], level=0)
+    order = sorted(means["fraction"].unique())
+    return table.reindex(columns=[(e, percent(f)) for e in dict.fromkeys(means["encoder"]) for f in order])
+
+
+def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, method: str = "linear probe",
+            fraction: float = 1.0) -> list[str]:
+    """Per dataset: is encoder `a`'s F1 above encoder `b`'s? Judged on paired differences over the
+    (fold, label seed) units both have, with a Student-t 95% interval; "too small to judge" on the
+    smoke profile, with fewer than two pairs, or when the interval includes 0. One sentence each."""
+    lines = []
+    for dataset, pivot, d, why in _paired_comparisons(scores, a, b, profile, method, fraction):
+        numbers = (f"F1 {100 * pivot[a].mean():.1f} vs {100 * pivot[b].mean():.1f}, difference {100 * d['mean']:+.1f} "
+                   + (f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] over {d['n']} paired fold(s) x label seed(s)"
+                      if np.isfinite(d["low"]) else f"(no interval: {d['n']} pair)"))
         head = f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {percent(fraction)} of labels: {a} vs {b}"
         if why:
-            lines.append(f"{head}: too small to judge ({'; '.join(why)}); {numbers}")
+            lines.append(f"{head}: {TOO_SMALL} ({'; '.join(why)}); {numbers}")
         else:
             lines.append(f"{head}: {a} {'above' if d['mean'] > 0 else 'below'} {b}; {numbers}")
     return lines
 
 
+def verdict_rows(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, method: str = "linear probe",
+                 fraction: float = 1.0) -> list[dict]:
+    """verdict's comparisons as rows of a verdict table (results.VERDICT_COLUMNS; difference, low and
+    high in F1 points), the profile's reason left to results.show_verdicts, which says it once."""
+    rows = []
+    for dataset, _, d, why in _paired_comparisons(scores, a, b, profile, method, fraction):
+        judged = f"{a} {'above' if d['mean'] > 0 else 'below'} {b}"
+        rows.append(dict(comparison=f"{a} vs {b}, {percent(fraction)} of labels",
+                         dataset=DATASET_TITLES.get(dataset, dataset), difference=100 * d["mean"],
+                         low=100 * d["low"], high=100 * d["high"], method=method,
+                         verdict=verdict_text(why, profile, judged)))
+    return rows
+
+
 # ---------------------------------------------------------------------------- figures
+BAND = "shaded: mean ± 1 sd over folds and label seeds (clipped to 0-100)"
+
+
 def plot_curves(means: pd.DataFrame, x: str, title: str, xlabel: str, log_x: bool = False, x_labels=None,
                 reference: pd.DataFrame | None = None):
-    """One panel per (method, dataset); one line per encoder with its sd band. `means`: mean_scores;
-    `reference` (mean_scores of one encoder, e.g. random init): a dashed level in each panel."""
+    """One panel per (method, dataset); one line per encoder with its sd band (BAND, named in the
+    legend; an F1 lies in 0-100, so the band is clipped there and every panel shares that axis).
+    `means`: mean_scores; `reference` (mean_scores of one encoder, e.g. random init): a dashed level
+    in each panel."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
     datasets, methods = list(dict.fromkeys(means["dataset"])), list(dict.fromkeys(means["method"]))
-    fig, axes = plt.subplots(len(methods), len(datasets), figsize=(3.6 * len(datasets), 2.8 * len(methods)),
+    fig, axes = plt.subplots(len(methods), len(datasets), figsize=(3.6 * len(datasets), 2.8 * len(methods) + 0.4),
                              squeeze=False, sharey=True)
     markers = "osD^v<>"
     for r, method in enumerate(methods):
@@ -185,9 +242,9 @@ def plot_curves(means: pd.DataFrame, x: str, title: str, xlabel: str, log_x: boo
             sub = means[(means["method"] == method) & (means["dataset"] == dataset)]
             for i, (enc, g) in enumerate(sub.groupby("encoder", sort=False)):
                 g = g.sort_values(x)
-                ax.plot(g[x], 100 * g["f1"], marker=markers[i % len(markers)], lw=1.5, label=enc)
-                sd = 100 * g["sd"].fillna(0)
-                ax.fill_between(g[x], 100 * g["f1"] - sd, 100 * g["f1"] + sd, alpha=0.15)
+                f1, sd = 100 * g["f1"], 100 * g["sd"].fillna(0)
+                ax.plot(g[x], f1, marker=markers[i % len(markers)], lw=1.5, label=enc, color=f"C{i}")
+                ax.fill_between(g[x], (f1 - sd).clip(0, 100), (f1 + sd).clip(0, 100), alpha=0.15, color=f"C{i}")
             if reference is not None:
                 level = reference[(reference["method"] == method) & (reference["dataset"] == dataset)]["f1"]
                 if len(level):
@@ -198,12 +255,17 @@ def plot_curves(means: pd.DataFrame, x: str, title: str, xlabel: str, log_x: boo
             ax.set_xticks(ticks)
             ax.set_xticklabels([x_labels(t) if x_labels else f"{t:g}" for t in ticks])
             ax.minorticks_off()
+            ax.set_ylim(-4, 104)  # F1 in %: a point at 0 or 100 drawn whole
+            ax.set_yticks(range(0, 101, 20))
             ax.set_title(f"{DATASET_TITLES.get(dataset, dataset)} · {method}", fontsize=9)
             ax.set_xlabel(xlabel)
             if c == 0:
                 ax.set_ylabel("test F1 (%)")
             ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=8, loc="best")
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    handles.append(Patch(facecolor="grey", alpha=0.25))
+    labels.append(BAND)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the panels
     return fig

@@ -31,6 +31,8 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import itertools
 import json
@@ -79,9 +81,41 @@ LABEL_FRACTIONS = (0.01, 0.1, 0.25, 1.0)
 SELECT_ON = ("f1", "balanced_accuracy", "loss")
 
 
+_said_once: collections.Counter | None = None  # inside warnings_once: message -> times it came
+
+
 def warn(message: str):
-    """A visible line in notebooks and logs (no silent fallbacks)."""
+    """A visible line in notebooks and logs (no silent fallbacks); inside warnings_once, counted and
+    said once at its end."""
+    if _said_once is not None:
+        _said_once[message] += 1
+        return
     print(f"WARNING: {message}", flush=True)
+
+
+@contextlib.contextmanager
+def warnings_once():
+    """Within: each distinct warning is said once, when the block ends, with the number of runs it
+    came from ("... [15 runs]"), instead of once per run (notebook 05's loops: one baseline without
+    ImageNet weights warns in every fold)."""
+    global _said_once
+    outer, _said_once = _said_once, collections.Counter()
+    try:
+        yield
+    finally:
+        said, _said_once = _said_once, outer
+        for message, n in said.items():
+            warn(f"{message} [{n} runs]" if n > 1 else message)
+
+
+def run_tally(rows: pd.DataFrame, runs, since: float) -> str:
+    """How many of the distinct runs behind `rows` (their `run` folders under `runs`) were trained
+    since the time `since` and how many were already finished and reused: one line for a loop that
+    prints nothing per run (a run the loop trained and then reused, e.g. a sweep's seed-0 run as
+    the chosen config's seed 0, counts once, as trained)."""
+    done = [Path(runs) / run / "metrics.json" for run in dict.fromkeys(rows["run"])] if len(rows) else []
+    trained = sum(path.stat().st_mtime >= since for path in done)
+    return f"{len(done)} runs: {trained} trained, {len(done) - trained} already finished, reused"
 
 
 # ============================================================================ configuration
@@ -808,6 +842,9 @@ def run_dir(runs, dataset: str, fold: int, model: str, mode: str, tag: str, seed
     return Path(runs) / folder / f"fold{fold}" / model / mode / tag / f"seed{seed}_frac{fraction:g}"
 
 
+_trained_here: set[Path] = set()  # runs this process trained: reusing one right after is not news, not logged
+
+
 def _finished(directory: Path, identity: dict) -> dict | None:
     """The stored metrics of a finished run with the same identity, else None."""
     path = directory / "metrics.json"
@@ -834,6 +871,7 @@ def _score_and_save(directory: Path, identity: dict, row: dict, data: Data, prob
         preds[f"prob_{name}"] = prob[:, c]
     atomic_write_text(directory / "test_predictions.csv", preds.to_csv(index=False))
     atomic_write_text(directory / "metrics.json", json.dumps(dict(identity=identity, row=row), indent=1, default=float))
+    _trained_here.add(directory)
     return row
 
 
@@ -853,7 +891,7 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as stored
     done = _finished(directory, identity)
     if done:
-        if log:
+        if log and directory not in _trained_here:
             log(f"already finished, reused: {directory}")
         return done["row"]
     torch.manual_seed(seed)  # the head's (and scratch models') init
@@ -896,7 +934,7 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
                     weights=(_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights)))
     done = _finished(directory, identity)
     if done:
-        if log:
+        if log and directory not in _trained_here:
             log(f"already finished, reused: {directory}")
         return done["row"]
     device = pick_device(device) if isinstance(device, str) else device

@@ -14,7 +14,9 @@ larger sd; the paper's rows are never compared with ours. UltraSam's paper row i
 from UltraSam's own paper, not rerun, and is marked so (`paper_notes`).
 Statements for the discussion are computed from the rows (`discussion`), never written by hand;
 each says "too small to judge" (and why) when the profile is smoke, a model is near a one-class
-predictor, or a difference is inside the spread between folds or seeds.
+predictor, or a difference is inside the spread between folds or seeds. The notebooks show their
+verdicts as one table (`scratch_verdicts` here, `ablations.verdict_rows` for notebook 07;
+`show_verdicts` writes verdicts.csv and says the smoke profile's reason once, above the table).
 """
 from __future__ import annotations
 
@@ -80,6 +82,16 @@ def load_runs(folder) -> Runs:
     setup_file = folder / "setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
     return Runs(folder, results, probe, curve, setup)
+
+
+def relative_init(rows: pd.DataFrame, folder) -> pd.DataFrame:
+    """rows with the checkpoint paths in `init` made relative to `folder` (the study's output folder):
+    "usf-mae: 03_mae_pretraining/checkpoints/checkpoint-last.pth", what a reader needs, instead of an
+    absolute path that tables cut short. Paths elsewhere stay as they are."""
+    if "init" not in rows:
+        return rows
+    prefix = f"{Path(folder).as_posix().rstrip('/')}/"
+    return rows.assign(init=rows["init"].astype(str).str.replace(prefix, "", regex=False))
 
 
 def paper_long() -> pd.DataFrame:
@@ -268,6 +280,11 @@ UNJUDGED = {"smoke": SMOKE_REASON,  # profiles whose numbers no verdict is drawn
             "dry-run": "dry run: every run stopped after a step or two, the numbers measure nothing"}
 
 
+TOO_SMALL = "too small to judge"  # every verdict that draws nothing from the numbers says this
+# notebooks 06 and 07 show their verdicts as one table, also written to verdicts.csv (show_verdicts)
+VERDICT_COLUMNS = ["comparison", "dataset", "difference", "low", "high", "method", "verdict"]
+
+
 def unjudged(profile: str | None) -> str | None:
     """Why nothing is judged on this profile's numbers ("smoke", "dry-run"); None: judge by the numbers."""
     return UNJUDGED.get(profile)
@@ -351,13 +368,16 @@ def clear_best(cells: pd.DataFrame, status: pd.DataFrame) -> tuple[str | None, s
     return first["model"], f"{lead}, more than the larger sd ({sd:.1f}){left_out}"
 
 
-def compare_with_scratch(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> str:
-    """USF-MAE against the same architecture from scratch on one dataset's F1, as one sentence.
+def scratch_comparison(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> dict:
+    """USF-MAE against the same architecture from scratch on one dataset's F1, as numbers and a verdict.
 
     "beats" (or "does worse than") only when neither model is near a one-class predictor, the gap
     in mean F1 is larger than the larger of the two sds between folds (between seeds with one
     fold), and the 95% intervals do not overlap; otherwise "too small to judge" with every
-    condition that failed; always on the smoke profile."""
+    condition that failed (`why`, the profile's reason first); always on the smoke profile.
+    Returns dataset (its title), a and b (fold_summary of each), gap and sd (points), spread (what
+    the sd is over), why, verdict and paired (the gap paired by fold and seed, see _paired; None
+    without two pairs)."""
     g = ft[ft["dataset"] == dataset]
     a = fold_summary(g[g["model"] == "usf-mae"], "f1")
     b = fold_summary(g[g["model"] == "scratch"], "f1")
@@ -373,17 +393,76 @@ def compare_with_scratch(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, p
         why.append(f"the gap is inside the larger {spread} ({sd:.1f})")
     if overlap:
         why.append("the 95% intervals overlap")
-    sd_text = f"{sd:.1f}" if np.isfinite(sd) else "none (one run)"
-    numbers = (f"{100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {gap:+.1f} points, larger {spread} "
+    verdict = TOO_SMALL if why else "beats" if gap > 0 else "does worse than"
+    return dict(dataset=DATASET_TITLES.get(dataset, dataset), a=a, b=b, gap=gap, sd=sd, spread=spread, why=why,
+                verdict=verdict, paired=_paired(g))
+
+
+def compare_with_scratch(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> str:
+    """scratch_comparison as one sentence (discussion.md): the verdict, why, and every number behind it."""
+    c = scratch_comparison(ft, dataset, status, profile)
+    a, b, paired = c["a"], c["b"], c["paired"]
+    sd_text = f"{c['sd']:.1f}" if np.isfinite(c["sd"]) else "none (one run)"
+    numbers = (f"{100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {c['gap']:+.1f} points, larger {c['spread']} "
                f"{sd_text}; 95% intervals [{100 * a['low']:.1f}, {100 * a['high']:.1f}] and "
                f"[{100 * b['low']:.1f}, {100 * b['high']:.1f}]; {a['n_folds']} fold(s) x {a['n_seeds']} seed(s) each"
-               + _paired_text(g))
-    name = DATASET_TITLES.get(dataset, dataset)
-    if why:
-        return (f"{name}: USF-MAE vs the same architecture from scratch on F1: too small to judge "
-                f"({'; '.join(why)}); {numbers}.")
-    verdict = "beats" if gap > 0 else "does worse than"
-    return f"{name}: USF-MAE {verdict} the same architecture from scratch on F1 ({numbers})."
+               + (f"; paired by fold and seed: {100 * paired['mean']:+.1f} [{100 * paired['low']:+.1f}, "
+                  f"{100 * paired['high']:+.1f}] (Student-t 95% over {paired['n']} pairs)" if paired else ""))
+    if c["why"]:
+        return (f"{c['dataset']}: USF-MAE vs the same architecture from scratch on F1: {TOO_SMALL} "
+                f"({'; '.join(c['why'])}); {numbers}.")
+    return f"{c['dataset']}: USF-MAE {c['verdict']} the same architecture from scratch on F1 ({numbers})."
+
+
+def scratch_verdicts(results: pd.DataFrame, profile: str | None = None) -> pd.DataFrame:
+    """Notebook 06's verdicts as a table (VERDICT_COLUMNS), one row per dataset where both USF-MAE and
+    scratch were fine-tuned: the gap in mean F1 (points), the interval of the gap paired by fold and
+    seed (NaN without two pairs), and the verdict of scratch_comparison without the profile's reason,
+    which show_verdicts says once above the table."""
+    ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
+    status = one_class_status(ft)
+    rows = []
+    for dataset, g in ft.groupby("dataset", sort=False):
+        if not {"usf-mae", "scratch"} <= set(g["model"]):
+            continue
+        c = scratch_comparison(ft, dataset, status, profile)
+        paired = c["paired"] or dict(low=np.nan, high=np.nan)
+        rows.append(dict(comparison="USF-MAE vs the same architecture from scratch (F1)", dataset=c["dataset"],
+                         difference=c["gap"], low=100 * paired["low"], high=100 * paired["high"],
+                         method="fine-tuned", verdict=verdict_text(c["why"], profile,
+                                                                   f"USF-MAE {c['verdict']} scratch")))
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
+# ============================================================================ verdict tables (notebooks 06 and 07)
+def verdict_text(why: list[str], profile: str | None, judged: str) -> str:
+    """A table's verdict: `judged` when nothing stands in the way, else "too small to judge" with
+    every reason but the profile's (show_verdicts says that one once, above the table)."""
+    if not why:
+        return judged
+    rest = [w for w in why if w != unjudged(profile)]
+    return f"{TOO_SMALL} ({'; '.join(rest)})" if rest else TOO_SMALL
+
+
+def show_verdicts(table, out_dir, profile: str | None = None) -> None:
+    """Write `table` (a DataFrame or a list of rows with VERDICT_COLUMNS; difference, low and high in F1
+    points) to out_dir/verdicts.csv and display it once: the profile's reason for judging nothing said
+    once above it, the interval in one column. Returns nothing, so that it can end a cell."""
+    from IPython.display import Markdown, display
+
+    table = pd.DataFrame(table, columns=VERDICT_COLUMNS)
+    path = Path(out_dir) / "verdicts.csv"
+    atomic_write_text(path, table.to_csv(index=False, float_format="%.2f"))
+    notes = ["Difference: mean of the paired differences in F1 points; interval: its Student-t 95% interval "
+             "over the pairs (none with a single pair)."]
+    if unjudged(profile):
+        notes.insert(0, f"**Every verdict below is {TOO_SMALL}**: {unjudged(profile)}.")
+    display(Markdown(" ".join(notes)))
+    shown = table.assign(difference=table["difference"].map("{:+.1f}".format),
+                         interval=[f"[{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) else "none"
+                                   for lo, hi in zip(table["low"], table["high"])])
+    display(shown[["comparison", "dataset", "method", "difference", "interval", "verdict"]].style.hide(axis="index")
+            .set_properties(**{"text-align": "left"}).set_table_styles([dict(selector="th", props="text-align: left")]))
 
 
 def paired_difference(a, b, level: float = 0.95) -> dict:
@@ -400,23 +479,20 @@ def paired_difference(a, b, level: float = 0.95) -> dict:
     return dict(mean=mean, low=mean - half, high=mean + half, n=n)
 
 
-def _paired_text(g: pd.DataFrame) -> str:
+def _paired(g: pd.DataFrame) -> dict | None:
     """The gap paired by (fold, seed): both models ran on the same split with the same seed, so how hard
     a fold is cancels out of the difference, which the sd between folds does not allow for. Reported
-    beside the verdict (whose rule is the sd and the intervals), not instead of it."""
+    beside the verdict (whose rule is the sd and the intervals), not instead of it; None without two pairs."""
     keys = [k for k in ("fold", "seed") if k in g]
     units = g.assign(**{k: g[k].fillna(0) for k in keys}).pivot_table(index=keys, columns="model", values="f1")
     if not {"usf-mae", "scratch"} <= set(units.columns):
-        return ""
+        return None
     units = units[["usf-mae", "scratch"]].dropna()
     d = paired_difference(units["usf-mae"], units["scratch"])
-    if not np.isfinite(d["low"]):
-        return ""
-    return (f"; paired by fold and seed: {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
-            f"(Student-t 95% over {d['n']} pairs)")
+    return d if np.isfinite(d["low"]) else None
 
 
-def _label_efficiency(label_curve: pd.DataFrame, profile: str | None) -> str | None:
+def _label_efficiency(label_curve: pd.DataFrame, profile: str | None, reason_above: bool = False) -> str | None:
     """Counts of (dataset, fraction) points by how USF-MAE's mean F1 stands against scratch's."""
     pair = label_curve[label_curve["model"].isin(["usf-mae", "scratch"])]
     keys = ["dataset", "fraction"]
@@ -442,15 +518,23 @@ def _label_efficiency(label_curve: pd.DataFrame, profile: str | None) -> str | N
             f"(or with a single run, no spread) at {counts['within']}, and at {counts['one_class']} one of the two is "
             "near a one-class predictor")
     if unjudged(profile):
-        return f"Label efficiency: too small to judge ({unjudged(profile)}); counts only: {text}."
+        return f"Label efficiency: {_too_small(profile, reason_above)}; counts only: {text}."
     return f"Label efficiency, counts only (not a test): {text}."
 
 
+def _too_small(profile: str | None, reason_above: bool) -> str:
+    """"too small to judge" on an unjudged profile, with its reason unless it was said above."""
+    return TOO_SMALL if reason_above else f"{TOO_SMALL} ({unjudged(profile)})"
+
+
 def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, synthetic: bool = True,
-               profile: str | None = None) -> list[str]:
+               profile: str | None = None, on_screen: bool = False) -> list[str]:
     """What the run supports and what it does not, computed from the rows. profile "smoke" (or
     "dry-run", see UNJUDGED) makes every comparison "too small to judge"; None (or any other
-    profile) judges by the numbers alone."""
+    profile) judges by the numbers alone. on_screen: the list notebook 06 shows under its verdict
+    table (show_verdicts of scratch_verdicts), which has said the USF-MAE vs scratch verdicts and the
+    profile's reason for judging nothing: both are left out, and the models near a one-class
+    predictor are listed by dataset, as sub-items (markdown)."""
     ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
     lines = [("Data: the synthetic twins of the benchmarks (generated, not patient images); nothing here "
               "measures clinical performance." if synthetic else "Data: the dataset roots given to notebook 05.")]
@@ -471,7 +555,7 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
     # USF-MAE vs the same architecture from scratch: the claim that pretraining helps
     for dataset, g in ft.groupby("dataset", sort=False):
         models = set(g["model"])
-        if {"usf-mae", "scratch"} <= models:
+        if {"usf-mae", "scratch"} <= models and not on_screen:
             lines.append(compare_with_scratch(ft, dataset, status, profile))
         if len(models) > 1:
             paper_best = (_title(max(PAPER_TABLE2, key=lambda m: PAPER_TABLE2[m].get(dataset, (0, 0, 0))[2]))
@@ -481,21 +565,30 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
             best, why = clear_best(cells, status)
             name = DATASET_TITLES.get(dataset, dataset)
             if unjudged(profile):
-                lines.append(f"{name}: best mean F1: too small to judge ({unjudged(profile)}); "
+                lines.append(f"{name}: best mean F1: {_too_small(profile, on_screen)}; "
                              f"the paper's best: {paper_best}.")
             elif best is None:
                 lines.append(f"{name}: no clear best mean F1: {why}; the paper's best: {paper_best}.")
             else:
                 lines.append(f"{name}: best mean F1 among comparable rows: {why}; the paper's best: {paper_best}.")
     # a one-class model still posts a fair positive-class F1; its balanced accuracy is 1 / n_classes
-    weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * r['balanced_accuracy']:.1f}, one class: "
-            f"{100 * r['chance']:.1f})" for (d, m), r in status[status["near_one_class"].eq(True)].iterrows()]
-    if weak:
+    near = status[status["near_one_class"].eq(True)]
+    if len(near) and on_screen:
+        by_dataset = [f"    - {DATASET_TITLES.get(d, d)} (one class: {100 * g['chance'].iloc[0]:.1f}): "
+                      + ", ".join(f"{MODEL_TITLES.get(m, m)} {100 * r['balanced_accuracy']:.1f}"
+                                  for (_, m), r in g.iterrows())
+                      for d, g in near.groupby(level="dataset", sort=False)]
+        lines.append(f"Near a one-class predictor (mean test balanced accuracy within {100 * ONE_CLASS_MARGIN:.0f} "
+                     "points of always predicting one class); their F1 says little about what they learned:\n"
+                     + "\n".join(by_dataset))
+    elif len(near):
+        weak = [f"{MODEL_TITLES.get(m, m)} on {DATASET_TITLES.get(d, d)} ({100 * r['balanced_accuracy']:.1f}, "
+                f"one class: {100 * r['chance']:.1f})" for (d, m), r in near.iterrows()]
         lines.append(f"Near a one-class predictor (mean test balanced accuracy within {100 * ONE_CLASS_MARGIN:.0f} "
                      "points of always predicting one class): " + ", ".join(weak)
                      + "; their F1 says little about what they learned.")
     if label_curve is not None and len(label_curve):
-        line = _label_efficiency(label_curve, profile)
+        line = _label_efficiency(label_curve, profile, on_screen)
         if line:
             lines.append(line)
     return lines
@@ -583,8 +676,9 @@ _STYLES = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", (0, (5, 1, 1,
 
 def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
     """Test `metric` (%) against the fraction of training labels, one panel per dataset, one line per
-    model: the mean over runs (label seeds, folds) with min-max bars when a point has several runs.
-    The x axis is logarithmic with a tick at each fraction run, in percent. Models are shifted a
+    model: the mean over the runs of a point (folds x label seeds) with min-max bars (lowest to highest
+    run) when a point has several; the legend says the same. The panels share one 0-100 y axis, so
+    datasets compare at a glance. The x axis is logarithmic with a tick at each fraction run, in percent. Models are shifted a
     little sideways and differ in marker and line style, so equal values never hide a line."""
     plt = _plt()
     from matplotlib.ticker import NullLocator
@@ -592,7 +686,7 @@ def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
     datasets = list(dict.fromkeys(label_curve["dataset"]))
     models = list(dict.fromkeys(label_curve["model"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False,
-                             layout="constrained")
+                             layout="constrained", sharey=True)
     handles = {}
     for ax, d in zip(axes[0], datasets):
         rows = label_curve[label_curve["dataset"] == d]
@@ -612,16 +706,20 @@ def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
             runs = int(every.min()), int(every.max())
             n = f"{runs[0]}" if runs[0] == runs[1] else f"{runs[0]}-{runs[1]}"
             handles.setdefault(m, (h, f"{MODEL_TITLES.get(m, m)}: "
-                                      + (f"mean, min-max of {n} runs" if spread else "1 run per point")))
+                                      + (f"mean, min-max of {n} runs (folds x label seeds)" if spread
+                                         else "1 run per point")))
         fractions = sorted(rows["fraction"].unique())
         ax.set_xscale("log")
         ax.set_xticks(fractions, [percent(f) for f in fractions])
         ax.xaxis.set_minor_locator(NullLocator())  # log minor ticks would be labelled 3x10^-1 and the like
         ax.set_xlim(fractions[0] / 1.4, fractions[-1] * 1.4)
         ax.set_xlabel("training labels used")
-        ax.set_ylabel(f"test {metric.upper() if len(metric) < 4 else metric} (%)")
+        ax.set_ylim(-4, 104)  # a score in %: the same 0-100 scale in every panel, a point at 0 or 100 whole
+        ax.set_yticks(range(0, 101, 20))
+        if ax is axes[0, 0]:
+            ax.set_ylabel(f"test {metric.upper() if len(metric) < 4 else metric} (%)")
         ax.set_title(DATASET_TITLES.get(d, d), fontsize=10)
         ax.grid(alpha=0.3)
     fig.legend([h for h, _ in handles.values()], [t for _, t in handles.values()], loc="outside lower center",
-               ncol=min(len(handles), 3), fontsize=8, frameon=False)
+               ncol=min(len(handles), 2), fontsize=8, frameon=False)
     return fig
