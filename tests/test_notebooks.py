@@ -71,3 +71,20 @@ def test_setup_cell_settles_parameters_first_from_any_folder(py, monkeypatch):
     exec(params, namespace)
     exec(f"from usfmae_lib import study\n{call}", namespace)
     assert namespace["out_dir"] == os.path.join(runner.REPO_ROOT, "outputs", "quick")
+
+
+def test_exercises_ask_then_answer_in_03_04_and_07():
+    """Issue 25: each teaching notebook has a cell tagged `exercise` that the reader changes and runs,
+    with the question in the markdown cell above it and the expected outcome in the one below."""
+    found = {}
+    for py in NOTEBOOKS:
+        cells = runner.read_notebook(py).cells
+        for i, cell in enumerate(cells):
+            if "exercise" in cell.metadata.get("tags", []):
+                assert cell.cell_type == "code", f"{py.name}: an exercise is a code cell to change and run"
+                assert cells[i - 1].cell_type == "markdown" and "Exercise" in cells[i - 1].source, py.name
+                after = cells[i + 1]
+                assert after.cell_type == "markdown" and after.source.lstrip().startswith("*Answer.*"), py.name
+                assert "ANSWER" not in after.source, f"{py.name}: the answer is still a placeholder"
+                found[py.stem] = found.get(py.stem, 0) + 1
+    assert {"03_mae_pretraining", "04_reconstruction", "07_ablations"} <= set(found), found
