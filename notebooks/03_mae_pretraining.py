@@ -275,7 +275,7 @@ show(reconstruction.plot_reconstructions(teach, [index.anatomy.iloc[int(shown[0]
                                          title="the shipped teaching MAE, mask 25%"), "mae_7_teaching_model")
 
 # %% [markdown]
-# **Exercise 1.** Predict before you run: if 75% of the patches were hidden instead, how many tokens
+# **Exercise.** Predict before you run: if 75% of the patches were hidden instead, how many tokens
 # would the encoder get, and how many the decoder? Which half of the model gets cheaper? Change
 # `exercise_mask_ratio` (try 0.1, 0.5, 0.9), run the cell, and compare with the shapes printed above.
 

@@ -567,7 +567,7 @@ def plot_gallery(tree_dir):
         n = names[0].name
         for ax, d, t in zip(row[:3], ("images", "clean", "masks"), ("annotated", "clean twin", "annotation mask")):
             im = cv2.imread(str(root / "annotated" / d / n), cv2.IMREAD_UNCHANGED)
-            ax.imshow(im[..., ::-1] if im.ndim == 3 else im, cmap="gray")
+            ax.imshow(im[..., ::-1] if im.ndim == 3 else im, cmap="gray", vmin=0, vmax=255)  # a mask of 0/255, grey scans on one scale
             ax.set_title(t, fontsize=10)
     for ax, kind in zip(row[3:], ("linear", "phased")):
         geo = make_geometry(random_probe(np.random.default_rng(0), kind, 40.0 if kind == "linear" else 140.0), 224, 224)

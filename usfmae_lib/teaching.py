@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -128,11 +127,9 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
     from . import mae, pretrain, store
 
     work_dir = Path(work_dir)
-    t0 = time.time()
     corpus = make_corpus(work_dir / "corpus", CORPUS["seed"], CORPUS["per_anatomy"], CORPUS["render_size"],
                          CORPUS["img_size"], workers)
     store_dir = store.pack_store(corpus, work_dir / "store", RECIPE["img_size"], workers=workers, progress=progress)
-    t_data = time.time() - t0
     summary = pretrain.train(store_dir, work_dir / "run", resume=True, progress=progress, threads=threads,
                              max_steps=max_steps, **RECIPE)
     if summary["last_step"] < summary["steps"]:
@@ -147,7 +144,7 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
     card = dict(corpus=CORPUS, recipe=RECIPE, images=summary["images"], steps=summary["steps"],
                 final_loss=float(log.loss.tail(50).mean()), first_loss=float(log.loss.head(50).mean()),
                 train_seconds=_train_seconds(log, summary["global_batch"]),
-                data_seconds=t_data, threads=threads,
+                threads=threads,
                 parameters=sum(p.numel() for p in model.parameters()),
                 sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), size_bytes=weights.stat().st_size)
     anatomies, images = heldout_scans(EVAL_PER_ANATOMY, seed=0)
@@ -160,8 +157,11 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
 
 def model_card(card: dict, evaluation: pd.DataFrame) -> str:
     """The model card: what the teaching MAE is, how it was made, how well it does, its limits."""
+    from .mae import CONFIGS
+
     r, c = card["recipe"], card["corpus"]
     ov = r["model_overrides"]
+    cfg = {**CONFIGS[r["model"]], **ov}
     pooled = evaluation[evaluation.dataset == "all"].set_index("comparison")
     rows = "\n".join(f"| {e.comparison} | {e.dataset} | {e.n} | {e.model:.3f} | {e.other:.3f} | "
                      f"{e.difference:+.3f} [{e.low:+.3f}, {e.high:+.3f}] | {e.verdict} |"
@@ -179,12 +179,12 @@ only, and says nothing about real scans or about USF-MAE.
 |---|---|
 | file | `mae.safetensors` ({card['size_bytes'] / 1e6:.1f} MB, sha256 `{card['sha256']}`) |
 | load | `usfmae_lib.mae.load_model(path)` (safetensors: nothing is unpickled; the architecture is in its metadata) |
-| architecture | ViT encoder {ov['depth']} blocks x {192} wide, 3 heads, patch {ov['patch_size']} px; decoder {ov['decoder_depth']} blocks x 128; {card['parameters'] / 1e6:.2f} M parameters |
+| architecture | ViT encoder {ov['depth']} blocks x {cfg['embed_dim']} wide, {cfg['num_heads']} heads, patch {ov['patch_size']} px; decoder {ov['decoder_depth']} blocks x {cfg['decoder_embed_dim']}; {card['parameters'] / 1e6:.2f} M parameters |
 | input | {r['img_size']} x {r['img_size']} px, ImageNet-normalised RGB (grey scans repeated) |
 | objective | MSE on the masked patches, raw pixels, mask ratio {r['mask_ratio']:.0%} (the paper's) |
 | data | {card['images']:,} synthetic B-mode stills, {c['per_anatomy']} per anatomy of 10, rendered at {c['render_size']} px from seed {c['seed']} (`usfmae_lib.synthetic.render`), stored at {c['img_size']} px |
 | recipe | the study's pretraining code (`pretrain.train`): AdamW lr {r['lr']:g}, wd {r['weight_decay']:g}, batch {r['batch_size']}, {r['warmup_fraction']:.0%} warmup then cosine, clip {r['clip_grad']:g}, {r['epochs']} epochs = {card['steps']:,} steps; crops {r['crop_scale'][0]:g}-{r['crop_scale'][1]:g}x, no rotation or flips (upright scans, as the notebooks show them), seed {r['seed']} |
-| training | {card['train_seconds'] / 3600:.2f} h on {card['threads']} CPU thread(s) (data: {card['data_seconds'] / 60:.1f} min); loss {card['first_loss']:.3f} (first 50 steps) -> {card['final_loss']:.3f} (last 50) |
+| training | {card['train_seconds'] / 3600:.2f} h of steps on {card['threads']} CPU thread{'s' * (card['threads'] != 1)} (summed from the log; the corpus takes minutes more); loss {card['first_loss']:.3f} (first 50 steps) -> {card['final_loss']:.3f} (last 50) |
 | made by | `usfmae teaching-mae --work outputs/teaching-mae` (resumable; it writes this folder) |
 | licence | MIT, as the repository |
 
