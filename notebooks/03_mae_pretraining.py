@@ -263,16 +263,20 @@ show(stage("loss"), "mae_6_loss")
 # %% [markdown]
 # **Where training leads.** The repository ships a small MAE trained for this purpose on the
 # project's synthetic ultrasound (`usfmae_lib/data/teaching_mae/`, its card says how it was made;
-# it never saw these images). On the same scan, with 25% of its patches hidden, it continues what it
-# sees into the holes; OpenCV's inpainting of the same holes is shown last for comparison.
+# it never saw these images). On three scans of this run, with 25% of their patches hidden, it
+# continues what it sees into the holes (a skull ring, a kidney's outline, a bright fascia line);
+# OpenCV's inpainting of the same holes, last, only smears each hole's border inward.
 
 # %%
 teacher, teacher_info = reconstruction.load_inspection_model(teaching.checkpoint(), device="cpu")
-clean_image = reconstruction.load_images(clean_dir, index.path.iloc[[int(shown[0])]], teacher_info["img_size"])
-teach = reconstruction.reconstruct(teacher, reconstruction.normalize_images(clean_image), 0.25,
-                                   reconstruction.patch_noise(1, teacher.num_patches, seed))
-show(reconstruction.plot_reconstructions(teach, [index.anatomy.iloc[int(shown[0])]],
-                                         title="the shipped teaching MAE, mask 25%"), "mae_7_teaching_model")
+# scans with structure to continue (a skull ring, a kidney, a fascia line), as far as this run has them
+rows = index[index.anatomy.isin(["fetal_head", "kidney", "muscle"])].groupby("anatomy").head(1)
+rows = rows if len(rows) else index.iloc[[int(shown[0])]]
+teach = reconstruction.reconstruct(
+    teacher, reconstruction.normalize_images(reconstruction.load_images(clean_dir, rows.path, teacher_info["img_size"])),
+    0.25, reconstruction.patch_noise(len(rows), teacher.num_patches, seed))
+show(reconstruction.plot_reconstructions(teach, rows.anatomy, title="the shipped teaching MAE, mask 25%"),
+     "mae_7_teaching_model")
 
 # %% [markdown]
 # **Exercise.** Predict before you run: if 75% of the patches were hidden instead, how many tokens
