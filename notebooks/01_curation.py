@@ -56,7 +56,7 @@ STEP = "01_curation"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 # %% [markdown]
 # ## The OpenUS-46 registry

@@ -66,7 +66,7 @@ study.setup(globals(), STEP)  # profile file in a live kernel, paths from the re
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 (step_dir / "eval").mkdir(exist_ok=True)
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 cfg = pp.make_config(image_size=image_size, interpolation=interpolation, keep_aspect=keep_aspect, ocr=ocr, seed=seed)
 if ocr:
@@ -114,7 +114,8 @@ if not (synth_dir / "annotated" / "images").is_dir():
 real_root = Path(real_dir) if real_dir else None
 if real_root is not None and not real_root.is_dir():
     raise UsfmaeError(f"real_dir {real_dir} is not a folder: give a folder of real scans (<dataset>/<images>) or None")
-print("corpus:", corpus, "| annotated set:", annotated_dir / "annotated", "| real scans:", real_root or "none")
+print("corpus:", study.short_path(corpus, out_dir), "| annotated set:", study.short_path(annotated_dir / "annotated", out_dir),
+      "| real scans:", real_root or "none")
 
 # %% [markdown]
 # ## The pipeline, stage by stage

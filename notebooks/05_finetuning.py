@@ -95,7 +95,7 @@ step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 runs = step_dir / "runs"
 headless = study.MARKER in globals()  # under usfmae run a progress bar would only be printed text: none
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 # %% [markdown]
 # ## Inputs: the MAE checkpoint and the datasets

@@ -45,7 +45,7 @@ STEP = "06_results"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 # %%
 src = Path(results_dir) if results_dir else Path(out_dir) / "05_finetuning"

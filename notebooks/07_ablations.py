@@ -68,7 +68,7 @@ study.setup(globals(), STEP)  # profile file in a live kernel, paths from the re
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 verdicts = []  # every claim's verdict rows: one table at the end
-print(f"profile={profile}  outputs -> {step_dir}")
+print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 # %% [markdown]
 # ## Inputs: notebook 03's run and the evaluation splits

@@ -727,7 +727,7 @@ def describe(c: Curation) -> str:
              f"leakage: {s['leakage']} pretraining frames near an evaluation frame, dropped",
              f"duplicates: {s['exact_duplicates']} exact, {s['near_duplicates']} near (256-bit phash <= "
              f"{s['settings']['phash_threshold']} bits), dropped",
-             f"manifest: {s['kept']} frames -> {c.out_dir / 'manifest.parquet'}"]
+             f"manifest: {s['kept']} frames -> {Path(c.out_dir).name}/manifest.parquet"]
     if s["unmatched_datasets"]:
         lines.append(f"not in OpenUS-46 (anatomy from the folder or 'unknown'): {', '.join(s['unmatched_datasets'])}")
     lines += [f"warning: {w}" for w in s["warnings"]]

@@ -93,6 +93,13 @@ def jupyter_kernel() -> bool:
     return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
 
 
+def short_path(path, out_dir) -> str:
+    """How a notebook prints a path: relative to the study's output folder when it lies inside it
+    (`01_curation/manifest.parquet`), else as given (a data root the user chose)."""
+    path, out = Path(os.path.realpath(path)), Path(os.path.realpath(out_dir))
+    return path.relative_to(out).as_posix() if inside(path, out) and path != out else str(path)
+
+
 def show_figure(fig, path, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG at `path`, close it, and display that file once.
 
