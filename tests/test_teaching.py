@@ -7,7 +7,6 @@ import hashlib
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -66,4 +65,3 @@ def test_heldout_scans_are_seeded_and_cover_every_anatomy():
     a2, x2 = teaching.heldout_scans(1, seed=0)
     assert sorted(a1) == sorted(ANATOMIES) and np.array_equal(x1, x2)
     assert x1.dtype == np.uint8 and x1.shape[1:] == (teaching.RECIPE["img_size"],) * 2 + (3,)
-    assert isinstance(pd.Series(a1), pd.Series)
