@@ -313,9 +313,12 @@ def _read_checkpoint(path, fix: str | None = None) -> dict:
     return obj
 
 
+RECORD_KEY = "usfmae_record"  # safetensors metadata: the constructor record save_model writes
+
+
 def _read_safetensors(path: Path) -> dict:
-    """A safetensors file's tensors; with the constructor record this project writes into its
-    metadata (teaching.write_weights: model, overrides, img_size), {'model': tensors, **record},
+    """A safetensors file's tensors; with the constructor record save_model writes into its
+    metadata (model, overrides, img_size, ...), {'model': tensors, **record},
     so load_model rebuilds models that no named config describes."""
     import json
 
@@ -324,7 +327,7 @@ def _read_safetensors(path: Path) -> dict:
 
     state = safetensors.torch.load_file(str(path))
     with safetensors.safe_open(str(path), framework="pt") as f:
-        record = (f.metadata() or {}).get("usfmae_record")
+        record = (f.metadata() or {}).get(RECORD_KEY)
     return {"model": state, **json.loads(record)} if record else state
 
 
@@ -600,6 +603,18 @@ def export_encoder(model_or_state, path) -> Path:
     import safetensors.torch
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder_state_dict(model_or_state).items()}
     metadata = {"format": "pt", "source": "usfmae MAE encoder"}
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_model(model: nn.Module, path, record: dict, source: str = "usfmae MAE") -> Path:
+    """The whole MAE (encoder and decoder) as safetensors, with `record` ({'params': {'model',
+    'model_overrides', 'img_size', ...}}) in its metadata so that load_model rebuilds it without a
+    named config and without any pickle. Written atomically."""
+    import json
+
+    import safetensors.torch
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "source": source, RECORD_KEY: json.dumps(record)}
     return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
 
 

@@ -85,8 +85,9 @@ def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | 
     enc = model.blocks[0].attn
     from . import teaching
 
-    info = dict(checkpoint=_short_path(path, out_dir), teaching=path.resolve() == teaching.checkpoint().resolve()
-                if (teaching.FOLDER / teaching.WEIGHTS).is_file() else False, trained_mask_ratio=model.trained_params.get("mask_ratio"),
+    is_teaching = path.resolve() == (teaching.FOLDER / teaching.WEIGHTS).resolve()
+    info = dict(checkpoint=TEACHING_LABEL if is_teaching else _short_path(path, out_dir), teaching=is_teaching,
+                trained_mask_ratio=model.trained_params.get("mask_ratio"),
                 img_size=model.patch_embed.img_size[0], patch_size=model.patch_size,
                 num_patches=model.num_patches, embed_dim=model.pos_embed.shape[-1], depth=len(model.blocks),
                 heads=enc.num_heads, decoder_depth=len(model.decoder_blocks),
@@ -95,18 +96,15 @@ def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | 
     return model, info
 
 
-def _short_path(path: Path, out_dir) -> str:
-    """How a reader names a checkpoint: 'teaching MAE (shipped)', a path inside out_dir relative to
-    it, else the file name."""
-    from . import teaching
+TEACHING_LABEL = "the shipped teaching MAE (usfmae_lib/data/teaching_mae)"
 
-    path = Path(path).resolve()
-    if path == (teaching.FOLDER / teaching.WEIGHTS).resolve():
-        return "the shipped teaching MAE (usfmae_lib/data/teaching_mae)"
-    try:
-        return path.relative_to(Path(out_dir).resolve()).as_posix()
-    except ValueError:
-        return path.name
+
+def _short_path(path: Path, out_dir) -> str:
+    """How a reader names a checkpoint: relative to out_dir when inside it, else its file name."""
+    from .study import short_path
+
+    shown = short_path(path, out_dir)
+    return Path(path).name if Path(shown).is_absolute() else shown
 
 
 # ============================================================================ images
@@ -621,8 +619,7 @@ def _token_strip(ax, cells: list, labels: list, per_row: int, title: str):
     [p, p, 3] picture (a patch) or a colour name (a special token), its label under it."""
     from matplotlib.colors import to_rgb
 
-    p = next(c.shape[0] for c in cells if isinstance(c, np.ndarray)) if any(
-        isinstance(c, np.ndarray) for c in cells) else 8
+    p = next((c.shape[0] for c in cells if isinstance(c, np.ndarray)), 8)  # the patch side
     gap, label_h = max(2, p // 4), max(6, int(p * 0.7))
     rows = int(np.ceil(len(cells) / per_row))
     per_row = int(np.ceil(len(cells) / rows))  # rows of even length: no lone token on the last one
@@ -633,7 +630,7 @@ def _token_strip(ax, cells: list, labels: list, per_row: int, title: str):
         canvas[y:y + p, x:x + p] = cell if isinstance(cell, np.ndarray) else np.array(to_rgb(cell))
         if isinstance(cell, np.ndarray):  # a patch: its position index under it
             ax.text(x + p / 2 - 0.5, y + p + label_h * 0.45, label, ha="center", va="center", fontsize=5.5)
-        if not isinstance(cell, np.ndarray):
+        else:  # a special token: its name on it
             ax.text(x + p / 2 - 0.5, y + p / 2 - 0.5, "cls" if label == "cls" else "M", ha="center",
                     va="center", fontsize=5.5, color="white", weight="bold")
     ax.imshow(canvas, interpolation="nearest")

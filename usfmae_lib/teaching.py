@@ -16,6 +16,7 @@ every image a notebook shows it was unseen in training.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from concurrent.futures import ProcessPoolExecutor
@@ -25,13 +26,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import UsfmaeError, atomic_write_text
+from . import UsfmaeError, atomic_write, atomic_write_text
 
 FOLDER = Path(__file__).resolve().parent / "data" / "teaching_mae"
 WEIGHTS = "mae.safetensors"
 CARD = "MODEL_CARD.md"
-NAME = "teaching"
-EVAL_PER_ANATOMY = 30  # held-out scans per anatomy in the model card  # the value of notebook 04's `checkpoint` parameter that selects this model
+NAME = "teaching"  # the value of notebook 04's `checkpoint` parameter that selects this model
+EVAL_PER_ANATOMY = 30  # held-out scans per anatomy in the model card
 
 # the recipe: small patches on a small image, so that a hidden patch is a small hole whose
 # surroundings say what it held; everything else is the study's pretraining (pretrain.DEFAULTS)
@@ -57,19 +58,22 @@ def checkpoint() -> Path:
 
 
 # ============================================================================ corpus
-def _render_one(job) -> tuple[str, str]:
+def render_scan(anatomy: str, seed: int, index: int, render_size: int, img_size: int) -> np.ndarray:
+    """One synthetic B-mode still, rendered at render_size as the study's trees are and shrunk
+    (area) to img_size: grey uint8 [img_size, img_size]."""
     from .synthetic import K_STILL, render
 
+    grey = render(anatomy, seed, K_STILL, index, render_size, render_size)
+    return cv2.resize(grey, (img_size, img_size), interpolation=cv2.INTER_AREA)
+
+
+def _render_one(job) -> tuple[str, str]:
     root, anatomy, index, seed, render_size, img_size = job
     rel = f"{anatomy}/{anatomy}_{index:06d}.png"
     out = Path(root) / rel
     if not out.exists():  # resumable
-        grey = render(anatomy, seed, K_STILL, index, render_size, render_size)
-        small = cv2.resize(grey, (img_size, img_size), interpolation=cv2.INTER_AREA)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.stem}.part.png")
-        cv2.imwrite(str(tmp), small)
-        tmp.replace(out)
+        small = render_scan(anatomy, seed, index, render_size, img_size)
+        atomic_write(out, lambda tmp: cv2.imwrite(str(tmp), small))
     return rel, anatomy
 
 
@@ -96,15 +100,13 @@ def heldout_scans(per_anatomy: int, seed: int = 0) -> tuple[list[str], np.ndarra
     """Scans the teaching MAE never saw: rendered like its corpus but from `seed` (the study's
     synthetic trees use 0, the corpus CORPUS['seed']). Returns (anatomies, uint8 [N, S, S, 3])."""
     from .synth_scenes import ANATOMIES
-    from .synthetic import K_STILL, render
 
     if seed == CORPUS["seed"]:
         raise UsfmaeError(f"seed {seed} rendered the teaching corpus; held-out scans need another seed")
     anatomies, images = [], []
     for a_i, anatomy in enumerate(ANATOMIES):
         for i in range(per_anatomy):
-            grey = render(anatomy, seed, K_STILL, a_i * per_anatomy + i, CORPUS["render_size"], CORPUS["render_size"])
-            small = cv2.resize(grey, (RECIPE["img_size"],) * 2, interpolation=cv2.INTER_AREA)
+            small = render_scan(anatomy, seed, a_i * per_anatomy + i, CORPUS["render_size"], RECIPE["img_size"])
             anatomies.append(anatomy)
             images.append(np.repeat(small[..., None], 3, axis=2))
     return anatomies, np.stack(images)
@@ -140,7 +142,7 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
     log = pd.read_csv(work_dir / "run" / "log.csv")
     record = dict(params={k: RECIPE[k] for k in ("model", "model_overrides", "img_size", "norm_pix_loss",
                                                    "mask_ratio")})
-    weights = write_weights(model, FOLDER / WEIGHTS, record)
+    weights = mae.save_model(model, FOLDER / WEIGHTS, record, source="usfmae teaching MAE")
     card = dict(corpus=CORPUS, recipe=RECIPE, images=summary["images"], steps=summary["steps"],
                 final_loss=float(log.loss.tail(50).mean()), first_loss=float(log.loss.head(50).mean()),
                 train_seconds=_train_seconds(log, summary["global_batch"]),
@@ -149,7 +151,7 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
                 sha256=hashlib.sha256(weights.read_bytes()).hexdigest(), size_bytes=weights.stat().st_size)
     anatomies, images = heldout_scans(EVAL_PER_ANATOMY, seed=0)
     evaluation = evaluate(model.eval(), anatomies, images)
-    evaluation.to_csv(FOLDER / "heldout_evaluation.csv", index=False, float_format="%.5g")
+    atomic_write(FOLDER / "heldout_evaluation.csv", lambda tmp: evaluation.to_csv(tmp, index=False, float_format="%.5g"))
     atomic_write_text(FOLDER / "card.json", json.dumps(card, indent=1) + "\n")
     atomic_write_text(FOLDER / CARD, model_card(card, evaluation))
     return weights
@@ -219,22 +221,10 @@ def _train_seconds(log: pd.DataFrame, global_batch: int) -> float:
     return float((global_batch / rate).sum(skipna=True))
 
 
-def write_weights(model, path, record: dict) -> Path:
-    """The whole MAE (encoder and decoder) as safetensors; the constructor record as metadata, so
-    mae.load_model rebuilds it without any pickle."""
-    import safetensors.torch
-
-    from . import atomic_write
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "source": "usfmae teaching MAE", "usfmae_record": json.dumps(record)}
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
-
-
 # ============================================================================ command line
 def add_cli(subparsers):
     p = subparsers.add_parser("teaching-mae", help="regenerate the shipped teaching MAE (resumable; hours on a CPU)",
-                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="outputs/teaching-mae", help="folder for the corpus, store and run (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes rendering the corpus (default: %(default)s)")
