@@ -50,15 +50,15 @@ def test_verdict_needs_pairs_whose_interval_excludes_zero_and_never_judges_smoke
                              label_seed=0, f1=f1))
     scores = pd.DataFrame(rows)
     (clear,) = ablations.verdict(scores, "pretrained", "random init", "quick")
-    assert "pretrained above random init" in clear and "over 5 paired" in clear
+    assert "pretrained vs random init: above;" in clear and "over 5 splits (Nadeau-Bengio corrected)" in clear
     (smoke,) = ablations.verdict(scores, "pretrained", "random init", "smoke")
-    assert "too small to judge" in smoke and "above" not in smoke.split(";")[0]
+    assert "too small to judge (smoke profile" in smoke and "above" not in smoke.split(";")[0]
     noisy = scores.copy()
     noisy.loc[noisy["encoder"] == "random init", "f1"] = [0.95, 0.5, 0.9, 0.6, 0.86]  # same mean region, wide spread
     (unclear,) = ablations.verdict(noisy, "pretrained", "random init", "quick")
-    assert "too small to judge" in unclear and "includes 0" in unclear
+    assert ": no clear difference;" in unclear
     (one,) = ablations.verdict(scores[scores["fold"] == 1], "pretrained", "random init", "quick")
-    assert "too small to judge" in one and "one pair" in one
+    assert ": no clear difference;" in one and "no interval: a single run" in one
 
 
 def test_mean_scores_average_folds_and_label_seeds():
@@ -83,8 +83,8 @@ def test_verdict_rows_hold_the_same_verdicts_as_a_table():
     scores = _paired_scores()
     (row,) = ablations.verdict_rows(scores, "pretrained", "random init", "quick", "k-NN", 0.1)
     assert list(row) == res.VERDICT_COLUMNS
-    assert row["comparison"] == "pretrained vs random init, 10% of labels" and row["dataset"] == "BUS-BRA"
-    assert row["verdict"] == "pretrained above random init" and row["method"] == "k-NN"
+    assert row["comparison"] == "pretrained - random init, k-NN, 10% of labels" and row["dataset"] == "BUS-BRA"
+    assert row["verdict"] == "above" and "5 splits (Nadeau-Bengio corrected)" in row["method"]
     assert row["difference"] == pytest.approx(100 * np.mean([0.2 - 0.002 * k for k in range(1, 6)]))
     assert row["low"] < row["difference"] < row["high"]
     (line,) = ablations.verdict(scores, "pretrained", "random init", "quick", "k-NN", 0.1)
@@ -92,8 +92,8 @@ def test_verdict_rows_hold_the_same_verdicts_as_a_table():
     # smoke: too small to judge, the profile's reason left to the line above the table
     (smoke,) = ablations.verdict_rows(scores, "pretrained", "random init", "smoke", "k-NN", 0.1)
     assert smoke["verdict"] == "too small to judge"
-    (one,) = ablations.verdict_rows(scores[scores["fold"] == 1], "pretrained", "random init", "smoke", "k-NN", 0.1)
-    assert one["verdict"] == "too small to judge (one pair: no spread to judge the difference by)"
+    (one,) = ablations.verdict_rows(scores[scores["fold"] == 1], "pretrained", "random init", "quick", "k-NN", 0.1)
+    assert one["verdict"] == "no clear difference" and one["method"] == "no interval: a single run"
     assert np.isnan(one["low"]) and np.isnan(one["high"])
 
 

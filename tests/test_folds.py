@@ -45,7 +45,8 @@ def test_cli_runs_every_fold_accumulates_and_table2_reads_the_folder(synth_eval,
     root, out = synth_eval / "BUSBRA", tmp_path / "runs"
     assert _run(root, out, *SCRATCH) == 0
     printed = capsys.readouterr().out
-    assert "5 fold(s) x 1 seed(s); mean over folds" in printed and "sd between folds" in printed
+    assert "5 fold(s) x 1 seed(s); mean over folds" in printed and "sd of the single runs" in printed
+    assert "95% interval of the mean (t (4 df) over 5 splits (Nadeau-Bengio corrected))" in printed
     rows = _check_folds(root, out, "scratch")
     assert len(rows) == 5
     assert _run(root, out, "--model", "resnet-50", "--probe", "--fold", "1", "2") == 0  # another model, two folds
@@ -67,16 +68,17 @@ def test_cli_on_real_busbra_runs_all_five_official_folds(tmp_path):
     _check_folds(BUSBRA, out, "scratch")
 
 
-def test_a_cell_is_the_mean_over_folds_with_the_sd_between_them():
-    rows = pd.DataFrame(dict(fold=[1, 1, 2, 3], f1=[0.2, 0.4, 0.5, 0.9], f1_low=[0.1, 0.3, 0.4, 0.8],
-                             f1_high=[0.3, 0.5, 0.6, 1.0]))
+def test_a_cell_is_the_mean_over_folds_with_the_sd_of_its_runs_and_an_interval_of_the_mean():
+    rows = pd.DataFrame(dict(fold=[1, 1, 2, 3], seed=[0, 1, 0, 0], f1=[0.2, 0.4, 0.5, 0.9]))
     cell = res.fold_summary(rows, "f1")
     assert cell["mean"] == pytest.approx(np.mean([0.3, 0.5, 0.9]))  # every fold weighs the same
-    assert cell["sd"] == pytest.approx(np.std([0.3, 0.5, 0.9], ddof=1))
+    assert cell["sd"] == pytest.approx(np.std([0.2, 0.4, 0.5, 0.9], ddof=1))  # the single runs' spread
     assert (cell["n_folds"], cell["n_seeds"]) == (3, 2)
-    one_fold = res.fold_summary(rows[rows["fold"] == 1], "f1")  # one split: the sd is over seeds
-    assert one_fold["sd"] == pytest.approx(np.std([0.2, 0.4], ddof=1)) and one_fold["n_folds"] == 1
-    assert np.isnan(res.fold_summary(rows.iloc[:1], "f1")["sd"])
+    assert cell["low"] < cell["mean"] < cell["high"] and "3 splits (Nadeau-Bengio corrected)" in cell["method"]
+    one_fold = res.fold_summary(rows[rows["fold"] == 1], "f1")  # one split: the interval is over seeds
+    assert one_fold["n_folds"] == 1 and "2 seeds" in one_fold["method"]
+    single = res.fold_summary(rows.iloc[:1], "f1")
+    assert np.isnan(single["sd"]) and np.isnan(single["low"])
 
 
 def test_merge_results_replaces_the_same_run_and_keeps_the_others(tmp_path):

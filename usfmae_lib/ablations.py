@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import UsfmaeError, mae, pretrain
+from . import UsfmaeError, mae, pretrain, stats
 from . import finetune as ft
 from .metrics import classification_metrics
-from .results import DATASET_TITLES, TOO_SMALL, paired_difference, percent, unjudged, verdict_text
+from .results import DATASET_TITLES, percent, unjudged, verdict_row
 
 STEP = "07_ablations"
 METHODS = ("k-NN", "linear probe")
@@ -91,7 +91,8 @@ def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int
                         else _probe_proba(train_x, train_y, feats, y["val"], n_classes, split.positive, s))
                 m = classification_metrics(y["test"], prob, split.positive)
                 rows.append(dict(dataset=split.dataset, fold=split.fold, method=method, fraction=fraction,
-                                 label_seed=s, n_train=len(index), f1=m["f1"],
+                                 label_seed=s, n_train=len(index), n_split_train=len(y["train"]),
+                                 n_test=len(y["test"]), f1=m["f1"],
                                  balanced_accuracy=m["balanced_accuracy"]))
     return pd.DataFrame(rows)
 
@@ -155,23 +156,36 @@ def mean_scores(scores: pd.DataFrame, by=("encoder", "dataset", "method", "fract
     return g.agg(f1="mean", sd="std", n="count").reset_index()
 
 
+def _runs(g: pd.DataFrame, encoder: str) -> pd.DataFrame:
+    """One encoder's scores as the stats module reads them: pretraining run (`pretrain_run` where the
+    scores carry it, else the encoder: one checkpoint), split (fold), seed (label subsample), value."""
+    r = g[g["encoder"] == encoder]
+    return pd.DataFrame(dict(pretrain_run=r["pretrain_run"] if "pretrain_run" in r else encoder, split=r["fold"],
+                             seed=r["label_seed"], value=r["f1"]))
+
+
+def _holdout_ratio(g: pd.DataFrame) -> float:
+    """n_test / n_train of the splits (Nadeau and Bengio's correction), 1 / (K - 1) for scores without
+    the sizes, 0 with one split."""
+    k = g["fold"].nunique()
+    if k < 2:
+        return 0.0
+    if {"n_test", "n_split_train"} <= set(g) and g[["n_test", "n_split_train"]].notna().all().all():
+        return float(g["n_test"].mean() / g["n_split_train"].mean())
+    return 1 / (k - 1)
+
+
 def _paired_comparisons(scores: pd.DataFrame, a: str, b: str, profile: str | None, method: str, fraction: float):
-    """Per dataset where both encoders were scored: (dataset, pivot of F1 by (fold, label seed) with
-    columns a and b, paired_difference of a - b, why it is too small to judge: the profile's reason
-    first; empty when the difference is judged)."""
+    """Per dataset where both encoders were scored: (dataset, mean F1 of a and of b, the stats.Interval
+    of a - b paired by fold and label seed, the verdict by the one rule, stats.verdict)."""
     sub = scores[(scores["method"] == method) & (scores["fraction"] == fraction)]
     for dataset, g in sub.groupby("dataset", sort=False):
-        pivot = g.pivot_table(index=["fold", "label_seed"], columns="encoder", values="f1")
-        if a not in pivot or b not in pivot:
+        if not {a, b} <= set(g["encoder"]):
             continue
-        pivot = pivot[[a, b]].dropna()
-        d = paired_difference(pivot[a], pivot[b])
-        why = [w for w in (unjudged(profile),) if w]
-        if not np.isfinite(d["low"]):
-            why.append("one pair: no spread to judge the difference by")
-        elif d["low"] <= 0 <= d["high"]:
-            why.append("the 95% interval includes 0")
-        yield dataset, pivot, d, why
+        d = stats.interval(stats.pair(_runs(g, a), _runs(g, b)), test_over_train=_holdout_ratio(g),
+                           pretrained=True)
+        means = [stats.interval(_runs(g, e)).mean for e in (a, b)]
+        yield dataset, means, d, stats.verdict(d.low, d.high, unjudged=unjudged(profile))
 
 
 def fraction_table(scores: pd.DataFrame) -> pd.DataFrame:
@@ -189,19 +203,17 @@ def fraction_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 def verdict(scores: pd.DataFrame, a: str, b: str, profile: str | None = None, method: str = "linear probe",
             fraction: float = 1.0) -> list[str]:
-    """Per dataset: is encoder `a`'s F1 above encoder `b`'s? Judged on paired differences over the
-    (fold, label seed) units both have, with a Student-t 95% interval; "too small to judge" on the
-    smoke profile, with fewer than two pairs, or when the interval includes 0. One sentence each."""
+    """Per dataset: is encoder `a`'s F1 above encoder `b`'s? The difference paired by fold and label
+    seed, the 95% interval of its mean (stats.interval: splits with Nadeau and Bengio's correction, or
+    the seeds on one split), the verdict by the one rule (stats.RULE); "too small to judge" on the smoke
+    profile. One sentence each."""
     lines = []
-    for dataset, pivot, d, why in _paired_comparisons(scores, a, b, profile, method, fraction):
-        numbers = (f"F1 {100 * pivot[a].mean():.1f} vs {100 * pivot[b].mean():.1f}, difference {100 * d['mean']:+.1f} "
-                   + (f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] over {d['n']} paired fold(s) x label seed(s)"
-                      if np.isfinite(d["low"]) else f"(no interval: {d['n']} pair)"))
-        head = f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {percent(fraction)} of labels: {a} vs {b}"
-        if why:
-            lines.append(f"{head}: {TOO_SMALL} ({'; '.join(why)}); {numbers}")
-        else:
-            lines.append(f"{head}: {a} {'above' if d['mean'] > 0 else 'below'} {b}; {numbers}")
+    for dataset, (mean_a, mean_b), d, judged in _paired_comparisons(scores, a, b, profile, method, fraction):
+        why = f" ({unjudged(profile)})" if unjudged(profile) else ""
+        lines.append(f"{DATASET_TITLES.get(dataset, dataset)}, {method}, {percent(fraction)} of labels: {a} vs {b}: "
+                     f"{judged}{why}; F1 {100 * mean_a:.1f} vs {100 * mean_b:.1f}, paired difference "
+                     f"{100 * d.mean:+.1f}" + (f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}] ({d.method})"
+                                               if np.isfinite(d.low) else f" ({d.method})"))
     return lines
 
 
@@ -209,14 +221,9 @@ def verdict_rows(scores: pd.DataFrame, a: str, b: str, profile: str | None = Non
                  fraction: float = 1.0) -> list[dict]:
     """verdict's comparisons as rows of a verdict table (results.VERDICT_COLUMNS; difference, low and
     high in F1 points), the profile's reason left to results.show_verdicts, which says it once."""
-    rows = []
-    for dataset, _, d, why in _paired_comparisons(scores, a, b, profile, method, fraction):
-        judged = f"{a} {'above' if d['mean'] > 0 else 'below'} {b}"
-        rows.append(dict(comparison=f"{a} vs {b}, {percent(fraction)} of labels",
-                         dataset=DATASET_TITLES.get(dataset, dataset), difference=100 * d["mean"],
-                         low=100 * d["low"], high=100 * d["high"], method=method,
-                         verdict=verdict_text(why, profile, judged)))
-    return rows
+    return [verdict_row(f"{a} - {b}, {method}, {percent(fraction)} of labels", DATASET_TITLES.get(dataset, dataset),
+                        d, judged)
+            for dataset, _, d, judged in _paired_comparisons(scores, a, b, profile, method, fraction)]
 
 
 # ---------------------------------------------------------------------------- figures

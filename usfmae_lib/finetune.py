@@ -1103,7 +1103,7 @@ def add_cli(subparsers):
 def _run_cli(args) -> int:
     from . import runner
     from .datasets import official_folds
-    from .results import fold_summary
+    from .results import add_replicates, fold_summary
     from .safety import check_output
 
     if runner.step_mode(args):
@@ -1156,14 +1156,16 @@ def _run_cli(args) -> int:
                            "accuracy", "balanced_accuracy", "roc_auc") if m in table.columns]
     print(f"\ninit: {'; '.join(table['init'].unique())}")
     for (mode, fraction), g in table.groupby(["mode", "fraction"], sort=False):
+        g = add_replicates(g, runs)  # one split: every run scored on the same test-image resamples
         s = fold_summary(g, metrics[0])
         print(f"\n{args.model} {mode} on {args.dataset}, {fraction:g} of the labels: {s['n_folds']} fold(s) x "
-              f"{s['n_seeds']} seed(s); mean over folds of each fold's mean over seeds, sd "
-              f"{'between folds' if s['n_folds'] > 1 else 'over seeds'}, 95% bootstrap interval of each run averaged")
+              f"{s['n_seeds']} seed(s); mean over folds of each fold's mean over seeds, sd of the single runs, "
+              f"and for precision, recall and F1 the 95% interval of the mean ({s['method']})")
         for m in metrics:
             s = fold_summary(g, m)
             sd = f"sd {s['sd']:.3f}" if np.isfinite(s["sd"]) else "one run: no sd"
-            print(f"  {m:18s} {s['mean']:.3f} ({sd})  [{s['low']:.3f}, {s['high']:.3f}]")
+            interval = f"  [{s['low']:.3f}, {s['high']:.3f}]" if m in ("precision", "recall", "f1") else ""
+            print(f"  {m:18s} {s['mean']:.3f} ({sd}){interval}")
     print(f"\nresults: {out / 'results.csv'} ({len(merged)} rows: this call's {len(table)} and the runs already there)")
     return 0
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from . import UsfmaeError, atomic_write, store
 from .mae import MaskedAutoencoderViT, load_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .results import paired_difference
+from . import stats
 
 STEP = "04_reconstruction"
 # where notebook 03 leaves its last checkpoint, relative to out_dir
@@ -375,108 +375,28 @@ def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
         lambda v: (v == ALL, v) if isinstance(v, str) else v)).reset_index(drop=True)
 
 
-SMOKE_REASON = ("smoke profile: a few images and a briefly trained model check that the code runs, "
-                "they measure nothing")
-
-
-def _side(d: dict) -> str:
-    """'below' (interval under 0), 'above' (over 0) or 'unclear' (includes 0, or no interval)."""
-    if d["high"] < 0:
-        return "below"
-    if d["low"] > 0:
-        return "above"
-    return "unclear"
-
-
-def _diff_text(d: dict) -> str:
-    interval = (f"[{d['low']:+.4f}, {d['high']:+.4f}], Student-t 95% interval over {d['n']} images"
-                if np.isfinite(d["low"]) else f"no interval: {d['n']} image(s)")
-    return f"paired difference {d['mean']:+.4f} ({interval})"
-
-
-def sweep_verdict(per_image: pd.DataFrame, low: float = 0.25, high: float = 0.9, profile: str | None = None) -> str:
-    """What the sweep says about two mask ratios, in three lines, each judged on per-image pairs.
-
-    per_image: mask_ratio_sweep's first table (mask_ratio, image, mse, baseline_mse). At each of
-    low and high: does the model beat the flat fill (each hidden patch filled with the mean visible
-    colour), from the per-image difference mse - baseline_mse and its Student-t 95% interval over
-    images; then is the error at low lower than at high, from the per-image difference between the
-    ratios. A verdict is "too small to judge" when the profile is "smoke", when an interval
-    includes 0, or (for the ratios) when the model does not beat the flat fill at both ratios:
-    then its error at either ratio says nothing about what it learned. Given the summary table
-    instead (no image column), it prints the pooled means and judges nothing.
-    """
-    name = f"{low:.0%} vs {high:.0%}"
-    no_claim = "no claim about which ratio has the lower error"
-    if "image" not in per_image:
-        pooled = per_image[per_image.anatomy == ALL].set_index("mask_ratio")["mse"] if "anatomy" in per_image \
-            else per_image.groupby("mask_ratio")["mse"].mean()
-        if low not in pooled.index or high not in pooled.index:
-            return f"the sweep lacks {low:.0%} or {high:.0%}; no comparison"
-        return (f"{name}: too small to judge (means only, no per-image rows to pair; pass mask_ratio_sweep's "
-                f"per_image table): MSE {float(pooled[low]):.4f} vs {float(pooled[high]):.4f}; whether the error "
-                f"at {low:.0%} is lower than at {high:.0%} is not judged")
-    by = per_image.pivot_table(index="image", columns="mask_ratio", values=["mse", "baseline_mse"])
-    if low not in by["mse"].columns or high not in by["mse"].columns:
-        return f"the sweep lacks {low:.0%} or {high:.0%}; no comparison"
-    by = by.dropna()
-    smoke = profile == "smoke"
-    lines, beats = [], {}
-    for ratio in (low, high):
-        d = paired_difference(by["mse"][ratio], by["baseline_mse"][ratio])
-        side = _side(d)
-        beats[ratio] = side == "below" and not smoke
-        numbers = (f"model MSE {by['mse'][ratio].mean():.4f} vs flat fill {by['baseline_mse'][ratio].mean():.4f}, "
-                   f"{_diff_text(d)}")
-        if smoke:
-            verdict = f"too small to judge ({SMOKE_REASON})" + (
-                "; it does not beat the flat fill" if side != "below" else "")
-        elif side == "below":
-            verdict = "beats the flat fill (the interval lies below 0)"
-        elif side == "above":
-            verdict = "does not beat the flat fill: it is worse than filling every hidden patch with one colour"
-        else:
-            verdict = "does not beat the flat fill (too small to judge: the interval includes 0)"
-        lines.append(f"{ratio:.0%} vs flat fill: {verdict}; {numbers}")
-    d = paired_difference(by["mse"][low], by["mse"][high])
-    numbers = f"MSE {by['mse'][low].mean():.4f} vs {by['mse'][high].mean():.4f}, {_diff_text(d)}"
-    if smoke:
-        lines.append(f"{name}: too small to judge ({SMOKE_REASON}); {no_claim}; {numbers}")
-    elif not all(beats.values()):
-        lacking = " and ".join(f"{r:.0%}" for r, ok in beats.items() if not ok)
-        lines.append(f"{name}: too small to judge: the model does not beat the flat fill at {lacking}, so comparing "
-                     f"its error across ratios means nothing; {no_claim}; {numbers}")
-    elif _side(d) == "below":
-        lines.append(f"{name}: the masked-patch error at {low:.0%} is lower than at {high:.0%} "
-                     f"(the interval lies below 0); {numbers}")
-    elif _side(d) == "above":
-        lines.append(f"{name}: the masked-patch error at {low:.0%} is higher than at {high:.0%} "
-                     f"(the interval lies above 0); {numbers}")
-    else:
-        lines.append(f"{name}: too small to judge (the interval includes 0); {no_claim}; {numbers}")
-    return "\n".join(lines)
-
-
 BASELINES = {"flat fill": "baseline_mse", "OpenCV inpainting": "inpaint_mse"}
 VERDICT_COLUMNS = ["comparison", "dataset", "n", "model", "other", "difference", "low", "high", "method", "verdict"]
-PAIRED_T = "paired by image, Student-t 95% over images"
+ERROR_WORDS = {stats.BELOW: "lower error", stats.ABOVE: "higher error"}
+PAIRED_T = "paired by image, Student-t over {n} images; not in it: pretraining runs (one checkpoint)"
 
 
 def _verdict_row(comparison: str, subset: str, a: pd.Series, b: pd.Series, smoke: bool) -> dict:
-    d = paired_difference(a, b)
-    side = _side(d)
-    verdict = ("too small to judge" if smoke else
-               {"below": "lower error", "above": "higher error"}.get(side, "no clear difference"))
+    d = stats.paired_over_units(a, b)
+    verdict = stats.verdict(d["low"], d["high"], unjudged="smoke" if smoke else None)
+    verdict = ERROR_WORDS.get(verdict, verdict)  # the one rule, said of an error
     return dict(comparison=comparison, dataset=subset, n=d["n"], model=float(a.mean()), other=float(b.mean()),
-                difference=d["mean"], low=d["low"], high=d["high"], method=PAIRED_T, verdict=verdict)
+                difference=d["mean"], low=d["low"], high=d["high"], method=PAIRED_T.format(n=d["n"]),
+                verdict=verdict)
 
 
 def sweep_verdicts(per_image: pd.DataFrame, ratio: float, profile: str | None = None) -> pd.DataFrame:
     """The sweep's verdicts as one table: at `ratio`, the model's masked-patch error against each
     baseline (flat fill, OpenCV inpainting), per anatomy and pooled ("all"), each difference
-    (model minus baseline) paired by image with a Student-t 95% interval over images. Verdict:
-    "lower error" / "higher error" when the interval excludes 0, "no clear difference" when it
-    does not; "too small to judge" for every row on the smoke profile. Columns: VERDICT_COLUMNS."""
+    (model minus baseline) paired by image with a Student-t 95% interval over images. Verdict: the one
+    rule (stats.verdict), said of an error: "lower error" / "higher error" when the interval excludes 0,
+    "no clear difference" when it does not; "too small to judge" for every row on the smoke profile.
+    Columns: VERDICT_COLUMNS."""
     rows = per_image[np.isclose(per_image.mask_ratio, ratio)]
     if rows.empty:
         raise UsfmaeError(f"the sweep has no mask ratio {ratio:.0%}; add it to mask_ratios")
@@ -492,6 +412,12 @@ def sweep_verdicts(per_image: pd.DataFrame, ratio: float, profile: str | None = 
     return pd.DataFrame(out, columns=VERDICT_COLUMNS)
 
 
+def _beats_flat_fill(by: pd.DataFrame, ratio: float) -> bool:
+    """Is the model's error below the flat fill's at `ratio` (the interval of the paired difference under 0)?"""
+    d = stats.paired_over_units(by["mse"][ratio], by["baseline_mse"][ratio])
+    return stats.side(d["low"], d["high"]) == stats.BELOW
+
+
 def ratio_verdicts(per_image: pd.DataFrame, low: float, highs, profile: str | None = None) -> pd.DataFrame:
     """The error at `low` against each ratio in `highs`, pooled over anatomies, paired by image
     (the same image at two ratios; nested masks). Judged only where the model beats the flat fill
@@ -503,8 +429,8 @@ def ratio_verdicts(per_image: pd.DataFrame, low: float, highs, profile: str | No
             continue
         row = _verdict_row(f"MAE error at {low:.0%} vs at {high:.0%}", ALL, by["mse"][low], by["mse"][high],
                            profile == "smoke")
-        beats = all(_side(paired_difference(by["mse"][r], by["baseline_mse"][r])) == "below" for r in (low, high))
-        if not beats and row["verdict"] != "too small to judge":
+        beats = all(_beats_flat_fill(by, r) for r in (low, high))
+        if not beats and row["verdict"] != stats.TOO_SMALL:
             row["verdict"] = "not judged: the model does not beat the flat fill at both ratios"
         out.append(row)
     return pd.DataFrame(out, columns=VERDICT_COLUMNS)

@@ -21,13 +21,14 @@ verdicts as one table (`scratch_verdicts` here, `ablations.verdict_rows` for not
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import atomic_write_text
+from . import atomic_write_text, stats
 
 # Table 2 of the paper (STUDY.md section 5): model -> dataset -> (precision, recall, F1), in %
 PAPER_TABLE2 = {
@@ -101,40 +102,114 @@ def paper_long() -> pd.DataFrame:
                          for k, v in zip(METRICS, vals)])
 
 
+# ============================================================================ cells and pairs (usfmae_lib.stats)
+def add_replicates(rows: pd.DataFrame, runs_dir, metrics=METRICS, n_resamples: int = 1000) -> pd.DataFrame:
+    """rows with, for every run on a dataset with one split (MMOTU-2D), each metric on n_resamples
+    bootstrap resamples of its test images (`replicates_<metric>`, arrays) and n_test: the resamples
+    are drawn once per split, so every run on it (every model, seed and pretraining run) is scored on
+    the same ones, which is what pairs them by test image. Read from each run's test_predictions.csv
+    under runs_dir; a run without it (or on other test images) gets none, and its interval then says
+    that the test images are not in it. Datasets with several splits need none: each split's own
+    test images are inside the spread between splits."""
+    rows = rows.copy()
+    if rows.empty or "run" not in rows:
+        return rows
+    runs_dir = Path(runs_dir)
+    for m in metrics:
+        rows[f"replicates_{m}"] = None
+    one_split = rows.groupby("dataset")["fold"].transform("nunique") == 1
+    for (dataset, fold), g in rows[one_split].groupby(["dataset", "fold"]):
+        preds = {i: runs_dir / str(run) / "test_predictions.csv" for i, run in g["run"].items()}
+        preds = {i: pd.read_csv(p) for i, p in preds.items() if p.is_file()}
+        if not preds:
+            continue
+        paths = next(iter(preds.values()))["path"].tolist()
+        index = stats.resample_index(len(paths), n_resamples, seed=zlib.crc32(f"{dataset}/{fold}".encode()))
+        for i, p in preds.items():
+            if p["path"].tolist() != paths:
+                continue
+            positive = _positive(p, rows.loc[i])
+            rows.at[i, "n_test"] = len(p)
+            for m in metrics:
+                rows.at[i, f"replicates_{m}"] = stats.metric_replicates(p["label"], p["pred"], index, m, positive)
+    return rows
+
+
+def _positive(preds: pd.DataFrame, row: pd.Series) -> int | None:
+    """The positive class index of a binary run (the one whose F1 on its predictions is the row's F1);
+    None for a multi-class run (micro averages)."""
+    if sum(c.startswith("prob_") for c in preds) != 2:
+        return None
+    whole = np.arange(len(preds))[None]
+    for p in (0, 1):
+        if abs(stats.metric_replicates(preds["label"], preds["pred"], whole, "f1", p)[0] - row["f1"]) < 1e-9:
+            return p
+    return 1
+
+
+def cell_runs(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """rows as the stats module reads them: one row per run with pretrain_run (the checkpoint in `init`:
+    each distinct USF-MAE checkpoint is one pretraining run; a baseline has one init), split (fold),
+    seed, value (metric) and the test-image replicates when add_replicates made them."""
+    fold = rows["fold"].fillna(0) if "fold" in rows else pd.Series(0, index=rows.index)
+    seed = rows["seed"] if "seed" in rows else pd.Series(range(len(rows)), index=rows.index)
+    pretrain = rows["pretrain_run"] if "pretrain_run" in rows else rows.get("init", pd.Series("", index=rows.index))
+    out = pd.DataFrame(dict(pretrain_run=pretrain.astype(str), split=fold, seed=seed, value=rows[metric]))
+    if f"replicates_{metric}" in rows:
+        out["replicates"] = rows[f"replicates_{metric}"]
+        out["n_test"] = rows["n_test"] if "n_test" in rows else 0
+    return out
+
+
+def holdout_ratio(rows: pd.DataFrame) -> float:
+    """n_test / n_train of the splits, for Nadeau and Bengio's correction; k-fold's 1 / (K - 1) for rows
+    that do not record their sizes; 0 with one split."""
+    k = rows["fold"].nunique() if "fold" in rows else 1
+    if k < 2:
+        return 0.0
+    if {"n_test", "n_train"} <= set(rows) and rows["n_train"].notna().all() and rows["n_test"].notna().all():
+        return float(rows["n_test"].mean() / rows["n_train"].mean())
+    return 1 / (k - 1)
+
+
+def cell_interval(rows: pd.DataFrame, metric: str) -> stats.Interval:
+    """One cell (one model on one dataset): the mean over its runs with the interval of that mean
+    (stats.interval; USF-MAE's pretraining runs are a source of variance, and one run is said to
+    leave it out)."""
+    pretrained = "model" in rows and len(rows) > 0 and bool((rows["model"] == "usf-mae").all())
+    return stats.interval(cell_runs(rows, metric), test_over_train=holdout_ratio(rows), pretrained=pretrained)
+
+
+def paired(rows: pd.DataFrame, a: str, b: str, metric: str = "f1", key: str = "model") -> stats.Interval | None:
+    """a minus b on one dataset's rows (a and b: values of `key`), paired by split, seed and test image
+    (stats.pair), with the interval of the mean difference; None when they share no (split, seed)."""
+    d = stats.pair(cell_runs(rows[rows[key] == a], metric), cell_runs(rows[rows[key] == b], metric))
+    if d.empty:
+        return None
+    return stats.interval(d, test_over_train=holdout_ratio(rows), pretrained="usf-mae" in (a, b))
+
+
 def fold_summary(runs: pd.DataFrame, metric: str) -> dict:
-    """One cell from its runs: mean over folds of each fold's mean over seeds (every fold weighs the
-    same, as in k-fold cross-validation), sd between the fold means (over seeds when there is one
-    fold; NaN for a single run), each run's bootstrap interval averaged, n_folds, n_seeds (per fold,
-    the most). Rows written before folds existed count as one fold."""
-    fold = runs["fold"].fillna(0) if "fold" in runs else pd.Series(0, index=runs.index)
-    mean, sd = _mean_sd(runs, metric)
-    return dict(mean=mean, sd=sd, low=float(runs[f"{metric}_low"].mean()),
-                high=float(runs[f"{metric}_high"].mean()), n_folds=int(fold.nunique()),
-                n_seeds=int(runs.groupby(fold).size().max()))
-
-
-def _mean_sd(runs: pd.DataFrame, metric: str) -> tuple[float, float]:
-    """fold_summary's mean over folds and sd between folds (between runs with one fold; NaN for one run)."""
-    fold = runs["fold"].fillna(0) if "fold" in runs else pd.Series(0, index=runs.index)
-    per_fold = runs.groupby(fold)[metric].mean()
-    if len(per_fold) > 1:
-        sd = float(per_fold.std(ddof=1))
-    else:
-        sd = float(runs[metric].std(ddof=1)) if len(runs) > 1 else np.nan
-    return float(per_fold.mean()), sd
+    """One cell from its runs, as numbers: mean (over splits of the mean over pretraining runs and
+    seeds), sd of the single runs, low and high (the 95% interval of the mean: cell_interval),
+    n_folds, n_seeds, n_pretrain and method (the interval's, in words)."""
+    iv = cell_interval(runs, metric)
+    return dict(mean=iv.mean, sd=iv.sd, low=iv.low, high=iv.high, n_folds=iv.n_splits, n_seeds=iv.n_seeds,
+                n_pretrain=iv.n_pre, n_test=iv.n_test, method=iv.method)
 
 
 def summarise(results: pd.DataFrame, mode: str = "finetune") -> pd.DataFrame:
-    """Ours per (dataset, model, metric), in %: fold_summary's mean, sd and interval, n_folds,
-    n_seeds, init."""
+    """Ours per (dataset, model, metric), in %: fold_summary's mean, sd (of the single runs) and
+    interval (of the mean), the interval's method, n_pretrain, n_folds, n_seeds, n_test, init."""
     rows = results[(results["mode"] == mode) & (results["fraction"] == 1.0)]
     out = []
     for (dataset, model), g in rows.groupby(["dataset", "model"], sort=False):
         for m in METRICS:
             cell = fold_summary(g, m)
             out.append(dict(dataset=dataset, model=model, metric=m, mean=100 * cell["mean"], sd=100 * cell["sd"],
-                            low=100 * cell["low"], high=100 * cell["high"], n_folds=cell["n_folds"],
-                            n_seeds=cell["n_seeds"], init="; ".join(sorted(g["init"].unique()))))
+                            low=100 * cell["low"], high=100 * cell["high"], method=cell["method"],
+                            n_pretrain=cell["n_pretrain"], n_folds=cell["n_folds"], n_seeds=cell["n_seeds"],
+                            n_test=cell["n_test"], init="; ".join(sorted(g["init"].unique()))))
     return pd.DataFrame(out)
 
 
@@ -165,18 +240,19 @@ def paper_notes() -> list[str]:
 
 def table2_long(results: pd.DataFrame, profile: str | None = None) -> pd.DataFrame:
     """Ours and the paper side by side, one row per (model, dataset, metric). `best` marks, per
-    (dataset, metric), the highest mean of ours among comparable rows (see clear_best) when it leads
-    the runner-up by more than the larger sd; nothing on the smoke profile (or a dry run: UNJUDGED).
-    The paper's numbers (column `paper`) are never compared with ours."""
+    (dataset, metric), the highest mean of ours among comparable rows when the paired interval of its
+    lead over the runner-up lies above 0 (clear_best); nothing on the smoke profile (or a dry run:
+    UNJUDGED). The paper's numbers (column `paper`) are never compared with ours."""
     ours = summarise(results)
     table = ours.merge(paper_long(), on=["model", "dataset", "metric"], how="outer")
     order = {m: i for i, m in enumerate(list(PAPER_TABLE2) + ["scratch"])}
     table["_o"] = table["model"].map(order).fillna(len(order))
     table["best"] = False
     if not ours.empty and not unjudged(profile):
-        status = one_class_status(results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)])
-        for (dataset, _), g in table.dropna(subset=["mean"]).groupby(["dataset", "metric"]):
-            best, _ = clear_best(g, status)
+        rows = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
+        status = one_class_status(rows)
+        for (dataset, metric), g in table.dropna(subset=["mean"]).groupby(["dataset", "metric"]):
+            best, _ = clear_best(g, status, rows[rows["dataset"] == dataset], metric)
             if best is not None:
                 table.loc[g.index[g["model"] == best], "best"] = True
     return table.sort_values(["_o", "model", "dataset", "metric"]).drop(columns="_o").reset_index(drop=True)
@@ -212,17 +288,19 @@ def _layout(long: pd.DataFrame, bold, pm: str) -> tuple[list[str], list[list[str
 
 
 def _runs_text(g: pd.DataFrame) -> str:
-    """How many runs made a row's cells: "5 folds x 1 seed", or per dataset when they differ
-    ("BUS-BRA, GIST514-DB: 5 folds x 1 seed; MMOTU-2D: 3 seeds")."""
-    def text(folds: int, seeds: int) -> str:
-        seed_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
-        return f"{folds} folds x {seed_text}" if folds > 1 else seed_text
+    """How many runs made a row's cells: "5 folds x 1 seed", "3 pretraining runs x 5 folds x 1 seed",
+    or per dataset when they differ ("BUS-BRA, GIST514-DB: 5 folds x 1 seed; MMOTU-2D: 3 seeds")."""
+    def text(pre: int, folds: int, seeds: int) -> str:
+        parts = [f"{pre} pretraining runs"] if pre > 1 else []
+        parts += [f"{folds} folds"] if folds > 1 else []
+        return " x ".join(parts + [f"{seeds} seed{'s' if seeds > 1 else ''}"])
 
     g = g[g["n_seeds"].notna()]  # a dataset the model did not run on has no runs
-    folds = g["n_folds"].fillna(1) if "n_folds" in g else pd.Series(1, index=g.index)
-    runs = pd.DataFrame({"dataset": g["dataset"], "folds": folds.astype(int), "seeds": g["n_seeds"].astype(int)})
-    per_dataset = runs.groupby("dataset", sort=False)[["folds", "seeds"]].max()
-    kinds = per_dataset.groupby(["folds", "seeds"], sort=False).groups
+    count = {k: (g[k].fillna(1) if k in g else pd.Series(1, index=g.index)).astype(int)
+             for k in ("n_pretrain", "n_folds", "n_seeds")}
+    runs = pd.DataFrame({"dataset": g["dataset"], **count})
+    per_dataset = runs.groupby("dataset", sort=False)[list(count)].max()
+    kinds = per_dataset.groupby(list(count), sort=False).groups
     if len(kinds) == 1:
         return text(*next(iter(kinds)))
     return "; ".join(f"{', '.join(DATASET_TITLES.get(d, d) for d in datasets)}: {text(*key)}"
@@ -233,19 +311,23 @@ def to_markdown(long: pd.DataFrame) -> str:
     header, rows = _layout(long, lambda s: f"**{s}**", " ± ")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Ours: mean over the official folds of each fold's mean over seeds, ± the sd between folds "
-              "(over seeds where a dataset has one split). Bold: the best of ours among rows that are neither "
-              "random-init baselines nor near a one-class predictor, ahead of the next by more than the larger sd "
-              "(none bold: no such lead). Notes on the paper's rows:", ""]
+    lines += ["", CELL_NOTE, "", BOLD_NOTE, "", "Notes on the paper's rows:", ""]
     lines += [f"- {n}" for n in paper_notes()]
     ours = long.dropna(subset=["mean"])
-    lines += ["", "F1 with its 95% bootstrap interval over test images (each run's, averaged):", "",
-              "| model | " + " | ".join(DATASET_TITLES[d] for d in DATASET_TITLES if d in set(ours["dataset"])) + " |",
-              "|---|" + "---|" * ours["dataset"].nunique()]
-    for model, g in ours[ours["metric"] == "f1"].groupby("model", sort=False):
-        cells = [f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]" for d in DATASET_TITLES
-                 for _, r in g[g["dataset"] == d].iterrows()]
+    f1 = ours[ours["metric"] == "f1"]
+    datasets = [d for d in DATASET_TITLES if d in set(ours["dataset"])]
+    lines += ["", "F1 with the 95% interval of its mean:", "",
+              "| model | " + " | ".join(DATASET_TITLES[d] for d in datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for model, g in f1.groupby("model", sort=False):
+        cells = [" ".join(f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]" if np.isfinite(r["low"])
+                          else f"{r['mean']:.1f} [no interval]" for _, r in g[g["dataset"] == d].iterrows())
+                 for d in datasets]
         lines.append(f"| {MODEL_TITLES.get(model, model)} | " + " | ".join(cells) + " |")
+    lines += ["", "How each interval was made (pretraining runs x splits x seeds per pretraining run; test images "
+              "where a dataset has one split):", ""]
+    for d in datasets:
+        for method, g in f1[f1["dataset"] == d].groupby("method", sort=False):
+            lines.append(f"- {DATASET_TITLES[d]}, {', '.join(MODEL_TITLES.get(m, m) for m in g['model'])}: {method}")
     return "\n".join(lines) + "\n"
 
 
@@ -274,13 +356,23 @@ def write_table2(results: pd.DataFrame, out_dir, profile: str | None = None) -> 
     return paths
 
 
+CELL_NOTE = ("How to read a cell of ours: the number is the mean score over every run of that model on that "
+             "dataset (each official split weighs the same; USF-MAE's runs also span its pretraining runs). "
+             "± is the sd of the single runs: how far one more run may land from the mean. "
+             "The bracketed interval, under the table, is the 95% interval of the mean itself, built from every "
+             "source of variance the runs sample (pretraining runs, splits, seeds, test images) and named "
+             "under it; a source with one level, such as a single pretraining run, is not in it and is "
+             "named there too.")
+BOLD_NOTE = ("Bold: the best mean of ours among rows that are neither random-init baselines nor near a one-class "
+             "predictor, when its lead over the runner-up, paired by split, seed and test image, has a 95% "
+             "interval above 0 (none bold: no such lead).")
 ONE_CLASS_MARGIN = 0.05  # balanced accuracy below 1 / n_classes + this: close to predicting one class
 SMOKE_REASON = "smoke profile: tiny images, one epoch and few runs check that the code runs, they measure nothing"
 UNJUDGED = {"smoke": SMOKE_REASON,  # profiles whose numbers no verdict is drawn from, and why
             "dry-run": "dry run: every run stopped after a step or two, the numbers measure nothing"}
 
 
-TOO_SMALL = "too small to judge"  # every verdict that draws nothing from the numbers says this
+TOO_SMALL = stats.TOO_SMALL  # every verdict that draws nothing from the numbers says this
 # notebooks 06 and 07 show their verdicts as one table, also written to verdicts.csv (show_verdicts)
 VERDICT_COLUMNS = ["comparison", "dataset", "difference", "low", "high", "method", "verdict"]
 
@@ -316,11 +408,6 @@ def one_class_status(rows: pd.DataFrame, keys=("dataset", "model")) -> pd.DataFr
     return out
 
 
-def _larger(*sds) -> float:
-    """The largest sd; NaN when any is unknown (a single run has no spread to compare with)."""
-    return float(max(sds)) if all(np.isfinite(sds)) else np.nan
-
-
 def _title(model: str) -> str:
     """A model's name in a sentence."""
     return "the from-scratch model (USF-MAE architecture)" if model == "scratch" else MODEL_TITLES.get(model, model)
@@ -337,14 +424,25 @@ def _one_class_reason(status: pd.DataFrame, key: tuple) -> str | None:
     return None
 
 
-def clear_best(cells: pd.DataFrame, status: pd.DataFrame) -> tuple[str | None, str]:
+def interval_text(iv: stats.Interval | None, signed: bool = True) -> str:
+    """"+3.3 [+1.0, +5.6]" in points (iv in fractions), or why there is no interval."""
+    if iv is None:
+        return "no pairs"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    if not np.isfinite(iv.low):
+        return f"{f.format(100 * iv.mean)} (no interval: {iv.method.removeprefix('no interval: ')})"
+    return f"{f.format(100 * iv.mean)} [{f.format(100 * iv.low)}, {f.format(100 * iv.high)}]"
+
+
+def clear_best(cells: pd.DataFrame, status: pd.DataFrame, rows: pd.DataFrame, metric: str = "f1") -> tuple[str | None, str]:
     """The model with the clearly highest mean among comparable cells, and a sentence on why.
 
-    cells: one row per model of one dataset with dataset, model, mean, sd and init (summarise's
-    columns). Comparable: init not a random-init baseline ("random: no ImageNet ...") and not near
-    a one-class predictor (status from one_class_status). Clear: at least two comparable cells and
-    the highest mean ahead of the runner-up by more than the larger of their two sds (an unknown
-    sd, from a single run, is never clear). Returns (None, why) when there is no such model."""
+    cells: one row per model of one dataset with dataset, model, mean (%) and init (summarise's
+    columns); rows: that dataset's fine-tuning runs. Comparable: init not a random-init baseline
+    ("random: no ImageNet ...") and not near a one-class predictor (status from one_class_status).
+    Clear: at least two comparable cells and the lead of the highest mean over the runner-up, paired
+    by split, seed and test image, has a 95% interval above 0 (the verdict rule, stats.RULE).
+    Returns (None, why) when there is no such model."""
     excluded, ok = [], []
     for _, r in cells.iterrows():
         reason = (f"{_title(r['model'])} is a random-init baseline" if RANDOM_INIT in str(r.get("init", ""))
@@ -357,68 +455,49 @@ def clear_best(cells: pd.DataFrame, status: pd.DataFrame) -> tuple[str | None, s
     if len(ok) < 2:
         return None, f"fewer than two comparable rows{left_out}"
     first, second = sorted(ok, key=lambda r: r["mean"], reverse=True)[:2]
-    sd = _larger(first["sd"], second["sd"])
-    gap = first["mean"] - second["mean"]
-    lead = (f"{_title(first['model'])} ({first['mean']:.1f}) leads {_title(second['model'])} "
-            f"({second['mean']:.1f}) by {gap:.1f}")
-    if not np.isfinite(sd):
-        return None, f"{lead}, with no sd to compare (a single run){left_out}"
-    if gap <= sd:
-        return None, f"{lead}, not more than the larger sd ({sd:.1f}){left_out}"
-    return first["model"], f"{lead}, more than the larger sd ({sd:.1f}){left_out}"
+    lead = paired(rows, first["model"], second["model"], metric)
+    text = (f"{_title(first['model'])} ({first['mean']:.1f}) leads {_title(second['model'])} ({second['mean']:.1f}) "
+            f"by {interval_text(lead)} paired")
+    if lead is not None and stats.side(lead.low, lead.high) == stats.ABOVE:
+        return first["model"], f"{text}, above 0{left_out}"
+    return None, f"{text}, not clearly above 0{left_out}"
 
 
 def scratch_comparison(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> dict:
     """USF-MAE against the same architecture from scratch on one dataset's F1, as numbers and a verdict.
 
-    "beats" (or "does worse than") only when neither model is near a one-class predictor, the gap
-    in mean F1 is larger than the larger of the two sds between folds (between seeds with one
-    fold), and the 95% intervals do not overlap; otherwise "too small to judge" with every
-    condition that failed (`why`, the profile's reason first); always on the smoke profile.
-    Returns dataset (its title), a and b (fold_summary of each), gap and sd (points), spread (what
-    the sd is over), why, verdict and paired (the gap paired by fold and seed, see _paired; None
-    without two pairs)."""
+    The difference is paired by split, seed and test image, its interval is that of the mean
+    difference (stats.interval: pretraining runs, splits, seeds, test images), and the verdict is the
+    one rule (stats.verdict): above / below when the interval excludes 0, no clear difference when it
+    does not, one-class when either model is near a one-class predictor, too small to judge on a
+    profile that measures nothing. Returns dataset (its title), a and b (fold_summary of each),
+    paired (the stats.Interval of the difference; None without pairs), one_class (the reasons) and
+    verdict."""
     g = ft[ft["dataset"] == dataset]
     a = fold_summary(g[g["model"] == "usf-mae"], "f1")
     b = fold_summary(g[g["model"] == "scratch"], "f1")
-    gap = 100 * (a["mean"] - b["mean"])
-    sd = 100 * _larger(a["sd"], b["sd"])
-    spread = "sd between folds" if max(a["n_folds"], b["n_folds"]) > 1 else "sd between seeds"
-    overlap = a["low"] <= b["high"] and b["low"] <= a["high"]
-    why = [unjudged(profile)] if unjudged(profile) else []
-    why += [r for r in (_one_class_reason(status, (dataset, m)) for m in ("usf-mae", "scratch")) if r]
-    if not np.isfinite(sd):
-        why.append(f"one run per model: no {spread} to compare the gap with")
-    elif abs(gap) <= sd:
-        why.append(f"the gap is inside the larger {spread} ({sd:.1f})")
-    if overlap:
-        why.append("the 95% intervals overlap")
-    verdict = TOO_SMALL if why else "beats" if gap > 0 else "does worse than"
-    return dict(dataset=DATASET_TITLES.get(dataset, dataset), a=a, b=b, gap=gap, sd=sd, spread=spread, why=why,
-                verdict=verdict, paired=_paired(g))
+    d = paired(g, "usf-mae", "scratch")
+    one_class = [r for r in (_one_class_reason(status, (dataset, m)) for m in ("usf-mae", "scratch")) if r]
+    verdict = stats.verdict(d.low if d else np.nan, d.high if d else np.nan, bool(one_class), unjudged(profile))
+    return dict(dataset=DATASET_TITLES.get(dataset, dataset), a=a, b=b, paired=d, one_class=one_class,
+                verdict=verdict)
 
 
 def compare_with_scratch(ft: pd.DataFrame, dataset: str, status: pd.DataFrame, profile: str | None = None) -> str:
     """scratch_comparison as one sentence (discussion.md): the verdict, why, and every number behind it."""
     c = scratch_comparison(ft, dataset, status, profile)
-    a, b, paired = c["a"], c["b"], c["paired"]
-    sd_text = f"{c['sd']:.1f}" if np.isfinite(c["sd"]) else "none (one run)"
-    numbers = (f"{100 * a['mean']:.1f} vs {100 * b['mean']:.1f}, gap {c['gap']:+.1f} points, larger {c['spread']} "
-               f"{sd_text}; 95% intervals [{100 * a['low']:.1f}, {100 * a['high']:.1f}] and "
-               f"[{100 * b['low']:.1f}, {100 * b['high']:.1f}]; {a['n_folds']} fold(s) x {a['n_seeds']} seed(s) each"
-               + (f"; paired by fold and seed: {100 * paired['mean']:+.1f} [{100 * paired['low']:+.1f}, "
-                  f"{100 * paired['high']:+.1f}] (Student-t 95% over {paired['n']} pairs)" if paired else ""))
-    if c["why"]:
-        return (f"{c['dataset']}: USF-MAE vs the same architecture from scratch on F1: {TOO_SMALL} "
-                f"({'; '.join(c['why'])}); {numbers}.")
-    return f"{c['dataset']}: USF-MAE {c['verdict']} the same architecture from scratch on F1 ({numbers})."
+    a, b, d = c["a"], c["b"], c["paired"]
+    why = ([unjudged(profile)] if unjudged(profile) else []) + c["one_class"]
+    numbers = (f"F1 {100 * a['mean']:.1f} vs {100 * b['mean']:.1f}; paired difference {interval_text(d)}"
+               + (f" ({d.method})" if d is not None and d.terms else ""))
+    return (f"{c['dataset']}: USF-MAE vs the same architecture from scratch on F1: {c['verdict']}"
+            + (f" ({'; '.join(why)})" if why else "") + f"; {numbers}.")
 
 
 def scratch_verdicts(results: pd.DataFrame, profile: str | None = None) -> pd.DataFrame:
     """Notebook 06's verdicts as a table (VERDICT_COLUMNS), one row per dataset where both USF-MAE and
-    scratch were fine-tuned: the gap in mean F1 (points), the interval of the gap paired by fold and
-    seed (NaN without two pairs), and the verdict of scratch_comparison without the profile's reason,
-    which show_verdicts says once above the table."""
+    scratch were fine-tuned: the mean paired difference in F1 points, its 95% interval, the interval's
+    method and scratch_comparison's verdict (show_verdicts says the profile's reason once, above)."""
     ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
     status = one_class_status(ft)
     rows = []
@@ -426,100 +505,64 @@ def scratch_verdicts(results: pd.DataFrame, profile: str | None = None) -> pd.Da
         if not {"usf-mae", "scratch"} <= set(g["model"]):
             continue
         c = scratch_comparison(ft, dataset, status, profile)
-        paired = c["paired"] or dict(low=np.nan, high=np.nan)
-        rows.append(dict(comparison="USF-MAE vs the same architecture from scratch (F1)", dataset=c["dataset"],
-                         difference=c["gap"], low=100 * paired["low"], high=100 * paired["high"],
-                         method="fine-tuned", verdict=verdict_text(c["why"], profile,
-                                                                   f"USF-MAE {c['verdict']} scratch")))
+        rows.append(verdict_row("USF-MAE - scratch, fine-tuned (F1)", c["dataset"], c["paired"], c["verdict"]))
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
+def verdict_row(comparison: str, dataset: str, d: stats.Interval | None, verdict: str) -> dict:
+    """One row of a verdict table (VERDICT_COLUMNS; difference, low and high in points)."""
+    if d is None:
+        return dict(comparison=comparison, dataset=dataset, difference=np.nan, low=np.nan, high=np.nan,
+                    method="no pairs", verdict=verdict)
+    return dict(comparison=comparison, dataset=dataset, difference=100 * d.mean, low=100 * d.low,
+                high=100 * d.high, method=d.method, verdict=verdict)
+
+
 # ============================================================================ verdict tables (notebooks 06 and 07)
-def verdict_text(why: list[str], profile: str | None, judged: str) -> str:
-    """A table's verdict: `judged` when nothing stands in the way, else "too small to judge" with
-    every reason but the profile's (show_verdicts says that one once, above the table)."""
-    if not why:
-        return judged
-    rest = [w for w in why if w != unjudged(profile)]
-    return f"{TOO_SMALL} ({'; '.join(rest)})" if rest else TOO_SMALL
-
-
 def show_verdicts(table, out_dir, profile: str | None = None) -> None:
     """Write `table` (a DataFrame or a list of rows with VERDICT_COLUMNS; difference, low and high in F1
-    points) to out_dir/verdicts.csv and display it once: the profile's reason for judging nothing said
-    once above it, the interval in one column. Returns nothing, so that it can end a cell."""
+    points) to out_dir/verdicts.csv and display it once: the rule and, on a profile that measures
+    nothing, its reason said once above it; the interval in one column. Returns nothing, so that it
+    can end a cell."""
     from IPython.display import Markdown, display
 
     table = pd.DataFrame(table, columns=VERDICT_COLUMNS)
     path = Path(out_dir) / "verdicts.csv"
     atomic_write_text(path, table.to_csv(index=False, float_format="%.2f"))
-    notes = ["Difference: mean of the paired differences in F1 points; interval: its Student-t 95% interval "
-             "over the pairs (none with a single pair)."]
+    notes = ["Difference: the mean of the paired differences (first minus second) in F1 points; interval: the "
+             "95% interval of that mean; method: how it was made (docs/statistics.md).", stats.RULE]
     if unjudged(profile):
         notes.insert(0, f"**Every verdict below is {TOO_SMALL}**: {unjudged(profile)}.")
     display(Markdown(" ".join(notes)))
     shown = table.assign(difference=table["difference"].map("{:+.1f}".format),
                          interval=[f"[{lo:+.1f}, {hi:+.1f}]" if np.isfinite(lo) else "none"
                                    for lo, hi in zip(table["low"], table["high"])])
-    display(shown[["comparison", "dataset", "method", "difference", "interval", "verdict"]].style.hide(axis="index")
-            .set_properties(**{"text-align": "left"}).set_table_styles([dict(selector="th", props="text-align: left")]))
-
-
-def paired_difference(a, b, level: float = 0.95) -> dict:
-    """Mean of the paired differences a - b and its Student-t interval (level, over the n pairs):
-    mean, low, high, n. Fewer than two pairs: low and high are NaN (no interval)."""
-    from scipy import stats
-
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n = len(diff)
-    mean = float(diff.mean()) if n else np.nan
-    if n < 2:
-        return dict(mean=mean, low=np.nan, high=np.nan, n=n)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n))
-    return dict(mean=mean, low=mean - half, high=mean + half, n=n)
-
-
-def _paired(g: pd.DataFrame) -> dict | None:
-    """The gap paired by (fold, seed): both models ran on the same split with the same seed, so how hard
-    a fold is cancels out of the difference, which the sd between folds does not allow for. Reported
-    beside the verdict (whose rule is the sd and the intervals), not instead of it; None without two pairs."""
-    keys = [k for k in ("fold", "seed") if k in g]
-    units = g.assign(**{k: g[k].fillna(0) for k in keys}).pivot_table(index=keys, columns="model", values="f1")
-    if not {"usf-mae", "scratch"} <= set(units.columns):
-        return None
-    units = units[["usf-mae", "scratch"]].dropna()
-    d = paired_difference(units["usf-mae"], units["scratch"])
-    return d if np.isfinite(d["low"]) else None
+    display(shown[["comparison", "dataset", "difference", "interval", "verdict", "method"]].style
+            .hide(axis="index").set_properties(**{"text-align": "left"})
+            .set_table_styles([dict(selector="th", props="text-align: left")]))
 
 
 def _label_efficiency(label_curve: pd.DataFrame, profile: str | None, reason_above: bool = False) -> str | None:
-    """Counts of (dataset, fraction) points by how USF-MAE's mean F1 stands against scratch's."""
+    """The verdicts of USF-MAE vs scratch at every (dataset, label fraction) point, counted."""
     pair = label_curve[label_curve["model"].isin(["usf-mae", "scratch"])]
     keys = ["dataset", "fraction"]
     if pair.empty or pair.groupby(keys)["model"].nunique().max() < 2:
         return None
     status = one_class_status(pair, keys + ["model"])
-    counts = dict(above=0, below=0, within=0, one_class=0)
-    n = 0
+    counts = {v: 0 for v in (stats.ABOVE, stats.BELOW, stats.NO_CLEAR, stats.ONE_CLASS)}
     for (dataset, fraction), g in pair.groupby(keys, sort=False):
         if g["model"].nunique() < 2:
             continue
-        n += 1
-        (ma, sa), (mb, sb) = (_mean_sd(g[g["model"] == m], "f1") for m in ("usf-mae", "scratch"))
         near = status.loc[[(dataset, fraction, m) for m in ("usf-mae", "scratch")], "near_one_class"]
-        if near.eq(True).any():  # NaN: unknown, not near
-            counts["one_class"] += 1
-        elif not np.isfinite(_larger(sa, sb)) or abs(ma - mb) <= _larger(sa, sb):
-            counts["within"] += 1
-        else:
-            counts["above" if ma > mb else "below"] += 1
-    text = (f"of {n} (dataset, label fraction) points, USF-MAE's mean F1 is above the scratch model's by more than "
-            f"the larger sd at {counts['above']}, below it by more than that at {counts['below']}, within the spread "
-            f"(or with a single run, no spread) at {counts['within']}, and at {counts['one_class']} one of the two is "
-            "near a one-class predictor")
+        d = paired(g, "usf-mae", "scratch")
+        counts[stats.verdict(d.low if d else np.nan, d.high if d else np.nan, near.eq(True).any())] += 1
+    text = (f"of {sum(counts.values())} (dataset, label fraction) points, USF-MAE's F1 is above the scratch "
+            f"model's at {counts[stats.ABOVE]}, below it at {counts[stats.BELOW]}, with no clear difference at "
+            f"{counts[stats.NO_CLEAR]}, and at {counts[stats.ONE_CLASS]} one of the two is near a one-class "
+            "predictor (each point judged by the verdict rule on its paired interval)")
     if unjudged(profile):
         return f"Label efficiency: {_too_small(profile, reason_above)}; counts only: {text}."
-    return f"Label efficiency, counts only (not a test): {text}."
+    return f"Label efficiency: {text}."
 
 
 def _too_small(profile: str | None, reason_above: bool) -> str:
@@ -538,10 +581,10 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
     ft = results[(results["mode"] == "finetune") & (results["fraction"] == 1.0)]
     lines = [("Data: the synthetic twins of the benchmarks (generated, not patient images); nothing here "
               "measures clinical performance." if synthetic else "Data: the dataset roots given to notebook 05.")]
-    seeds = ft.groupby(["dataset", "model"]).size()
-    if len(seeds):
-        lines.append(f"Seeds per cell: {seeds.min()}-{seeds.max()}; sd over seeds and bootstrap intervals "
-                     "are reported, the paper reports a single number per cell.")
+    runs = ft.groupby(["dataset", "model"]).size()
+    if len(runs):
+        lines.append(f"Runs per cell: {runs.min()}-{runs.max()}; each cell gives the sd of its runs and the 95% "
+                     "interval of its mean, the paper a single number per cell.")
     random_init = sorted(ft.loc[ft["init"].str.startswith(RANDOM_INIT), "model"].unique())
     if random_init:
         lines.append(f"Baselines without ImageNet weights (random init, unlike the paper): {', '.join(random_init)}; "
@@ -562,7 +605,7 @@ def discussion(results: pd.DataFrame, label_curve: pd.DataFrame | None = None, s
                           if dataset in PAPER_TABLE2["usf-mae"] else "n/a")
             cells = summarise(g)
             cells = cells[cells["metric"] == "f1"]
-            best, why = clear_best(cells, status)
+            best, why = clear_best(cells, status, g)
             name = DATASET_TITLES.get(dataset, dataset)
             if unjudged(profile):
                 lines.append(f"{name}: best mean F1: {_too_small(profile, on_screen)}; "

@@ -146,8 +146,8 @@ def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 
         else:
             missing.append("test images (no predictions to resample)")
     sd = float(runs[value].std(ddof=1)) if len(runs) > 1 else np.nan
-    var = sum(terms.values())
-    if not terms or var <= 0:
+    var = sum(terms.values())  # 0 when every run gave the same value: a zero-width interval, as the data say
+    if not terms:
         return Interval(mean, np.nan, np.nan, sd, n_pre, n_split, n_seed, n_test, {}, np.nan, tuple(missing))
     finite = [v ** 2 / dfs[k] for k, v in terms.items() if np.isfinite(dfs[k]) and v > 0]
     if QUAD and "test images" in terms:
