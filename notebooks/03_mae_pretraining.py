@@ -27,7 +27,9 @@
 # 3. takes one batch through the untrained model by hand, stage by stage, with the shape of every
 #    tensor and one figure per stage, so that you know what the training below computes;
 # 4. pretrains with the same function as `usfmae pretrain` (and `torchrun -m usfmae_lib.pretrain`),
-#    resumably: re-running continues from the last checkpoint, or does nothing when finished;
+#    resumably: re-running continues from the last checkpoint, or does nothing when finished; with
+#    `pretrain_seeds` > 1 it pretrains that many times with different seeds, so that notebooks 05-07
+#    can say how much of a result is the luck of one pretraining run;
 # 5. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
 #
 # Cells tagged `exercise` ask you to predict, change one value, run and compare; the answer is in
@@ -72,6 +74,7 @@ heldout_per_anatomy = 20  # images per anatomy kept out of pretraining for noteb
 threads = 0  # torch CPU threads; 0 = all cores (on a busy shared machine 1 can be much faster)
 max_steps = 0  # stop after this many optimiser steps (0 = all epochs; the dry run: 1-2), with the full schedule
 snapshot_epochs = [2, 5, 10, 20]  # also keep the model after these epochs (epoch-NNNN.pth): notebook 07's pretraining-length curve
+pretrain_seeds = 1  # pretraining runs, seeds seed, seed+1, ...: notebooks 05-07 evaluate every one (quick: 3; paper: 1, each more costs a full run, docs/scale.md)
 
 # %%
 from pathlib import Path
@@ -313,6 +316,27 @@ summary = pretrain.train(store_dir, step_dir, resume=True, progress=False, **par
 print(f"ran {summary['last_step']} of the schedule's {summary['steps']} steps on {summary['device']} in "
       f"{summary['precision_run']} (precision requested: {precision})")
 pd.Series({k: v for k, v in summary.items() if k != "checkpoint"}).to_frame("value")
+
+# %% [markdown]
+# **More pretraining runs** (`pretrain_seeds` > 1). The same recipe with the seeds after `seed`:
+# another initialisation, another order of the images, other masks. Each run lands in
+# `seed<k>/` beside the first (no snapshots: notebook 07's length curve follows the first run).
+# Fine-tuning every one of them (notebook 05) is what puts the variance between pretraining runs
+# into the intervals of Table 2: with one run, a lucky or unlucky pretraining looks like a property
+# of the method.
+
+# %%
+def last_losses(run_dir):  # mean of the run's last 5 logged losses
+    return pd.read_csv(Path(run_dir) / "log.csv").loss.tail(5).mean()
+
+
+runs_summary = [dict(seed=seed, steps=summary["last_step"], loss_last_5_logs=last_losses(step_dir))]
+for extra in range(seed + 1, seed + pretrain_seeds):
+    run_dir = pretrain.seed_run_dir(step_dir, extra, seed)
+    done = pretrain.train(store_dir, run_dir, resume=True, progress=False, **{**params, "seed": extra,
+                                                                             "snapshot_epochs": []})
+    runs_summary.append(dict(seed=extra, steps=done["last_step"], loss_last_5_logs=last_losses(run_dir)))
+pd.DataFrame(runs_summary).set_index("seed") if pretrain_seeds > 1 else None
 
 # %%
 log = pd.read_csv(step_dir / "log.csv")

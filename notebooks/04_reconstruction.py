@@ -166,8 +166,8 @@ show(reconstruction.plot_sweep(sweep, trained_ratio=trained_ratio), "mask_ratio_
 # %% [markdown]
 # **Verdicts.** Each row compares the model's error with another's on the same images: the
 # difference (model minus the other) of each image, its mean, and a Student-t 95% interval over
-# images. "lower error" / "higher error" when the interval excludes 0, "no clear difference" when
-# it does not. The ratio rows compare the model with itself at two ratios and are judged only where
+# images. The rule of notebooks 06 and 07, said of an error: "lower error" / "higher error" when the
+# interval excludes 0, "no clear difference" when it includes 0. The ratio rows compare the model with itself at two ratios and are judged only where
 # it beats the flat fill at both. The smoke profile samples two images per anatomy and judges nothing.
 
 # %%

@@ -49,7 +49,7 @@ models = ["usf-mae", "scratch"]  # encoders to compare (also: vit-b, resnet-50, 
 n_seeds = 1  # fine-tuning runs per fold with the chosen config (seeds 0..n_seeds-1)
 min_runs = 3  # at least this many runs per cell: a dataset with fewer folds (MMOTU-2D: one) gets more seeds per fold
 data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/; None = synthetic twins from notebook 01
-checkpoint = None  # MAE checkpoint; None = <out_dir>/03_mae_pretraining/checkpoints/checkpoint-last.pth
+checkpoint = None  # MAE checkpoint; None = every pretraining run of notebook 03 (<out_dir>/03_mae_pretraining: checkpoints/checkpoint-last.pth, then seed<k>/...)
 ultrasam_checkpoint = None  # UltraSam / SAM ViT-B checkpoint (needed only when models has ultrasam)
 weights_dir = None  # folder with ImageNet weights <model>.safetensors|.pth (else timm's cache, else random)
 missing_weights = "random"  # baseline without ImageNet weights: random (labelled RANDOM INIT in every table) or skip
@@ -84,7 +84,7 @@ import pandas as pd
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from usfmae_lib import UsfmaeError, study
+from usfmae_lib import UsfmaeError, pretrain, study
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split, official_folds
 from usfmae_lib.results import relative_init
@@ -99,12 +99,15 @@ print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
 # %% [markdown]
 # ## Inputs: the MAE checkpoint and the datasets
-# The USF-MAE encoder comes from notebook 03; `scratch` takes the same architecture with random
-# weights. Without `data_root` the benchmarks are the synthetic twins written by notebook 01.
+# The USF-MAE encoder comes from notebook 03, once per pretraining run it made (`pretrain_seeds`):
+# every cell of USF-MAE is fine-tuned from each, so its intervals hold the variance between
+# pretraining runs. `scratch` takes the same architecture with random weights. Without `data_root`
+# the benchmarks are the synthetic twins written by notebook 01.
 
 # %%
 needs_mae = bool({"usf-mae", "scratch"} & set(models) | {"usf-mae", "scratch"} & set(probe_models))
-mae_checkpoint = Path(checkpoint) if checkpoint else Path(out_dir) / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
+mae_checkpoints = [Path(checkpoint)] if checkpoint else pretrain.pretraining_runs(Path(out_dir) / "03_mae_pretraining")
+mae_checkpoint = mae_checkpoints[0] if mae_checkpoints else Path(out_dir) / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
 if needs_mae and not mae_checkpoint.exists():
     raise UsfmaeError(f"{mae_checkpoint} not found: run notebook 03 (MAE pretraining) for this out_dir first, "
                       "or set the checkpoint parameter")
@@ -124,7 +127,8 @@ if unavailable and missing_weights == "skip":
     probe_models = [m for m in probe_models if m not in unavailable]
 # (missing_weights = 'random': the grid below warns once per baseline, with the runs it affects)
 shown_checkpoint = mae_checkpoint.relative_to(out_dir) if mae_checkpoint.is_relative_to(out_dir) else mae_checkpoint
-print(f"checkpoint {shown_checkpoint} (pretrained at {mae_size} px); fine-tuning at {size} px; "
+print(f"checkpoint {shown_checkpoint}{f' and {len(mae_checkpoints) - 1} more pretraining run(s)' if len(mae_checkpoints) > 1 else ''} "
+      f"(pretrained at {mae_size} px); fine-tuning at {size} px; "
       f"{'synthetic twins' if synthetic else 'data_root ' + str(data_root)}")
 
 # %%
@@ -165,12 +169,14 @@ t0 = time.time()
 data = {key: ft.prepare_data(split, size) for key, split in splits.items()}  # decoded and resized once
 cells, sweeps, chosen = [], [], {}
 with ft.warnings_once():  # a baseline without ImageNet weights: one warning, not one per fold
-    for (d, k), m in tqdm([(key, m) for key in splits for m in models], desc="grid", disable=headless):
-        kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m), device=device, n_bootstrap=n_bootstrap,
-                  log=None)
+    for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits
+                                        for start in ft.starts(models, checkpoints, mae_checkpoints)],
+                                       desc="grid", disable=headless):
+        kw = dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
+                  run_name=name)
         cfg, sweep = ft.select_config(data[(d, k)], m, configs, runs, **kw)
         sweeps.append(sweep)
-        chosen[(d, k, m)] = cfg
+        chosen[(d, k, m, name)] = cfg
         cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **kw) for s in range(seeds[d])])
         cell["selected"] = cfg.tag()
         cells.append(cell)
@@ -188,9 +194,11 @@ relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "se
 # %%
 probes, t0 = [], time.time()
 with ft.warnings_once():
-    for (d, k), m in tqdm([(key, m) for key in splits for m in probe_models], desc="probes", disable=headless):
-        kw = dict(checkpoint=checkpoints.get(m), weights=weights.get(m) if m in weights else None, device=device,
-                  n_bootstrap=n_bootstrap, log=None)
+    for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits
+                                        for start in ft.starts(probe_models, checkpoints, mae_checkpoints)],
+                                       desc="probes", disable=headless):
+        kw = dict(checkpoint=ckpt, weights=weights.get(m) if m in weights else None, device=device,
+                  n_bootstrap=n_bootstrap, log=None, run_name=name)
         probes.append(ft.linear_probe(data[(d, k)], m, seed, runs, pool=pool, **kw))
 probe = pd.DataFrame(probes)
 if len(probe):
@@ -207,15 +215,19 @@ if len(probe):
 
 # %%
 curves, t0 = [], time.time()
-for (d, k), m in tqdm([(key, m) for key in splits for m in ("usf-mae", "scratch")], desc="label efficiency",
-                      disable=headless):
-    cfg = chosen.get((d, k, m)) or configs[0]
+for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits if label_fractions
+                                    for start in ft.starts(["usf-mae", "scratch"], checkpoints, mae_checkpoints)],
+                                   desc="label efficiency", disable=headless):
+    cfg = chosen.get((d, k, m, name)) or configs[0]
     curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
-                                      checkpoint=mae_checkpoint, device=device, n_bootstrap=n_bootstrap, log=None))
+                                      checkpoint=ckpt, device=device, n_bootstrap=n_bootstrap, log=None,
+                                      run_name=name))
 label_curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
 if len(label_curve):  # the 100% points are the grid's own runs: reused here
     print(f"label efficiency: {ft.run_tally(label_curve, runs, t0)}")
-label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "f1"]].mean().round(3) if len(label_curve) else label_curve
+if not label_fractions:
+    print("label_fractions is empty: no fine-tuned label curve (notebook 07 scores frozen encoders with 1-100% of the labels)")
+label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "f1"]].mean().round(3) if len(label_curve) else None
 
 # %% [markdown]
 # ## Outputs
@@ -227,6 +239,7 @@ for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_ind
                     ("label_efficiency", label_curve)]:
     table.to_csv(step_dir / f"{name}.csv", index=False)
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
+             pretraining_runs=[str(c) for c in mae_checkpoints],
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, min_runs=min_runs, seeds=seeds,
              n_configs=len(configs), min_steps=min_steps,
              folds={d: [k for (dd, k) in splits if dd == d] for d in datasets}, val_fraction=val_fraction,

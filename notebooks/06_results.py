@@ -18,8 +18,8 @@
 #
 # This notebook gathers the fine-tuning metrics of notebook 05 (or of a folder of `usfmae finetune`
 # runs: `results_dir`) into the paper's Table 2
-# (precision, recall, F1 per benchmark) with the paper's numbers beside ours, mean +/- sd over
-# seeds and bootstrap intervals, the init of every model, confusion matrices, the
+# (precision, recall, F1 per benchmark) with the paper's numbers beside ours, each cell's mean, the
+# sd of its runs and the 95% interval of its mean, the init of every model, confusion matrices, the
 # label-efficiency plot, the verdicts (USF-MAE against the same architecture from scratch) as one
 # table, and a discussion computed from the rows: what the run supports and what it does not.
 #
@@ -61,13 +61,19 @@ print(f"{len(results)} fine-tuning rows ({results.groupby('dataset')['fold'].nun
 # %% [markdown]
 # ## Table 2: ours beside the paper's
 # Precision / recall / F1 in %: the positive class on BUS-BRA (malignant) and GIST514-DB (GIST),
-# micro averages on MMOTU-2D (macro averages are in `results.csv`). Ours: the mean over the official
-# folds (BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits) of each fold's mean over seeds,
-# ± the sd between folds (over seeds for MMOTU-2D's single split). Bold: a column's best mean among our
-# rows that are neither random-init baselines nor near a one-class predictor, when it leads the next
-# by more than the larger sd (nothing bold on the smoke profile). The `init` column says where each
-# model's weights came from. UltraSam's paper row is quoted from UltraSam's own paper, not rerun:
-# the notes under the table say what that means.
+# micro averages on MMOTU-2D (macro averages are in `results.csv`).
+#
+# **Reading a cell of ours.** The number is the mean F1 (or P, R) over all of that model's runs on
+# that dataset: the official splits (BUS-BRA's 5 folds, GIST514-DB's 5 splits, MMOTU-2D's one) weigh
+# the same, and USF-MAE's runs also span its pretraining runs. The ± is the sd of the single runs: how
+# far one more run may land. The bracketed interval under the table is the 95% interval of the mean
+# itself, from every source of variance the runs sample (pretraining runs, splits, seeds, test
+# images); each dataset's line under it names them, and what is missing, such as a single
+# pretraining run. Bold marks a best mean whose lead over the next row, paired run by run, has an
+# interval above 0 (nothing bold on the smoke profile).
+#
+# The `init` column says where each model's weights came from. UltraSam's paper row is quoted from
+# UltraSam's own paper, not rerun: the notes under the table say what that means.
 
 # %%
 # the profile that made the numbers (notebook 05's, else this one); a dry run's numbers are judged as none
@@ -76,8 +82,9 @@ paths = res.write_table2(results, step_dir, judged_as)
 Markdown(paths["md"].read_text())  # table2.md as it is, rendered
 
 # %% [markdown]
-# ## All metrics, with intervals
-# Every metric of every cell: mean over folds of the mean over seeds, and the 95% bootstrap interval (each run's, averaged).
+# ## All metrics
+# Every metric of every cell: its mean ± the sd of its runs; for precision, recall and F1 also the
+# 95% interval of the mean, as in Table 2 (`all_metrics.csv`).
 
 # %%
 metric_names = [m for m in ("precision", "recall", "f1", "precision_macro", "recall_macro", "f1_macro", "accuracy",
@@ -89,7 +96,10 @@ for (d, m, mode), g in pd.concat([results, probe], ignore_index=True).groupby(["
     for k in metric_names:
         if g[k].notna().any():
             cell = res.fold_summary(g, k)
-            row[k] = f"{100 * cell['mean']:.1f} [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
+            sd = f" ± {100 * cell['sd']:.1f}" if pd.notna(cell["sd"]) else ""
+            interval = (f" [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
+                        if k in res.METRICS and pd.notna(cell["low"]) else "")
+            row[k] = f"{100 * cell['mean']:.1f}{sd}{interval}"
     rows.append(row)
 all_metrics = pd.DataFrame(rows)
 all_metrics.to_csv(step_dir / "all_metrics.csv", index=False)
@@ -122,11 +132,11 @@ if len(label_curve):
 
 # %% [markdown]
 # ## Does pretraining help? The verdicts
-# USF-MAE against the same architecture from scratch, per dataset: the gap in mean F1 (points), its
-# interval paired by fold and seed, and the verdict. "Beats" needs all of: neither model near a
-# one-class predictor, a gap larger than the spread between folds (or seeds), and bootstrap
-# intervals that do not overlap; otherwise "too small to judge", with every reason that failed.
-# Also in `verdicts.csv`.
+# USF-MAE against the same architecture from scratch, per dataset: the mean of the paired
+# differences in F1 (each USF-MAE run minus the scratch run on the same split, seed and test images),
+# the 95% interval of that mean, how it was made, and the verdict. One rule, the same in notebooks
+# 04 and 07: **above** or **below** only when the interval excludes 0, **no clear difference** when
+# it includes 0, **one-class** when either model is near a one-class predictor. Also in `verdicts.csv`.
 
 # %%
 verdicts = res.scratch_verdicts(results, judged_as)

@@ -27,55 +27,62 @@ MC = 3 * np.sqrt(LEVEL * (1 - LEVEL) / N_NULL)
 TEST_OVER_TRAIN = 0.25  # 5-fold cross-validation: 1/5 of the images tested, 4/5 trained on
 
 
-def crossed_study(rng, delta, n_pre, n_split, n_seed, sd=2.0):
+def crossed_study(rng, delta, n_pre, n_split, n_seed, sd=2.0, scale=None):
     """A and B on K splits, A from n_pre pretraining runs: runs tables. Nadeau and Bengio's model: a
     model's K per-split scores are equicorrelated (correlation n_test / (n_train + n_test)), since the
     splits' training sets overlap, and that holds for one checkpoint's fine-tuning noise as for the
-    split's own effect."""
+    split's own effect. scale: multipliers of the sources' sd (pretraining, split, seed; default 1)."""
     rho = TEST_OVER_TRAIN / (1 + TEST_OVER_TRAIN)
+    scale = {"pretraining": 1.0, "split": 1.0, "seed": 1.0, **(scale or {})}
 
-    def across_splits():  # one draw per split, equicorrelated
-        return sd * (np.sqrt(rho) * rng.normal() + np.sqrt(1 - rho) * rng.normal(size=n_split))
+    def across_splits(source):  # one draw per split, equicorrelated
+        return scale[source] * sd * (np.sqrt(rho) * rng.normal() + np.sqrt(1 - rho) * rng.normal(size=n_split))
 
-    hard = across_splits()  # how hard each split is, for both models: it cancels in the pairs
-    pre = rng.normal(0, sd if n_pre > 1 else 0.0, n_pre)  # one checkpoint: the truth is its own (module doc)
+    hard = across_splits("split")  # how hard each split is, for both models: it cancels in the pairs
+    pre = rng.normal(0, scale["pretraining"] * sd if n_pre > 1 else 0.0, n_pre)  # one checkpoint: its own truth
     a = [dict(pretrain_run=r, split=k, seed=s, value=value)
          for r in range(n_pre) for s in range(n_seed)
-         for k, value in enumerate(delta + pre[r] + hard + across_splits() + across_splits())]
+         for k, value in enumerate(delta + pre[r] + hard + across_splits("split") + across_splits("seed"))]
     b = [dict(pretrain_run=0, split=k, seed=s, value=value)
-         for s in range(n_seed) for k, value in enumerate(hard + across_splits() + across_splits())]
+         for s in range(n_seed) for k, value in enumerate(hard + across_splits("split") + across_splits("seed"))]
     return pd.DataFrame(a), pd.DataFrame(b)
 
 
-def one_split_study(rng, delta, n_pre, n_seed, n_test=100, sd=2.0, n_resamples=100):
+def one_split_study(rng, delta, n_pre, n_seed, n_test=100, sd=2.0, n_resamples=100, scale=None):
     """A and B on one split's n_test test images (a per-image score, its mean is the run's value), the
-    same bootstrap resamples of the test images for every run: runs tables with replicates."""
-    shared = rng.normal(0, 5 * sd, n_test)  # how hard each image is, for both models
-    own_a, own_b = rng.normal(0, 5 * sd, n_test), rng.normal(0, 5 * sd, n_test)  # model-specific image effects
+    same bootstrap resamples of the test images for every run: runs tables with replicates. scale:
+    multipliers of the sources' sd (pretraining, seed, images; default 1)."""
+    scale = {"pretraining": 1.0, "seed": 1.0, "images": 1.0, **(scale or {})}
+    shared = rng.normal(0, 5 * sd, n_test)  # how hard each image is, for both models: it cancels in the pairs
+    own_a, own_b = (rng.normal(0, 5 * sd * scale["images"], n_test) for _ in "ab")  # model-specific image effects
     index = stats.resample_index(n_test, n_resamples, int(rng.integers(1 << 31)))
-    pre = rng.normal(0, sd if n_pre > 1 else 0.0, n_pre)
+    pre = rng.normal(0, scale["pretraining"] * sd if n_pre > 1 else 0.0, n_pre)
 
     def run(pretrain_run, seed, per_image):
         return dict(pretrain_run=pretrain_run, split=0, seed=seed, value=per_image.mean(),
                     replicates=per_image[index].mean(1), n_test=n_test)
 
-    a = [run(r, s, delta + pre[r] + rng.normal(0, sd) + shared + own_a + rng.normal(0, sd, n_test))
+    seed_sd = scale["seed"] * sd
+    a = [run(r, s, delta + pre[r] + rng.normal(0, seed_sd) + shared + own_a + rng.normal(0, seed_sd, n_test))
          for r in range(n_pre) for s in range(n_seed)]
-    b = [run(0, s, rng.normal(0, sd) + shared + own_b + rng.normal(0, sd, n_test)) for s in range(n_seed)]
+    b = [run(0, s, rng.normal(0, seed_sd) + shared + own_b + rng.normal(0, seed_sd, n_test)) for s in range(n_seed)]
     return pd.DataFrame(a), pd.DataFrame(b)
 
 
 DESIGNS = {  # name -> (simulator, its arguments, n_test / n_train)
     "quick, 5 folds x 3 pretraining runs": (crossed_study, dict(n_pre=3, n_split=5, n_seed=1), TEST_OVER_TRAIN),
     "quick, one split x 3 pretraining runs x 3 seeds": (one_split_study, dict(n_pre=3, n_seed=3), 0.0),
-    "paper, 5 folds x 1 pretraining run": (crossed_study, dict(n_pre=1, n_split=5, n_seed=1), TEST_OVER_TRAIN),
-    "paper, one split x 5 seeds": (one_split_study, dict(n_pre=1, n_seed=5), 0.0),
+    "paper, 5 folds x 3 seeds (1 pretraining run)": (crossed_study, dict(n_pre=1, n_split=5, n_seed=3),
+                                                     TEST_OVER_TRAIN),
+    "paper, one split x 5 seeds (1 pretraining run)": (one_split_study, dict(n_pre=1, n_seed=5), 0.0),
 }
 
 
-def simulate(design: str, delta: float, seed: int, n_studies: int) -> tuple[float, float]:
-    """Coverage of delta and the rate of above/below verdicts over n_studies paired intervals."""
+def simulate(design: str, delta: float, seed: int, n_studies: int, scale=None) -> tuple[float, float]:
+    """Coverage of delta and the rate of above/below verdicts over n_studies paired intervals (scale:
+    the sources' sd multipliers, see the simulators)."""
     make, kwargs, test_over_train = DESIGNS[design]
+    kwargs = {**kwargs, "scale": scale}
     rng = np.random.default_rng(seed)
     covered = judged = 0
     for _ in range(n_studies):

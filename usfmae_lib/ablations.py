@@ -130,11 +130,18 @@ def score_encoders(encoders: dict, data: dict, fractions=(1.0,), label_seeds: in
     return score_features(encoder_features(encoders, data, seed, device, log), data, fractions, label_seeds, k)
 
 
+def pool_runs(scores: pd.DataFrame, pooled: dict) -> pd.DataFrame:
+    """scores with the pretraining runs of one encoder under one label: `pretrain_run` keeps each row's
+    own encoder label (its run), `encoder` becomes pooled.get(label, label). The verdicts then pair
+    every run with the other side and hold the variance between runs (stats.interval)."""
+    return scores.assign(pretrain_run=scores["encoder"], encoder=scores["encoder"].map(lambda e: pooled.get(e, e)))
+
+
 def reuse(scores: pd.DataFrame, names: dict, fraction: float = 1.0) -> pd.DataFrame:
     """The rows of already scored encoders at one label fraction under new labels ({old: new}):
     claims 2 and 3 compare with the same two encoders claim 1 scored, so they are not scored twice."""
     rows = scores[scores["encoder"].isin(names) & (scores["fraction"] == fraction)]
-    return rows.assign(encoder=rows["encoder"].map(names))
+    return rows.assign(encoder=rows["encoder"].map(names)).drop(columns="pretrain_run", errors="ignore")
 
 
 def pretrain_variant(checkpoint, store_dir, run_dir, progress: bool = False, **changes) -> Path:
@@ -160,7 +167,7 @@ def _runs(g: pd.DataFrame, encoder: str) -> pd.DataFrame:
     """One encoder's scores as the stats module reads them: pretraining run (`pretrain_run` where the
     scores carry it, else the encoder: one checkpoint), split (fold), seed (label subsample), value."""
     r = g[g["encoder"] == encoder]
-    return pd.DataFrame(dict(pretrain_run=r["pretrain_run"] if "pretrain_run" in r else encoder, split=r["fold"],
+    return pd.DataFrame(dict(pretrain_run=r["pretrain_run"].fillna(encoder) if "pretrain_run" in r else encoder, split=r["fold"],
                              seed=r["label_seed"], value=r["f1"]))
 
 

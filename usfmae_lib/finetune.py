@@ -877,11 +877,14 @@ def _score_and_save(directory: Path, identity: dict, row: dict, data: Data, prob
 
 def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs, fraction: float = 1.0,
                  checkpoint=None, weights=None, mae_config=None, device="auto", n_bootstrap: int = 1000,
-                 log=print) -> dict:
-    """One fine-tuning run (resumable): returns its results row (also in metrics.json)."""
+                 log=print, run_name: str | None = None) -> dict:
+    """One fine-tuning run (resumable): returns its results row (also in metrics.json). run_name: the
+    run folder's model name when one model has several starts (USF-MAE from each pretraining run:
+    "usf-mae", "usf-mae-seed1", ...); the row's model stays model_name."""
     split = data.split
     cfg = TrainConfig(**{**asdict(cfg), "img_size": data.img_size})
-    directory = run_dir(runs, split.dataset, split.fold, model_name, "finetune", cfg.tag(), seed, fraction, split.images)
+    directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "finetune", cfg.tag(), seed, fraction,
+                        split.images)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     weights_id = (_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
     identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
@@ -923,11 +926,12 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
 
 def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, weights=None, mae_config=None,
                  pool: str = "token", device="auto", n_bootstrap: int = 1000, cs=(0.01, 0.1, 1.0, 10.0),
-                 log=print) -> dict:
-    """Frozen encoder -> features -> LogisticRegression (C picked on validation F1); resumable."""
+                 log=print, run_name: str | None = None) -> dict:
+    """Frozen encoder -> features -> LogisticRegression (C picked on validation F1); resumable.
+    run_name: as finetune_run's."""
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
-    directory = run_dir(runs, split.dataset, split.fold, model_name, "probe", tag, seed, 1.0, split.images)
+    directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "probe", tag, seed, 1.0, split.images)
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
                     tag=TIMM_NAMES.get(model_name),
@@ -997,6 +1001,19 @@ def run_cell(data: Data, model_name: str, configs: list[TrainConfig], runs, n_se
     out = pd.DataFrame(rows)
     out["selected"] = cfg.tag()
     out["n_configs"] = len(configs)
+    return out
+
+
+def starts(models, checkpoints: dict, pretraining_runs: list) -> list[tuple[str, str | None, Path | None]]:
+    """(model, run_name, checkpoint) of every model to train: USF-MAE once per pretraining run (the
+    first in the plain usf-mae run folders, the others in usf-mae-run2, usf-mae-run3, ...), every other
+    model once, with its checkpoints entry (scratch: the first pretraining run, for its architecture)."""
+    out = []
+    for m in models:
+        if m == "usf-mae":
+            out += [(m, None if i == 0 else f"usf-mae-run{i + 1}", c) for i, c in enumerate(pretraining_runs)]
+        else:
+            out.append((m, None, checkpoints.get(m)))
     return out
 
 

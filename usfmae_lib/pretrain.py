@@ -625,6 +625,21 @@ def save_snapshot(checkpoints_dir, model, step: int, steps_per_epoch: int, p: di
                            snapshot_path(checkpoints_dir, epoch))
 
 
+def seed_run_dir(step_dir, seed: int, first_seed: int) -> Path:
+    """Where notebook 03 writes the pretraining run of `seed`: the first run (seed == first_seed) in
+    step_dir itself, every further run (`pretrain_seeds` > 1) in step_dir/seed<seed>."""
+    return Path(step_dir) if seed == first_seed else Path(step_dir) / f"seed{seed}"
+
+
+def pretraining_runs(step_dir) -> list[Path]:
+    """The last checkpoint of every pretraining run notebook 03 wrote under step_dir, the first run's
+    first, then the further seeds' in seed order: what notebooks 05 and 07 fine-tune and score."""
+    step_dir = Path(step_dir)
+    first = step_dir / "checkpoints" / CHECKPOINT
+    more = sorted(step_dir.glob(f"seed[0-9]*/checkpoints/{CHECKPOINT}"), key=lambda p: int(p.parts[-3][4:]))
+    return ([first] if first.exists() else []) + more
+
+
 def snapshots(checkpoints_dir) -> dict[int, Path]:
     """{epoch: file} of the snapshots a run kept, in epoch order."""
     found = {int(f.stem.split("-")[1]): f for f in Path(checkpoints_dir).glob("epoch-[0-9][0-9][0-9][0-9].pth")}

@@ -4,19 +4,19 @@
     paths = write_table2(rows, "OUT/06_results")          # table2.csv / .md / .tex
 
 Ours: the headline precision / recall / F1 (positive class on BUS-BRA and GIST514-DB, micro
-average on MMOTU-2D, as the paper's equal P = R = F1 implies) as the mean over the official folds
-(BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits; MMOTU-2D has one split) of each fold's
-mean over seeds, +/- the sd between folds (over seeds where there is one fold), the 95% bootstrap
-interval over test images (each run's, averaged), the numbers of folds and seeds, and the init of
-every model. A column's best mean is marked only among comparable rows of ours (not a random-init
-baseline, not near a one-class predictor) and only when it leads the runner-up by more than the
-larger sd; the paper's rows are never compared with ours. UltraSam's paper row is quoted
-from UltraSam's own paper, not rerun, and is marked so (`paper_notes`).
-Statements for the discussion are computed from the rows (`discussion`), never written by hand;
-each says "too small to judge" (and why) when the profile is smoke, a model is near a one-class
-predictor, or a difference is inside the spread between folds or seeds. The notebooks show their
-verdicts as one table (`scratch_verdicts` here, `ablations.verdict_rows` for notebook 07;
-`show_verdicts` writes verdicts.csv and says the smoke profile's reason once, above the table).
+average on MMOTU-2D, as the paper's equal P = R = F1 implies) as the mean over the official splits
+(BUS-BRA's 5-fold cross-validation, GIST514-DB's 5 splits; MMOTU-2D has one split) of each split's
+mean over USF-MAE's pretraining runs and the seeds, +/- the sd of the single runs, the 95% interval
+of that mean (usfmae_lib.stats: every source of variance the runs sample, the method named under
+the table), the numbers of pretraining runs, splits and seeds, and the init of every model. A
+column's best mean is marked only among comparable rows of ours (not a random-init baseline, not
+near a one-class predictor) and only when its lead over the runner-up, paired by split, seed and
+test image, has an interval above 0; the paper's rows are never compared with ours. UltraSam's
+paper row is quoted from UltraSam's own paper, not rerun, and is marked so (`paper_notes`).
+Statements for the discussion are computed from the rows (`discussion`), never written by hand, by
+the one verdict rule (stats.RULE); "too small to judge" on the smoke profile. The notebooks show
+their verdicts as one table (`scratch_verdicts` here, `ablations.verdict_rows` for notebook 07;
+`show_verdicts` writes verdicts.csv and states the rule, and the smoke profile's reason, once).
 """
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def _csv(path: Path) -> pd.DataFrame:
 
 
 def load_runs(folder) -> Runs:
-    """Read a fine-tuning folder (see Runs); an error names the file when there is no results.csv."""
+    """Read a fine-tuning folder (see Runs), with add_replicates' test-image resamples on single-split
+    datasets; an error names the file when there is no results.csv."""
     from . import UsfmaeError
 
     folder = Path(folder)
@@ -82,6 +83,8 @@ def load_runs(folder) -> Runs:
         curve = finetuned.merge(below, on=["dataset", "model"]).reset_index(drop=True)
     setup_file = folder / "setup.json"
     setup = json.loads(setup_file.read_text()) if setup_file.is_file() else {}
+    # a single split's runs scored on shared test-image resamples: its intervals hold the test images too
+    results, probe, curve = (add_replicates(t, folder / "runs") for t in (results, probe, curve))
     return Runs(folder, results, probe, curve, setup)
 
 
@@ -162,13 +165,15 @@ def cell_runs(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def holdout_ratio(rows: pd.DataFrame) -> float:
-    """n_test / n_train of the splits, for Nadeau and Bengio's correction; k-fold's 1 / (K - 1) for rows
-    that do not record their sizes; 0 with one split."""
+    """n_test / n_train of the splits (the whole training part, also for runs on a fraction of its
+    labels), for Nadeau and Bengio's correction; k-fold's 1 / (K - 1) for rows that do not record
+    their sizes; 0 with one split."""
     k = rows["fold"].nunique() if "fold" in rows else 1
     if k < 2:
         return 0.0
     if {"n_test", "n_train"} <= set(rows) and rows["n_train"].notna().all() and rows["n_test"].notna().all():
-        return float(rows["n_test"].mean() / rows["n_train"].mean())
+        fraction = rows["fraction"] if "fraction" in rows else 1.0
+        return float(rows["n_test"].mean() / (rows["n_train"] / fraction).mean())  # the split's, not the labels used
     return 1 / (k - 1)
 
 
@@ -207,7 +212,8 @@ def summarise(results: pd.DataFrame, mode: str = "finetune") -> pd.DataFrame:
         for m in METRICS:
             cell = fold_summary(g, m)
             out.append(dict(dataset=dataset, model=model, metric=m, mean=100 * cell["mean"], sd=100 * cell["sd"],
-                            low=100 * cell["low"], high=100 * cell["high"], method=cell["method"],
+                            low=max(100 * cell["low"], 0.0), high=min(100 * cell["high"], 100.0),  # a score's range
+                            method=cell["method"],
                             n_pretrain=cell["n_pretrain"], n_folds=cell["n_folds"], n_seeds=cell["n_seeds"],
                             n_test=cell["n_test"], init="; ".join(sorted(g["init"].unique()))))
     return pd.DataFrame(out)
@@ -316,7 +322,7 @@ def to_markdown(long: pd.DataFrame) -> str:
     ours = long.dropna(subset=["mean"])
     f1 = ours[ours["metric"] == "f1"]
     datasets = [d for d in DATASET_TITLES if d in set(ours["dataset"])]
-    lines += ["", "F1 with the 95% interval of its mean:", "",
+    lines += ["", "F1 with the 95% interval of its mean (clipped to 0-100):", "",
               "| model | " + " | ".join(DATASET_TITLES[d] for d in datasets) + " |", "|---|" + "---|" * len(datasets)]
     for model, g in f1.groupby("model", sort=False):
         cells = [" ".join(f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}]" if np.isfinite(r["low"])
@@ -514,8 +520,8 @@ def verdict_row(comparison: str, dataset: str, d: stats.Interval | None, verdict
     if d is None:
         return dict(comparison=comparison, dataset=dataset, difference=np.nan, low=np.nan, high=np.nan,
                     method="no pairs", verdict=verdict)
-    return dict(comparison=comparison, dataset=dataset, difference=100 * d.mean, low=100 * d.low,
-                high=100 * d.high, method=d.method, verdict=verdict)
+    return dict(comparison=comparison, dataset=dataset, difference=100 * d.mean, low=max(100 * d.low, -100.0),
+                high=min(100 * d.high, 100.0), method=d.method, verdict=verdict)  # clipped to what a difference can be
 
 
 # ============================================================================ verdict tables (notebooks 06 and 07)

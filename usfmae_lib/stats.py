@@ -73,9 +73,9 @@ class Interval:
             return "no interval: a single run"
         names = {"pretraining runs": f"{self.n_pre} pretraining runs",
                  "splits": f"{self.n_splits} splits (Nadeau-Bengio corrected)",
-                 "seeds": f"{self.n_seeds} seeds", "test images": f"bootstrap over {self.n_test} test images"}
-        text = f"t ({self.df:.0f} df) over " + " + ".join(names[k] for k in self.terms) if np.isfinite(self.df) \
-            else "normal over " + " + ".join(names[k] for k in self.terms)
+                 "seeds": f"{self.n_seeds} seeds", "test images": f"{self.n_test} test images (bootstrap)"}
+        text = (f"t ({self.df:.0f} df)" if np.isfinite(self.df) else "normal") + " over " + \
+            " + ".join(names[k] for k in self.terms)
         return text + (f"; not in it: {', '.join(self.missing)}" if self.missing else "")
 
 
