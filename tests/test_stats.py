@@ -135,6 +135,8 @@ def test_pairs_are_made_on_split_and_seed_and_scratch_serves_every_pretraining_r
     b = pd.DataFrame(dict(pretrain_run="none", split=[2, 1], seed=0, value=[1., 2]))
     d = stats.pair(a, b).sort_values(["pretrain_run", "split"])
     assert d["value"].tolist() == [3., 5, 5, 7]
+    back = stats.pair(b, a).sort_values(["pretrain_run", "split"])  # the single run first: the same pairs, negated
+    assert back["value"].tolist() == [-3., -5, -5, -7]
 
 
 @pytest.mark.parametrize("positive", [1, None])

@@ -163,10 +163,17 @@ def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 
 
 def pair(a: pd.DataFrame, b: pd.DataFrame, value: str = "value") -> pd.DataFrame:
     """The runs of A - B, paired on split and seed (and on the test-image resamples, where both carry
-    `replicates`). B may have one pretraining run (scratch, a random encoder) against A's several:
-    each of A's runs is paired with B's run on the same split and seed. A's runs without a partner
+    `replicates`). One side may have one pretraining run (scratch, a random encoder, a baseline)
+    against the other's several: each of the several is paired with the single side's run on the same
+    split and seed. Two sides with several runs each are paired run by run. Runs without a partner
     are left out."""
     a, b = _levels(a), _levels(b)
+    if b["pretrain_run"].nunique() > 1 and a["pretrain_run"].nunique() == 1:  # one run against several: B - A, negated
+        d = pair(b, a, value)
+        d[value] = -d[value]
+        if "replicates" in d:
+            d["replicates"] = [-x if isinstance(x, np.ndarray) else None for x in d["replicates"]]
+        return d
     on = ["split", "seed"] + (["pretrain_run"] if b["pretrain_run"].nunique() > 1 else [])
     partner = dict(zip(zip(*(b[k] for k in on)), range(len(b))))
     j = np.array([partner.get(key, -1) for key in zip(*(a[k] for k in on))])
