@@ -330,12 +330,10 @@ def last_losses(run_dir):  # mean of the run's last 5 logged losses
     return pd.read_csv(Path(run_dir) / "log.csv").loss.tail(5).mean()
 
 
-runs_summary = [dict(seed=seed, steps=summary["last_step"], loss_last_5_logs=last_losses(step_dir))]
-for extra in range(seed + 1, seed + pretrain_seeds):
-    run_dir = pretrain.seed_run_dir(step_dir, extra, seed)
-    done = pretrain.train(store_dir, run_dir, resume=True, progress=False, **{**params, "seed": extra,
-                                                                             "snapshot_epochs": []})
-    runs_summary.append(dict(seed=extra, steps=done["last_step"], loss_last_5_logs=last_losses(run_dir)))
+further = pretrain.train_further_runs(store_dir, step_dir, pretrain_seeds, **params)
+runs_summary = [dict(seed=seed, steps=summary["last_step"], loss_last_5_logs=last_losses(step_dir))] + [
+    dict(seed=run["seed"], steps=run["last_step"], loss_last_5_logs=last_losses(Path(run["checkpoint"]).parents[1]))
+    for run in further]
 pd.DataFrame(runs_summary).set_index("seed") if pretrain_seeds > 1 else None
 
 # %%

@@ -82,6 +82,12 @@ trained_ratio = info["trained_mask_ratio"]  # None when the file does not record
 print(f"{info['checkpoint']}: {info['depth']}-block encoder of width {info['embed_dim']}, {img_size} px, "
       f"{info['num_patches']} patches of {patch} px, {info['parameters'] / 1e6:.1f} M parameters, trained at mask "
       + (f"{trained_ratio:.0%}" if trained_ratio is not None else "ratio not recorded"))
+# notebook 03's further pretraining runs (pretrain_seeds > 1): the sweep's verdicts pool every run
+models = {"run 1": model} | {
+    f"run {k}": reconstruction.load_inspection_model(str(path), out_dir, norm_pix_loss=norm_pix_loss, device=device)[0]
+    for k, path in enumerate(reconstruction.further_runs(checkpoint, out_dir), start=2)}
+if len(models) > 1:
+    print(f"{len(models)} pretraining runs: the panels, attention and views show run 1; the sweep and verdicts pool all")
 
 # %% [markdown]
 # ## The images
@@ -156,19 +162,22 @@ for ratio in panel_mask_ratios:
 # beats 75% (notebook 07 pretrains at both to test that).
 
 # %%
-per_image, sweep = reconstruction.mask_ratio_sweep(model, imgs, sample.anatomy, mask_ratios, seed=seed,
-                                          batch_size=batch_size, paths=sample.path, norm_pix_stats=norm_pix_stats)
+per_image, sweep = reconstruction.sweep_runs(models, imgs, sample.anatomy, mask_ratios, seed=seed,
+                                             batch_size=batch_size, paths=sample.path, norm_pix_stats=norm_pix_stats)
 reconstruction.write_table(sweep, step_dir / "mask_ratio_sweep.csv")
 reconstruction.write_table(per_image, step_dir / "sweep" / "per_image.csv")
 display(sweep.pivot(index="anatomy", columns="mask_ratio", values="mse").round(4))
 show(reconstruction.plot_sweep(sweep, trained_ratio=trained_ratio), "mask_ratio_sweep")
 
 # %% [markdown]
-# **Verdicts.** Each row compares the model's error with another's on the same images: the
-# difference (model minus the other) of each image, its mean, and a Student-t 95% interval over
-# images. The rule of notebooks 06 and 07, said of an error: "lower error" / "higher error" when the
-# interval excludes 0, "no clear difference" when it includes 0. The ratio rows compare the model with itself at two ratios and are judged only where
-# it beats the flat fill at both. The smoke profile samples two images per anatomy and judges nothing.
+# **Verdicts.** Each row compares the model's error with another's on the same images and masks:
+# the difference (model minus the other) of each image, its mean, and the 95% interval of that mean
+# (`method` names it): a Student-t over images for one checkpoint; with notebook 03's further
+# pretraining runs, every run on the same images, the variance between runs added (usfmae_lib.stats,
+# docs/statistics.md). The rule of notebooks 06 and 07, said of an error: "lower error" / "higher
+# error" when the interval excludes 0, "no clear difference" when it includes 0. The ratio rows
+# compare the model with itself at two ratios and are judged only where it beats the flat fill at
+# both. The smoke profile samples two images per anatomy and judges nothing.
 
 # %%
 judged_ratio = trained_ratio if trained_ratio in mask_ratios else panel_mask_ratios[0]
@@ -178,6 +187,7 @@ if profile == "smoke":
     print(f"smoke profile: {n_images} images per anatomy check that the code runs and measure nothing; "
           "every verdict reads 'too small to judge'")
 display(verdicts.drop(columns=["method"]).round(4))
+print("the interval of each row:", *verdicts["method"].unique(), sep="\n  ")
 
 # %% [markdown]
 # ## Attention of the encoder's last layer

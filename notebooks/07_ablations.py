@@ -59,7 +59,7 @@ import pandas as pd
 from IPython.display import display
 
 from usfmae_lib import UsfmaeError, ablations, mae, pretrain, study
-from usfmae_lib.results import percent, show_verdicts
+from usfmae_lib.results import percent, read_table, show_verdicts
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split, official_folds
 
@@ -113,7 +113,7 @@ features = ablations.encoder_features(encoders, data, seed, device)
 labels_scores = ablations.pool_runs(ablations.score_features(features, data, fractions, label_seeds, knn_k),
                                     {label: pretrained for label in runs_of})
 first_run = labels_scores[labels_scores["pretrain_run"].isin([pretrained, ablations.RANDOM])]  # claims 2 and 3
-labels_scores.to_csv(step_dir / "labels_pretrained_vs_random.csv", index=False)
+ablations.write_scores(labels_scores, step_dir / "labels_pretrained_vs_random.csv")
 means = ablations.mean_scores(labels_scores)
 fig = ablations.plot_curves(means, "fraction", "Frozen encoder: pretrained vs random init", "training labels",
                             log_x=True, x_labels=percent)
@@ -128,11 +128,11 @@ for fraction in (min(fractions), 1.0):
 
 # %%
 curve_file = Path(out_dir) / "05_finetuning" / "label_efficiency.csv"
-if curve_file.exists():
-    curve = pd.read_csv(curve_file)
+curve = read_table(curve_file)
+if len(curve):
     display(curve.groupby(["dataset", "model", "fraction"])["f1"].agg(["mean", "std", "count"]).round(3))
 else:
-    print(f"{curve_file} not found: run notebook 05 for the fine-tuned curve")
+    print(f"no fine-tuned label curve in {curve_file} (notebook 05 with label_fractions, e.g. [0.1])")
 
 # %% [markdown]
 # ### Exercise: fewer labels
@@ -188,7 +188,7 @@ ratio_scores = pd.concat([ablations.reuse(first_run, {pretrained: f"mask {base_r
                           *([ablations.score_encoders(ratio_encoders, data, [1.0], 1, seed, device, knn_k)] if ratio_encoders else [])],
                          ignore_index=True)
 ratio_scores["mask_ratio"] = ratio_scores["encoder"].map(ratio_of)  # random init: NaN
-ratio_scores.to_csv(step_dir / "mask_ratio_transfer.csv", index=False)
+ablations.write_scores(ratio_scores, step_dir / "mask_ratio_transfer.csv")
 pretrained_ratios = ratio_scores.dropna(subset=["mask_ratio"])
 fig = ablations.plot_curves(ablations.mean_scores(pretrained_ratios.assign(encoder="pretrained"),
                                                   by=("encoder", "dataset", "method", "mask_ratio")),
@@ -216,7 +216,7 @@ else:
                                *([ablations.score_encoders(along, data, [1.0], 1, seed, device, knn_k)] if along else [])],
                               ignore_index=True)
     length_scores["step"] = length_scores["encoder"].map({"step 0": 0, f"step {last_step}": last_step, **{f"step {k}": k for k in kept}})
-    length_scores.to_csv(step_dir / "pretraining_length.csv", index=False)
+    ablations.write_scores(length_scores, step_dir / "pretraining_length.csv")
     fig = ablations.plot_curves(ablations.mean_scores(length_scores.assign(encoder="notebook 03's run"),
                                                       by=("encoder", "dataset", "method", "step")),
                                 "step", "Downstream score along pretraining (frozen encoder, all labels)",

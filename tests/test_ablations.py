@@ -131,3 +131,18 @@ def test_curve_bands_are_named_in_the_legend_and_never_below_zero():
         assert ys.min() >= 0 and ys.max() <= 100  # F1 5 ± 20 and 90 ± 20, clipped to 0-100
         assert ax.get_ylim() == pytest.approx((-4, 104))  # one scale in every panel
     plt.close(fig)
+
+
+def test_a_single_split_verdict_holds_its_test_images(tmp_path):
+    """On one split (MMOTU-2D's case) the scores carry F1 on resamples of the test images, the same
+    resamples for both encoders, and the paired interval names them; the CSV leaves them out."""
+    data, good = _data(n_per_class=(30, 10, 40))
+    _, noise = _data(informative=False, n_per_class=(30, 10, 40))
+    features = {"pretrained": {("bus-bra", 1): good}, "random init": {("bus-bra", 1): noise}}
+    scores = ablations.score_features(features, {("bus-bra", 1): data}, [0.2, 1.0], 3, k=5)
+    reps = scores["replicates"].iloc[0]
+    assert reps.shape == (ablations.N_RESAMPLES,) and abs(reps.mean() - scores["f1"].iloc[0]) < 0.02
+    (row,) = ablations.verdict_rows(scores, "pretrained", "random init", "quick", "k-NN", 0.2)
+    assert "3 seeds + 80 test images (bootstrap)" in row["method"] and "test images (no" not in row["method"]
+    ablations.write_scores(scores, tmp_path / "scores.csv")
+    assert "replicates" not in pd.read_csv(tmp_path / "scores.csv")

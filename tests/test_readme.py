@@ -57,4 +57,7 @@ def test_the_table2_box_is_short_and_matches_the_folds_of_the_code():
     n = {d: len(official_folds(d)) for d in ("bus-bra", "gist514", "mmotu-2d")}
     assert f"BUS-BRA's {n['bus-bra']} folds" in box and f"GIST514-DB's {n['gist514']} splits" in box
     assert n["mmotu-2d"] == 1 and "MMOTU-2D has one split" in box
-    assert "one run's uncertainty on its test set, not the uncertainty of the mean" in box
+    # the two numbers of a cell, each named for what it is: the spread of runs, the interval of the mean
+    assert "± is the sd of the single runs" in box and "95% interval of the mean itself" in box
+    for source in ("pretraining runs", "splits", "seeds", "test images"):
+        assert source in box

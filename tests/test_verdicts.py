@@ -270,7 +270,8 @@ def test_a_reconstruction_worse_than_the_flat_fill_makes_no_ratio_claim():
     assert table.loc[("MAE vs flat fill at 25%", "all"), "verdict"] == "higher error"
     assert table.loc[("MAE error at 25% vs at 75%", "all"), "verdict"] == \
         "not judged: the model does not beat the flat fill at both ratios"
-    assert table.loc[("MAE vs flat fill at 25%", "all"), "method"].startswith("paired by image, Student-t over 8 images")
+    assert table.loc[("MAE vs flat fill at 25%", "all"), "method"] == \
+        "t (7 df) over 8 images; not in it: pretraining runs (one run)"
 
 
 def test_a_reconstruction_that_beats_the_flat_fill_compares_its_ratios():
@@ -283,9 +284,24 @@ def test_a_reconstruction_that_beats_the_flat_fill_compares_its_ratios():
     assert set(smoke.verdict) == {stats.TOO_SMALL}
 
 
-def test_paired_interval_over_images_is_student_t():
-    d = stats.paired_over_units([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0])
+def test_one_checkpoint_is_a_student_t_over_images():
+    rows = pd.DataFrame(dict(image=range(4), mse=[1.0, 2.0, 3.0, 4.0], baseline_mse=0.0))
+    d = reconstruction.paired_error(rows, "mse", "baseline_mse")
     half = 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(0.975, 3) * sd / sqrt(4)
-    assert d["mean"] == pytest.approx(2.5) and d["n"] == 4
-    assert (d["low"], d["high"]) == pytest.approx((2.5 - half, 2.5 + half))
-    assert np.isnan(stats.paired_over_units([1.0], [0.0])["low"])
+    assert d.mean == pytest.approx(2.5) and d.n_seeds == 4
+    assert (d.low, d.high) == pytest.approx((2.5 - half, 2.5 + half))
+    assert np.isnan(reconstruction.paired_error(rows.head(1), "mse", "baseline_mse").low)
+
+
+def test_pretraining_runs_that_disagree_widen_the_interval_and_are_named():
+    one = _per_image({0.25: 0.30}, {0.25: 0.40}, n=8, noise=0.01)
+    runs = pd.concat([one.assign(pretrain_run=f"run {k}", mse=one.mse + shift)
+                      for k, shift in enumerate([-0.06, 0.0, 0.06], start=1)], ignore_index=True)
+    first = _verdicts(one, [0.25]).loc[("MAE vs flat fill at 25%", "all")]
+    pooled = _verdicts(runs, [0.25]).loc[("MAE vs flat fill at 25%", "all")]
+    assert first["verdict"] == "lower error" and pooled["n"] == 8
+    assert pooled["high"] - pooled["low"] > 5 * (first["high"] - first["low"])  # the runs' spread is in it
+    assert pooled["method"].startswith("t (") and "3 pretraining runs + 8 images" in pooled["method"]
+    assert "not in it" not in pooled["method"]
+    sweep = reconstruction.summarize_sweep(runs.assign(inpaint_mse=0.5))
+    assert sweep.loc[sweep.anatomy == "all", "n_images"].item() == 8

@@ -52,7 +52,7 @@ def help_with_defaults(prog: str):
         def _fill_text(self, text, width, indent):  # each line wrapped alone: a listing keeps its lines
             import textwrap
 
-            return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+            return "\n".join(textwrap.fill(line, width, initial_indent=indent, break_on_hyphens=False,
                                             subsequent_indent=indent + " " * (len(line) - len(line.lstrip()) + 4))
                              for line in text.splitlines())
 

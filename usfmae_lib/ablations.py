@@ -12,10 +12,13 @@ Frozen features are computed once per (checkpoint, split) and every label fracti
 them, which is why all three fit in minutes on a CPU. k-NN: cosine similarity on L2-normalised
 features, k = 20 (or fewer training images), votes weighted by similarity (DINO's monitor, without
 its temperature). Linear probe: standardised features, logistic regression, C picked on
-validation F1 (as notebook 05's probe).
+validation F1 (as notebook 05's probe). Each score also carries its F1 on bootstrap resamples of
+the split's test images (`replicates`, drawn once per split, so every encoder, fraction and label seed
+is scored on the same ones): on a single split (MMOTU-2D) the verdicts' intervals hold the test images.
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +79,16 @@ def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed):
     return ft._full_proba(clf, feats["test"], n_classes)
 
 
+N_RESAMPLES = 1000  # bootstrap resamples of the test images per split (as results.add_replicates)
+
+
 def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
     """Test F1 and balanced accuracy of k-NN and the linear probe on `feats`, for each fraction of
-    the training labels (stratified, >= 1 per class; notebook 05's subsample) and label seed."""
+    the training labels (stratified, >= 1 per class; notebook 05's subsample) and label seed; and
+    `replicates`, the F1 on N_RESAMPLES resamples of the test images shared by every score of the split."""
     split, n_classes = data.split, len(data.split.classes)
     y = {part: data.labels[part].numpy() for part in ("train", "val", "test")}
+    resamples = stats.resample_index(len(y["test"]), N_RESAMPLES, seed=zlib.crc32(f"{split.dataset}/{split.fold}".encode()))
     rows = []
     for fraction in fractions:
         for s in range(label_seeds if fraction < 1 else 1):  # all labels: one subsample, whatever the seed
@@ -93,8 +101,15 @@ def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int
                 rows.append(dict(dataset=split.dataset, fold=split.fold, method=method, fraction=fraction,
                                  label_seed=s, n_train=len(index), n_split_train=len(y["train"]),
                                  n_test=len(y["test"]), f1=m["f1"],
-                                 balanced_accuracy=m["balanced_accuracy"]))
+                                 balanced_accuracy=m["balanced_accuracy"],
+                                 replicates=stats.metric_replicates(y["test"], prob.argmax(1), resamples, "f1",
+                                                                    split.positive)))
     return pd.DataFrame(rows)
+
+
+def write_scores(scores: pd.DataFrame, path) -> None:
+    """The scores as a CSV, without the in-memory resamples (`replicates`)."""
+    scores.drop(columns="replicates", errors="ignore").to_csv(path, index=False)
 
 
 def encoder_features(encoders: dict, data: dict, seed: int = 0, device="auto", log=print) -> dict:
@@ -167,8 +182,11 @@ def _runs(g: pd.DataFrame, encoder: str) -> pd.DataFrame:
     """One encoder's scores as the stats module reads them: pretraining run (`pretrain_run` where the
     scores carry it, else the encoder: one checkpoint), split (fold), seed (label subsample), value."""
     r = g[g["encoder"] == encoder]
-    return pd.DataFrame(dict(pretrain_run=r["pretrain_run"].fillna(encoder) if "pretrain_run" in r else encoder, split=r["fold"],
-                             seed=r["label_seed"], value=r["f1"]))
+    runs = pd.DataFrame(dict(pretrain_run=r["pretrain_run"].fillna(encoder) if "pretrain_run" in r else encoder,
+                             split=r["fold"], seed=r["label_seed"], value=r["f1"]))
+    if "replicates" in r and r["replicates"].map(lambda v: isinstance(v, np.ndarray)).all():
+        runs = runs.assign(replicates=r["replicates"], n_test=r["n_test"])  # the test images, on a single split
+    return runs
 
 
 def _holdout_ratio(g: pd.DataFrame) -> float:

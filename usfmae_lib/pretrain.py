@@ -631,6 +631,20 @@ def seed_run_dir(step_dir, seed: int, first_seed: int) -> Path:
     return Path(step_dir) if seed == first_seed else Path(step_dir) / f"seed{seed}"
 
 
+def train_further_runs(store_dir, step_dir, pretrain_seeds: int, progress: bool = False, **params) -> list[dict]:
+    """The pretraining runs after the first (`pretrain_seeds` > 1): notebook 03's recipe with seeds
+    seed+1, ..., each in seed_run_dir (resumed if interrupted), without snapshots (notebook 07's
+    length curve follows the first run). Returns each run's train() summary with its seed."""
+    first_seed = params.get("seed", DEFAULTS["seed"])
+    done = []
+    for extra in range(first_seed + 1, first_seed + pretrain_seeds):
+        run_dir = seed_run_dir(step_dir, extra, first_seed)
+        summary = train(store_dir, run_dir, resume=True, progress=progress,
+                        **{**params, "seed": extra, "snapshot_epochs": []})
+        done.append({"seed": extra, **summary})
+    return done
+
+
 def pretraining_runs(step_dir) -> list[Path]:
     """The last checkpoint of every pretraining run notebook 03 wrote under step_dir, the first run's
     first, then the further seeds' in seed order: what notebooks 05 and 07 fine-tune and score."""
@@ -761,6 +775,7 @@ def _run_cli(args) -> int:
     profile = params.get("profile", "quick")
     params = {k: v for k, v in params.items() if k not in CLI_IGNORED}
     params = check_params(params, _cli_defaults(), "usfmae pretrain", origin)
+    pretrain_seeds = int(params.pop("pretrain_seeds", 1))
     out = Path(args.out or Path("outputs") / str(profile))
     run_dir = out / STEP
     data = Path(args.data) if args.data else out / "02_preprocessing" / "clean"
@@ -781,15 +796,17 @@ def _run_cli(args) -> int:
         if world > 1:
             dist.barrier()
         summary = train(store_dir, run_dir, resume=args.resume, progress=not args.no_progress, **params)
+        further = train_further_runs(store_dir, run_dir, pretrain_seeds, progress=not args.no_progress, **params)
     if rank == 0:
-        print(f"pretraining done: {summary['last_step']} of {summary['steps']} steps ({summary['precision_run']}), "
-              f"final loss {summary['final_loss']:.4f}, "
-              f"{summary['images_per_s']:.1f} images/s; checkpoint {summary['checkpoint']}")
+        for run in [summary, *further]:
+            print(f"pretraining done: {run['last_step']} of {run['steps']} steps ({run['precision_run']}), "
+                  f"final loss {run['final_loss']:.4f}, "
+                  f"{run['images_per_s']:.1f} images/s; checkpoint {run['checkpoint']}")
     return 0
 
 
 def _cli_defaults() -> dict:
-    return dict(DEFAULTS)
+    return {**DEFAULTS, "pretrain_seeds": 1}  # pretrain_seeds: the CLI's loop, not train()'s
 
 
 def main(argv=None) -> int:

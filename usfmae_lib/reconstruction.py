@@ -99,6 +99,17 @@ def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | 
 TEACHING_LABEL = "the shipped teaching MAE (usfmae_lib/data/teaching_mae)"
 
 
+def further_runs(checkpoint, out_dir) -> list[Path]:
+    """The last checkpoints of notebook 03's further pretraining runs (`pretrain_seeds` > 1) when
+    `checkpoint` is its first run's ("" / None, and that run exists): notebook 04's verdicts pool every
+    run. Empty for any other checkpoint (a file, the teaching MAE)."""
+    from .pretrain import pretraining_runs
+
+    if checkpoint not in (None, "") or not (Path(out_dir) / DEFAULT_CHECKPOINT).is_file():
+        return []
+    return pretraining_runs(Path(out_dir) / DEFAULT_CHECKPOINT.parts[0])[1:]
+
+
 def _short_path(path: Path, out_dir) -> str:
     """How a reader names a checkpoint: relative to out_dir when inside it, else its file name."""
     from .study import short_path
@@ -358,11 +369,20 @@ def mask_ratio_sweep(model, imgs: torch.Tensor, anatomies, mask_ratios, seed: in
     return per_image, summarize_sweep(per_image)
 
 
+def sweep_runs(models: dict, imgs: torch.Tensor, anatomies, mask_ratios, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """mask_ratio_sweep of every model of {pretraining run label: model} on the same images and masks:
+    per_image gains a pretrain_run column; the summary is over runs and images (summarize_sweep)."""
+    per_image = pd.concat([mask_ratio_sweep(model, imgs, anatomies, mask_ratios, **kw)[0].assign(pretrain_run=run)
+                           for run, model in models.items()], ignore_index=True)
+    return per_image, summarize_sweep(per_image)
+
+
 def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
-    """Mean (and std of mse) per (mask_ratio, anatomy), then the pooled rows (anatomy "all")."""
+    """Mean (and std of mse) per (mask_ratio, anatomy), then the pooled rows (anatomy "all"); with
+    several pretraining runs, over runs and images (n_images counts the images)."""
     def summary(df):
         return df.groupby("mask_ratio").agg(
-            n_images=("mse", "size"), mse=("mse", "mean"), mse_std=("mse", "std"),
+            n_images=("image", "nunique"), mse=("mse", "mean"), mse_std=("mse", "std"),
             objective=("objective", "mean"), baseline_mse=("baseline_mse", "mean"),
             inpaint_mse=("inpaint_mse", "mean")).reset_index()
 
@@ -378,25 +398,40 @@ def summarize_sweep(per_image: pd.DataFrame) -> pd.DataFrame:
 BASELINES = {"flat fill": "baseline_mse", "OpenCV inpainting": "inpaint_mse"}
 VERDICT_COLUMNS = ["comparison", "dataset", "n", "model", "other", "difference", "low", "high", "method", "verdict"]
 ERROR_WORDS = {stats.BELOW: "lower error", stats.ABOVE: "higher error"}
-PAIRED_T = "paired by image, Student-t over {n} images; not in it: pretraining runs (one checkpoint)"
 
 
-def _verdict_row(comparison: str, subset: str, a: pd.Series, b: pd.Series, smoke: bool) -> dict:
-    d = stats.paired_over_units(a, b)
-    verdict = stats.verdict(d["low"], d["high"], unjudged="smoke" if smoke else None)
+def _with_runs(per_image: pd.DataFrame) -> pd.DataFrame:
+    """per_image with its pretraining run (a sweep of one checkpoint has no column: one run)."""
+    return per_image if "pretrain_run" in per_image else per_image.assign(pretrain_run="run 1")
+
+
+def paired_error(rows: pd.DataFrame, a: str, b: str) -> stats.Interval:
+    """The mean of the paired differences rows[a] - rows[b] (one row per pretraining run and image, the
+    same masks for both) and the interval of that mean: stats.interval with the images crossed with
+    the pretraining runs (every checkpoint sees the same images), Student-t over images when there is
+    one run."""
+    runs = _with_runs(rows)
+    runs = pd.DataFrame(dict(pretrain_run=runs["pretrain_run"], split=0, seed=runs["image"],
+                             value=runs[a].to_numpy() - runs[b].to_numpy(), paired=True))
+    return stats.interval(runs, "value", pretrained=True, seed_name="images")
+
+
+def _verdict_row(comparison: str, subset: str, rows: pd.DataFrame, a: str, b: str, smoke: bool) -> dict:
+    d = paired_error(rows, a, b)
+    verdict = stats.verdict(d.low, d.high, unjudged="smoke" if smoke else None)
     verdict = ERROR_WORDS.get(verdict, verdict)  # the one rule, said of an error
-    return dict(comparison=comparison, dataset=subset, n=d["n"], model=float(a.mean()), other=float(b.mean()),
-                difference=d["mean"], low=d["low"], high=d["high"], method=PAIRED_T.format(n=d["n"]),
+    return dict(comparison=comparison, dataset=subset, n=d.n_seeds, model=float(rows[a].mean()),
+                other=float(rows[b].mean()), difference=d.mean, low=d.low, high=d.high, method=d.method,
                 verdict=verdict)
 
 
 def sweep_verdicts(per_image: pd.DataFrame, ratio: float, profile: str | None = None) -> pd.DataFrame:
     """The sweep's verdicts as one table: at `ratio`, the model's masked-patch error against each
     baseline (flat fill, OpenCV inpainting), per anatomy and pooled ("all"), each difference
-    (model minus baseline) paired by image with a Student-t 95% interval over images. Verdict: the one
-    rule (stats.verdict), said of an error: "lower error" / "higher error" when the interval excludes 0,
-    "no clear difference" when it does not; "too small to judge" for every row on the smoke profile.
-    Columns: VERDICT_COLUMNS."""
+    (model minus baseline) paired by image, and by pretraining run when per_image holds several
+    (paired_error). Verdict: the one rule (stats.verdict), said of an error: "lower error" / "higher
+    error" when the interval excludes 0, "no clear difference" when it does not; "too small to judge"
+    for every row on the smoke profile. Columns: VERDICT_COLUMNS."""
     rows = per_image[np.isclose(per_image.mask_ratio, ratio)]
     if rows.empty:
         raise UsfmaeError(f"the sweep has no mask ratio {ratio:.0%}; add it to mask_ratios")
@@ -407,29 +442,37 @@ def sweep_verdicts(per_image: pd.DataFrame, ratio: float, profile: str | None = 
             continue
         comparison = f"MAE vs {name} at {ratio:.0%}"
         for anatomy, g in rows.groupby("anatomy", sort=True):
-            out.append(_verdict_row(comparison, anatomy, g["mse"], g[column], smoke))
-        out.append(_verdict_row(comparison, ALL, rows["mse"], rows[column], smoke))
+            out.append(_verdict_row(comparison, anatomy, g, "mse", column, smoke))
+        out.append(_verdict_row(comparison, ALL, rows, "mse", column, smoke))
     return pd.DataFrame(out, columns=VERDICT_COLUMNS)
 
 
-def _beats_flat_fill(by: pd.DataFrame, ratio: float) -> bool:
-    """Is the model's error below the flat fill's at `ratio` (the interval of the paired difference under 0)?"""
-    d = stats.paired_over_units(by["mse"][ratio], by["baseline_mse"][ratio])
-    return stats.side(d["low"], d["high"]) == stats.BELOW
+def _at_two_ratios(per_image: pd.DataFrame, low: float, high: float) -> pd.DataFrame:
+    """One row per pretraining run and image: mse and baseline_mse at `low` and at `high` (suffixes _low, _high)."""
+    runs = _with_runs(per_image)
+    keys = ["pretrain_run", "image"]
+    at = {r: runs[np.isclose(runs.mask_ratio, r)][keys + ["mse", "baseline_mse"]] for r in (low, high)}
+    return at[low].merge(at[high], on=keys, suffixes=("_low", "_high"))
+
+
+def _beats_flat_fill(both: pd.DataFrame, at: str) -> bool:
+    """Is the model's error below the flat fill's at one of the two ratios ("low" or "high")?"""
+    d = paired_error(both, f"mse_{at}", f"baseline_mse_{at}")
+    return stats.side(d.low, d.high) == stats.BELOW
 
 
 def ratio_verdicts(per_image: pd.DataFrame, low: float, highs, profile: str | None = None) -> pd.DataFrame:
     """The error at `low` against each ratio in `highs`, pooled over anatomies, paired by image
-    (the same image at two ratios; nested masks). Judged only where the model beats the flat fill
-    at both ratios; otherwise its error at either says nothing of what it learned."""
-    by = per_image.pivot_table(index="image", columns="mask_ratio", values=["mse", "baseline_mse"]).dropna()
+    (the same image at two ratios; nested masks) and pretraining run. Judged only where the model
+    beats the flat fill at both ratios; otherwise its error at either says nothing of what it learned."""
     out = []
     for high in highs:
-        if low not in by["mse"].columns or high not in by["mse"].columns:
+        both = _at_two_ratios(per_image, low, high)
+        if both.empty:
             continue
-        row = _verdict_row(f"MAE error at {low:.0%} vs at {high:.0%}", ALL, by["mse"][low], by["mse"][high],
+        row = _verdict_row(f"MAE error at {low:.0%} vs at {high:.0%}", ALL, both, "mse_low", "mse_high",
                            profile == "smoke")
-        beats = all(_beats_flat_fill(by, r) for r in (low, high))
+        beats = all(_beats_flat_fill(both, at) for at in ("low", "high"))
         if not beats and row["verdict"] != stats.TOO_SMALL:
             row["verdict"] = "not judged: the model does not beat the flat fill at both ratios"
         out.append(row)

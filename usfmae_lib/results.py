@@ -56,7 +56,8 @@ class Runs:
     setup: dict
 
 
-def _csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV notebook 05 wrote, or an empty frame when it is missing or was written with no rows."""
     return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
 
 
@@ -66,7 +67,7 @@ def load_runs(folder) -> Runs:
     from . import UsfmaeError
 
     folder = Path(folder)
-    rows = _csv(folder / "results.csv")
+    rows = read_table(folder / "results.csv")
     if rows.empty:
         raise UsfmaeError(f"{folder / 'results.csv'} not found or empty: run notebook 05 for this out_dir, or point "
                           "results_dir at a folder of `usfmae finetune --out` runs")
@@ -74,10 +75,10 @@ def load_runs(folder) -> Runs:
         rows["fold"] = 0  # rows written before folds existed: one split
     finetuned = rows[rows["mode"] == "finetune"]
     results = finetuned[finetuned["fraction"] == 1.0].reset_index(drop=True)
-    probe = _csv(folder / "probe.csv")
+    probe = read_table(folder / "probe.csv")
     if probe.empty:
         probe = rows[rows["mode"] == "probe"].reset_index(drop=True)
-    curve = _csv(folder / "label_efficiency.csv")
+    curve = read_table(folder / "label_efficiency.csv")
     if curve.empty:
         below = finetuned.loc[finetuned["fraction"] < 1, ["dataset", "model"]].drop_duplicates()
         curve = finetuned.merge(below, on=["dataset", "model"]).reset_index(drop=True)

@@ -65,6 +65,7 @@ class Interval:
     terms: dict = field(default_factory=dict)  # source -> its share of the mean's variance
     df: float = np.nan
     missing: tuple = ()
+    seed_name: str = "seeds"  # what the seed level stands for ("images" in notebook 04's paired errors)
 
     @property
     def method(self) -> str:
@@ -73,7 +74,7 @@ class Interval:
             return "no interval: a single run"
         names = {"pretraining runs": f"{self.n_pre} pretraining runs",
                  "splits": f"{self.n_splits} splits (Nadeau-Bengio corrected)",
-                 "seeds": f"{self.n_seeds} seeds", "test images": f"{self.n_test} test images (bootstrap)"}
+                 "seeds": f"{self.n_seeds} {self.seed_name}", "test images": f"{self.n_test} test images (bootstrap)"}
         text = (f"t ({self.df:.0f} df)" if np.isfinite(self.df) else "normal") + " over " + \
             " + ".join(names[k] for k in self.terms)
         return text + (f"; not in it: {', '.join(self.missing)}" if self.missing else "")
@@ -97,12 +98,13 @@ def _array(runs: pd.DataFrame, column: str) -> np.ndarray:
 
 
 def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 0.0, pretrained: bool = False,
-             level: float = LEVEL) -> Interval:
+             level: float = LEVEL, seed_name: str = "seeds") -> Interval:
     """The interval of the mean of `value` over `runs` (one row per run; columns pretrain_run, split,
     seed, value, and `replicates` when the test images were resampled: an array of B values of the run
     on the same B resamples as every other run on its split). test_over_train: n_test / n_train of the
     splits (Nadeau and Bengio's correction; 0 when there is one split). pretrained: the value comes
-    from a pretrained encoder, so one pretraining run is named as a missing source.
+    from a pretrained encoder, so one pretraining run is named as a missing source. seed_name: what
+    the seed level stands for in the method's text (notebook 04 puts images there).
 
     The pretraining runs are crossed with the splits (every checkpoint is fine-tuned on every split),
     and, in a paired table (`pair`) on one split, with the seeds (the other model's run with seed s is
@@ -138,7 +140,7 @@ def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 
         missing.append("seeds (one run)")
     elif n_split == 1 and "paired" in runs:
         missing.append("the other model's seed (one run, shared by every pretraining run)")
-    if n_split == 1:
+    if n_split == 1 and seed_name == "seeds":  # (images as the seed level: their sampling is that term)
         if "replicates" in runs and runs["replicates"].map(lambda v: isinstance(v, np.ndarray)).all():
             reps = np.nanmean(np.nanmean(_array(runs, "replicates"), axis=2), axis=0)[0]  # [B]
             terms["test images"], dfs["test images"] = float(reps.var(ddof=1)), np.inf
@@ -158,7 +160,7 @@ def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 
         df = var ** 2 / sum(finite) if finite else np.inf  # Welch-Satterthwaite
         half = float(sps.t.ppf(0.5 + level / 2, df) * np.sqrt(var))
     return Interval(mean, mean - half, mean + half, sd, n_pre, n_split, n_seed, n_test, terms, float(df),
-                    tuple(missing))
+                    tuple(missing), seed_name)
 
 
 def pair(a: pd.DataFrame, b: pd.DataFrame, value: str = "value") -> pd.DataFrame:
@@ -186,18 +188,6 @@ def pair(a: pd.DataFrame, b: pd.DataFrame, value: str = "value") -> pd.DataFrame
                              for x, y in zip(out["replicates"], other)]
     out["paired"] = True
     return out
-
-
-def paired_over_units(a, b, level: float = LEVEL) -> dict:
-    """Mean of the paired differences a - b over independent units (images of one checkpoint) and
-    its Student-t interval: mean, low, high, n. Fewer than two pairs: low and high are NaN."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n = len(diff)
-    mean = float(diff.mean()) if n else np.nan
-    if n < 2:
-        return dict(mean=mean, low=np.nan, high=np.nan, n=n)
-    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * diff.std(ddof=1) / np.sqrt(n))
-    return dict(mean=mean, low=mean - half, high=mean + half, n=n)
 
 
 def side(low: float, high: float) -> str:
