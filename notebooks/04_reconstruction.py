@@ -186,8 +186,7 @@ reconstruction.write_table(verdicts, step_dir / "verdicts.csv")
 if profile == "smoke":
     print(f"smoke profile: {n_images} images per anatomy check that the code runs and measure nothing; "
           "every verdict reads 'too small to judge'")
-display(verdicts.drop(columns=["method"]).round(4))
-print("the interval of each row:", *verdicts["method"].unique(), sep="\n  ")
+display(verdicts.round(4))
 
 # %% [markdown]
 # ## Attention of the encoder's last layer

@@ -132,7 +132,7 @@ curve = read_table(curve_file)
 if len(curve):
     display(curve.groupby(["dataset", "model", "fraction"])["f1"].agg(["mean", "std", "count"]).round(3))
 else:
-    print(f"no fine-tuned label curve in {curve_file} (notebook 05 with label_fractions, e.g. [0.1])")
+    print("no fine-tuned label curve in 05_finetuning/label_efficiency.csv (notebook 05 with label_fractions, e.g. [0.1])")
 
 # %% [markdown]
 # ### Exercise: fewer labels
