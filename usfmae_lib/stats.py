@@ -41,7 +41,6 @@ import pandas as pd
 from scipy import stats as sps
 
 LEVEL = 0.95
-QUAD = False
 KEYS = ("pretrain_run", "split", "seed")  # the levels of a runs table, outermost first after the split
 ABOVE, BELOW, NO_CLEAR, ONE_CLASS, TOO_SMALL = "above", "below", "no clear difference", "one-class", \
     "too small to judge"
@@ -152,13 +151,8 @@ def interval(runs: pd.DataFrame, value: str = "value", test_over_train: float = 
     if not terms:
         return Interval(mean, np.nan, np.nan, sd, n_pre, n_split, n_seed, n_test, {}, np.nan, tuple(missing))
     finite = [v ** 2 / dfs[k] for k, v in terms.items() if np.isfinite(dfs[k]) and v > 0]
-    if QUAD and "test images" in terms:
-        est = var - terms["test images"]
-        df = est ** 2 / sum(finite) if finite else np.inf
-        half = float(np.sqrt((sps.t.ppf(0.5 + level / 2, df) ** 2) * est + sps.norm.ppf(0.5 + level / 2) ** 2 * terms["test images"]))
-    else:
-        df = var ** 2 / sum(finite) if finite else np.inf  # Welch-Satterthwaite
-        half = float(sps.t.ppf(0.5 + level / 2, df) * np.sqrt(var))
+    df = var ** 2 / sum(finite) if finite else np.inf  # Welch-Satterthwaite
+    half = float(sps.t.ppf(0.5 + level / 2, df) * np.sqrt(var))
     return Interval(mean, mean - half, mean + half, sd, n_pre, n_split, n_seed, n_test, terms, float(df),
                     tuple(missing), seed_name)
 
