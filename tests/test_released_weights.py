@@ -1,5 +1,5 @@
 """The released USF-MAE weights, one command: a bare ViT-B/16 MAE state dict in the released layout
-(the reference MAE's key names, no 'model' wrapper) runs notebooks 04-06 on a data root, with
+(the reference MAE's key names, no 'model' wrapper) runs notebooks 04-07 on a data root, with
 curation, cleaning and pretraining skipped (notebook 07 runs what needs no pretraining run)."""
 import pandas as pd
 import pytest
