@@ -66,7 +66,8 @@ def setup(namespace: dict, step: str) -> None:
     if injected is not None:  # usfmae run / reproduce: its values are final
         names = list(injected.get("parameters", [])) if isinstance(injected, dict) else []
         sources = injected.get("sources", []) if isinstance(injected, dict) else []
-        print(f"parameters: the cell's, then usfmae run's {', '.join(sources) or '(none)'}")
+        shown = [short_path(source, root) for source in sources]  # params/smoke/..., not the clone's path
+        print(f"parameters: the cell's, then usfmae run's {', '.join(shown) or '(none)'}")
     else:
         saved, committed = _notebook_defaults(step)
         names = list(saved)
