@@ -127,7 +127,7 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
         assert _printed_characters(nb) <= limit, f"{step} printed {_printed_characters(nb)} characters (limit {limit})"
         # short names instead of paths: nothing printed, and no table or index, names the output
         # folder or the repository absolutely (a reader's machine is not the one that ran it)
-        tables = [f.read_text() for f in (out / step).glob("*.md")] + [f.read_text() for f in (out / step).glob("table*")]
+        tables = [f.read_text() for f in {*(out / step).glob("*.md"), *(out / step).glob("table*")}]
         for text in [_printed(out / step / f"{step}.ipynb"), *tables]:
             for folder in (out.resolve(), runner.REPO_ROOT.resolve()):
                 assert str(folder) not in text, f"{step} names {folder}"

@@ -82,13 +82,16 @@ def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed):
 N_RESAMPLES = 1000  # bootstrap resamples of the test images per split (as results.add_replicates)
 
 
-def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
+def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20,
+                  resample: bool = True) -> pd.DataFrame:
     """Test F1 and balanced accuracy of k-NN and the linear probe on `feats`, for each fraction of
-    the training labels (stratified, >= 1 per class; notebook 05's subsample) and label seed; and
-    `replicates`, the F1 on N_RESAMPLES resamples of the test images shared by every score of the split."""
+    the training labels (stratified, >= 1 per class; notebook 05's subsample) and label seed; with
+    `resample`, also `replicates`: the F1 on N_RESAMPLES resamples of the test images shared by every
+    score of the split (only a dataset with a single split needs them: see score_features)."""
     split, n_classes = data.split, len(data.split.classes)
     y = {part: data.labels[part].numpy() for part in ("train", "val", "test")}
-    resamples = stats.resample_index(len(y["test"]), N_RESAMPLES, seed=zlib.crc32(f"{split.dataset}/{split.fold}".encode()))
+    resamples = (stats.resample_index(len(y["test"]), N_RESAMPLES, seed=zlib.crc32(f"{split.dataset}/{split.fold}".encode()))
+                 if resample else None)
     rows = []
     for fraction in fractions:
         for s in range(label_seeds if fraction < 1 else 1):  # all labels: one subsample, whatever the seed
@@ -102,8 +105,8 @@ def frozen_scores(data: ft.Data, feats: dict, fractions=(1.0,), label_seeds: int
                                  label_seed=s, n_train=len(index), n_split_train=len(y["train"]),
                                  n_test=len(y["test"]), f1=m["f1"],
                                  balanced_accuracy=m["balanced_accuracy"],
-                                 replicates=stats.metric_replicates(y["test"], prob.argmax(1), resamples, "f1",
-                                                                    split.positive)))
+                                 replicates=None if resamples is None else stats.metric_replicates(
+                                     y["test"], prob.argmax(1), resamples, "f1", split.positive)))
     return pd.DataFrame(rows)
 
 
@@ -129,11 +132,14 @@ def encoder_features(encoders: dict, data: dict, seed: int = 0, device="auto", l
 
 def score_features(features: dict, data: dict, fractions=(1.0,), label_seeds: int = 1, k: int = 20) -> pd.DataFrame:
     """frozen_scores of encoder_features' features: one row per (encoder, split, method, fraction,
-    label seed). Seconds: only the k-NN and the probe are fitted."""
+    label seed). Seconds: only the k-NN and the probe are fitted. Test-image resamples only for a
+    dataset with a single split in `data`: with several, each split's test images are inside the
+    spread between splits (stats.interval)."""
+    folds = pd.Series([dataset for dataset, _ in data]).value_counts()
     tables = []
     for label, by_split in features.items():
         for key, feats in by_split.items():
-            table = frozen_scores(data[key], feats, fractions, label_seeds, k)
+            table = frozen_scores(data[key], feats, fractions, label_seeds, k, resample=folds[key[0]] == 1)
             table.insert(0, "encoder", label)
             tables.append(table)
     return pd.concat(tables, ignore_index=True)
@@ -184,8 +190,8 @@ def _runs(g: pd.DataFrame, encoder: str) -> pd.DataFrame:
     r = g[g["encoder"] == encoder]
     runs = pd.DataFrame(dict(pretrain_run=r["pretrain_run"].fillna(encoder) if "pretrain_run" in r else encoder,
                              split=r["fold"], seed=r["label_seed"], value=r["f1"]))
-    if "replicates" in r and r["replicates"].map(lambda v: isinstance(v, np.ndarray)).all():
-        runs = runs.assign(replicates=r["replicates"], n_test=r["n_test"])  # the test images, on a single split
+    if "replicates" in r:  # the test images; stats.interval uses them on a single split where every run has them
+        runs = runs.assign(replicates=r["replicates"], n_test=r["n_test"])
     return runs
 
 
