@@ -46,6 +46,7 @@ profile = "quick"
 out_dir = "outputs/quick"
 seed = 0
 model = "mae_vit_tiny_patch16_dec128d2b"  # named configuration (paper: mae_vit_base_patch16_dec512d8b)
+pos_embed = "fixed"  # position tables: fixed sin-cos (reference MAE, official code) or learnable (paper's text; they start as sin-cos)
 model_overrides = {"depth": 6}  # constructor overrides of the config (paper's text: {decoder_num_heads: 8}; quick: 6 encoder blocks)
 img_size = 112  # input side in pixels (paper: 224)
 mask_ratio = 0.25  # fraction of patches hidden (paper: 0.25; official code: 0.75)
@@ -138,7 +139,7 @@ index.groupby(["dataset", "anatomy"]).size().rename("images").reset_index()
 # resume. Below: four images, then the views of five epochs, then a fixed 2x zoom-out.
 
 # %%
-params = dict(model=model, model_overrides=model_overrides, img_size=img_size, mask_ratio=mask_ratio,
+params = dict(model=model, pos_embed=pos_embed, model_overrides=model_overrides, img_size=img_size, mask_ratio=mask_ratio,
               norm_pix_loss=norm_pix_loss, epochs=epochs, batch_size=batch_size, lr=lr, blr_scaling=blr_scaling,
               blr_batch=blr_batch, weight_decay=weight_decay, decay_all=decay_all, betas=betas,
               warmup_fraction=warmup_fraction, min_lr=min_lr, clip_grad=clip_grad, rot_degrees=rot_degrees,
@@ -185,7 +186,8 @@ show(fig, "fig_augmentation")
 #
 # 1. **patchify**: the image is cut into L square patches of p x p x 3 numbers each;
 # 2. **encoder_tokens**: each patch becomes one token of width D (a linear projection plus its
-#    position embedding); a random `mask_ratio` of them is dropped, and a learned cls token goes first;
+#    position embedding: a fixed sin-cos table, or a learned one with `pos_embed = "learnable"`, as the
+#    paper's text says); a random `mask_ratio` of them is dropped, and a learned cls token goes first;
 # 3. **forward_encoder**: the ViT blocks read only those 1 + K tokens: hidden patches cost nothing;
 # 4. **decoder_tokens**: the encoded tokens are narrowed to D', put back in patch order, and one shared,
 #    learned mask token fills every hidden position: the decoder sees all 1 + L positions;
@@ -193,7 +195,7 @@ show(fig, "fig_augmentation")
 # 6. **forward_loss**: the mean squared error over the hidden patches only (the visible ones were given).
 
 # %%
-untrained = mae.build_model(model, img_size=img_size, **model_overrides)  # section 4 trains this model
+untrained = mae.build_model(model, img_size=img_size, pos_embed=pos_embed, **model_overrides)  # section 4 trains this model
 torch.manual_seed(seed)
 x = store.augment_batch(dataset.__getitems__([(0, int(i)) for i in shown])["images"],
                         torch.zeros(len(shown), store.N_AUG), None, img_size)  # the stored images, no augmentation
@@ -332,7 +334,8 @@ def last_losses(run_dir):  # mean of the run's last 5 logged losses
 
 further = pretrain.train_further_runs(store_dir, step_dir, pretrain_seeds, **params)
 runs_summary = [dict(seed=seed, steps=summary["last_step"], loss_last_5_logs=last_losses(step_dir))] + [
-    dict(seed=run["seed"], steps=run["last_step"], loss_last_5_logs=last_losses(Path(run["checkpoint"]).parents[1]))
+    dict(seed=run["seed"], steps=run["last_step"],
+         loss_last_5_logs=last_losses(pretrain.seed_run_dir(step_dir, run["seed"], seed)))
     for run in further]
 pd.DataFrame(runs_summary).set_index("seed") if pretrain_seeds > 1 else None
 

@@ -453,3 +453,42 @@ def test_snapshot_epochs_keep_loadable_models_that_do_not_change_the_run(store_d
     b = _weights(tmp_path / "plain" / "checkpoints" / pretrain.CHECKPOINT)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(_weights(kept[1])["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])
+
+
+def test_learnable_position_tables_train_and_a_fixed_table_checkpoint_still_loads(store_dir, tmp_path):
+    """pos_embed="learnable" (the paper's text, 2.3: "learnable positional encodings", the paper
+    profile) trains both tables and keeps them out of weight decay; "fixed" (reference MAE, official
+    code, the released weights) never moves them; a released fixed-table file loads either way."""
+    sincos = mae.build_model(mae.CPU_CONFIG, img_size=32, **MICRO)  # both kinds start from these tables
+    for kind in ("learnable", "fixed"):
+        pretrain.train(store_dir, tmp_path / kind, progress=False, **{**RUN, "pos_embed": kind, "max_steps": 2})
+        trained = mae.load_model(tmp_path / kind / "checkpoints" / pretrain.CHECKPOINT)  # rebuilt from the recorded recipe
+        for name in ("pos_embed", "decoder_pos_embed"):
+            table, start = getattr(trained, name), getattr(sincos, name)
+            assert table.requires_grad == (kind == "learnable"), (kind, name)
+            assert torch.equal(table, start) == (kind == "fixed"), f"{kind} {name} after two steps"
+    learnable = mae.build_model(mae.CPU_CONFIG, img_size=32, pos_embed="learnable", **MICRO)
+    optimizer = pretrain.build_optimizer(learnable, pretrain.resolve_params(pos_embed="learnable"), 1e-3)
+    decay_of = {id(q): g["weight_decay"] for g in optimizer.param_groups for q in g["params"]}
+    assert decay_of[id(learnable.pos_embed)] == decay_of[id(learnable.decoder_pos_embed)] == 0  # as timm's ViT
+    # a released checkpoint: a bare state dict of a named config with fixed tables (the official format)
+    fixed = mae.build_model(mae.CPU_CONFIG, img_size=32)
+    torch.save(fixed.state_dict(), tmp_path / "released.pth")
+    released = mae.load_model(tmp_path / "released.pth")
+    assert not released.pos_embed.requires_grad and torch.equal(released.pos_embed, fixed.pos_embed)
+    learnable = mae.build_model(mae.CPU_CONFIG, img_size=32, pos_embed="learnable")
+    torch.nn.init.zeros_(learnable.pos_embed)
+    pretrain.load_init_checkpoint(learnable, tmp_path / "released.pth")  # and as the start of a learnable run
+    assert learnable.pos_embed.requires_grad and torch.equal(learnable.pos_embed, fixed.pos_embed)
+    with pytest.raises(UsfmaeError, match="pos_embed must be one of fixed, learnable"):
+        pretrain.resolve_params(pos_embed="learned")
+    # a run made before pos_embed existed computed with fixed tables: it resumes as fixed, not as learnable
+    ckpt_file = tmp_path / "fixed" / "checkpoints" / pretrain.CHECKPOINT
+    old = torch.load(ckpt_file, map_location="cpu", weights_only=True)
+    del old["params"]["pos_embed"]
+    torch.save(old, ckpt_file)
+    with pytest.raises(UsfmaeError, match="pos_embed: 'fixed' -> 'learnable'"):
+        pretrain.train(store_dir, tmp_path / "fixed", resume=True, progress=False,
+                       **{**RUN, "pos_embed": "learnable", "max_steps": 3})
+    assert pretrain.train(store_dir, tmp_path / "fixed", resume=True, progress=False,
+                          **{**RUN, "max_steps": 3})["last_step"] == 3

@@ -80,6 +80,9 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, cls_token: bool = True) 
 
 
 # ============================================================================ model
+POS_EMBED = ("fixed", "learnable")  # position tables: sin-cos never trained, or sin-cos at the start and trained
+
+
 class MaskedAutoencoderViT(nn.Module):
     """Masked autoencoder with a ViT encoder and a light ViT decoder (reference MAE semantics).
 
@@ -91,15 +94,19 @@ class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3,
                  embed_dim=768, depth=12, num_heads=12,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=4.0, norm_layer=norm_layer_eps6, norm_pix_loss=False):
+                 mlp_ratio=4.0, norm_layer=norm_layer_eps6, norm_pix_loss=False, pos_embed="fixed"):
         super().__init__()
+        if pos_embed not in POS_EMBED:
+            raise UsfmaeError(f"pos_embed must be one of {', '.join(POS_EMBED)}, got {pos_embed!r}")
+        # fixed: the sin-cos tables are never trained (reference MAE, official code); learnable: they
+        # start as the same tables and are trained (the paper's text: "learnable positional encodings")
+        learnable = pos_embed == "learnable"
         # --- encoder
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # fixed sin-cos table: a parameter (so it is in the state dict under the reference name)
-        # that is never trained
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        # a parameter either way, so it is in the state dict under the reference name
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=learnable)
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(depth)])
@@ -108,7 +115,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
-                                              requires_grad=False)
+                                              requires_grad=learnable)  # "again added" (2.3): the same kind
         self.decoder_blocks = nn.ModuleList([
             Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
             for _ in range(decoder_depth)])
@@ -487,6 +494,13 @@ def load_checkpoint(path, fix: str | None = None) -> dict:
     return _unwrap(_read_checkpoint(path, fix), path)
 
 
+def checkpoint_params(path) -> dict:
+    """The recipe a checkpoint records ('params' of our pretraining: model, img_size, mask_ratio,
+    pos_embed, ...); {} for a bare state dict such as the released weights."""
+    obj = _read_checkpoint(path)
+    return dict(obj["params"]) if isinstance(obj.get("params"), dict) else {}
+
+
 def _infer_config(state: dict, path) -> str:
     """The named config whose shapes fit `state` (head counts cannot be read from shapes)."""
     try:
@@ -533,7 +547,7 @@ def load_model(path, config: str | None = None, img_size: int | None = None) -> 
     """Build the model a checkpoint was trained with and load it with strict=True.
 
     The config comes from the checkpoint's 'params' (our pretraining: 'model', 'img_size',
-    'norm_pix_loss', 'model_overrides'), else `config`, else the single named config whose
+    'norm_pix_loss', 'pos_embed', 'model_overrides'), else `config`, else the single named config whose
     shapes fit. img_size defaults to the checkpoint's; a different one
     resizes the position tables like the reference's interpolate_pos_embed (bicubic).
     """
@@ -548,6 +562,7 @@ def load_model(path, config: str | None = None, img_size: int | None = None) -> 
     ckpt_size = params.get("img_size") or (_grid_of(state["pos_embed"]) * patch if "pos_embed" in state else 224)
     overrides = dict(params.get("model_overrides") or {}) if name == params.get("model") else {}
     overrides["norm_pix_loss"] = bool(params.get("norm_pix_loss", overrides.get("norm_pix_loss", False)))
+    overrides["pos_embed"] = params.get("pos_embed", overrides.get("pos_embed", "fixed"))  # a bare state dict: fixed
     model = build_model(name, img_size=int(img_size or ckpt_size), **overrides)
     state = interpolate_pos_embed(state, model)
 

@@ -78,6 +78,8 @@ DEFAULTS = dict(
     log_every=20,  # steps between host syncs (loss to CSV, NaN check); rows are per step
     workers=-1,  # DataLoader processes; -1 = auto, 0 = load in the main process
     threads=0,  # torch CPU threads of the training process; 0 = torch's default (all cores)
+    pos_embed="fixed",  # position tables: fixed sin-cos (reference MAE, official code) | learnable (the paper's
+    # text, section 2.3: "learnable positional encodings"; they start as the sin-cos tables)
     model_overrides={},  # constructor overrides of the named config (e.g. depth=2 for tests)
     heldout_per_anatomy=20,  # images per anatomy kept out of the store for notebook 04 (paper: 0)
     snapshot_epochs=[],  # also keep the model (no optimiser) after these epochs: checkpoints/epoch-NNNN.pth,
@@ -85,6 +87,8 @@ DEFAULTS = dict(
     max_steps=0,  # stop after this many optimiser steps (0 = the whole schedule); the lr schedule is still
     # that of all `epochs`, so the steps run are the full run's first steps and a resume can go on from them
 )
+# parameters added after runs were made, with the value those runs computed with (so they still resume)
+ADDED_LATER = dict(pos_embed="fixed")
 # parameters that may change when a run is resumed (they do not change what is computed)
 RUN_ONLY = ("compile", "checkpoint_every", "log_every", "workers", "threads", "max_steps", "snapshot_epochs")
 
@@ -102,10 +106,12 @@ def resolve_params(**params) -> dict:
         if len(out[key]) != 2:
             raise UsfmaeError(f"parameter {key} must hold two numbers, got {out[key]}")
     out["model_overrides"] = dict(out["model_overrides"] or {})
-    allowed = set(inspect.signature(mae.MaskedAutoencoderViT).parameters) - {"img_size", "norm_pix_loss"}
+    allowed = set(inspect.signature(mae.MaskedAutoencoderViT).parameters) - {"img_size", "norm_pix_loss", "pos_embed"}
     if set(out["model_overrides"]) - allowed:
         raise UsfmaeError(f"model_overrides: unknown name(s) {sorted(set(out['model_overrides']) - allowed)}; "
                           f"valid: {', '.join(sorted(allowed))} (YAML needs a space after ':')")
+    if out["pos_embed"] not in mae.POS_EMBED:
+        raise UsfmaeError(f"pos_embed must be one of {', '.join(mae.POS_EMBED)}, got {out['pos_embed']!r}")
     if out["precision"] not in ("auto", "fp32", "bf16", "fp16"):
         raise UsfmaeError(f"precision must be auto, fp32, bf16 or fp16, got {out['precision']!r}")
     if not 0 <= out["mask_ratio"] < 1:
@@ -131,13 +137,14 @@ def peak_lr(p: dict, world: int) -> float:
 
 def build_optimizer(model: torch.nn.Module, p: dict, lr: float, fused: bool = False) -> torch.optim.AdamW:
     """AdamW; without decay_all, biases and norm weights (1-D) get no weight decay (reference
-    MAE, via timm's param_groups_weight_decay). Fixed position tables are not trained."""
+    MAE, via timm's param_groups_weight_decay), nor do learnable position tables (as timm's ViT).
+    Fixed position tables are not trained."""
     from timm.optim import param_groups_weight_decay
 
     if p["decay_all"]:
         groups = [{"params": [q for q in model.parameters() if q.requires_grad], "weight_decay": p["weight_decay"]}]
     else:
-        groups = param_groups_weight_decay(model, p["weight_decay"])
+        groups = param_groups_weight_decay(model, p["weight_decay"], no_weight_decay_list=("pos_embed", "decoder_pos_embed"))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(p["betas"]), fused=fused or None)
 
 
@@ -520,7 +527,7 @@ def _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler) -> i
         ckpt = _read_run_checkpoint(ckpt_file)
     except UsfmaeError as err:
         raise UsfmaeError(f"cannot resume: {err}; {_resume_fix(ckpt_file)}") from err
-    old = ckpt["params"]
+    old = {**ADDED_LATER, **ckpt["params"]}
     changed = {k: (old.get(k), p[k]) for k in p if k not in (*RUN_ONLY, "batch_size") and old.get(k) != p[k]}
     if ckpt["world_size"] * old["batch_size"] != world * p["batch_size"]:
         changed["global batch"] = (ckpt["world_size"] * old["batch_size"], world * p["batch_size"])
@@ -594,7 +601,7 @@ def _last_good_checkpoint(path: Path) -> str:
 def _build(p: dict) -> torch.nn.Module:
     torch.manual_seed(p["seed"])
     return mae.build_model(p["model"], img_size=p["img_size"], norm_pix_loss=p["norm_pix_loss"],
-                           **p["model_overrides"])
+                           pos_embed=p["pos_embed"], **p["model_overrides"])
 
 
 def _save(ckpt_file, model, optimizer, scheduler, scaler, step, steps_per_epoch, p, world, rank):
