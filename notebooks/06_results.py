@@ -47,8 +47,22 @@ step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 
+# %% [markdown]
+# ## Fig. 3: the pipeline, as this run ran it
+#
+# The paper's Fig. 3 draws USF-MAE's two stages: 1) pretraining, where a ViT encoder sees a random
+# 75% of each image's patches (25% hidden) and a light decoder fills in the rest, and 2) fine-tuning,
+# where the encoder, without its decoder, gets a classification head. Here every number in the
+# boxes is read from this run's own records (`res.pipeline_config`): the frames notebook 01 kept, the
+# size notebook 02 wrote, the model and mask ratio notebook 03's checkpoint was trained with, and the
+# tasks and models notebook 05 ran. A step that was not run leaves its box empty. Compare the boxes
+# with the paper's (ViT-B: 12 blocks x 768, 12 heads; decoder 8 x 512; 25% hidden; 224 px).
+
 # %%
 src = Path(results_dir) if results_dir else Path(out_dir) / "05_finetuning"
+study.show_figure(res.draw_pipeline(res.pipeline_config(out_dir, src)), step_dir / "fig3_pipeline.png", dpi)
+
+# %%
 runs = res.load_runs(src)
 # checkpoint paths in `init` relative to the output folder: "usf-mae: 03_mae_pretraining/checkpoints/..."
 results, probe, label_curve = (res.relative_init(t, out_dir) for t in (runs.results, runs.probe, runs.label_curve))

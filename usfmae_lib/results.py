@@ -773,3 +773,141 @@ def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
     fig.legend([h for h, _ in handles.values()], [t for _, t in handles.values()], loc="outside lower center",
                ncol=min(len(handles), 2), fontsize=8, frameon=False)
     return fig
+
+
+# ============================================================================ Fig. 3
+def _executed_parameters(notebook: Path) -> dict:
+    """The parameters an executed notebook ran with: its parameters cell, then what papermill
+    injected (metadata.papermill.parameters); {} when there is no executed notebook."""
+    if not notebook.is_file():
+        return {}
+    from .runner import notebook_parameters, read_notebook
+
+    nb = read_notebook(notebook)
+    injected = nb.metadata.get("papermill", {}).get("parameters", {})
+    return {**notebook_parameters(nb, notebook.name), **{k: v for k, v in injected.items() if not k.startswith("_")}}
+
+
+def pipeline_config(out_dir, finetune_dir=None) -> dict:
+    """What Fig. 3 draws, read from the run's own records, never from the paper: 01_curation's
+    summary.json and datasets.csv (frames kept, datasets), 02_preprocessing's clean tree (images,
+    their side) and executed notebook (cleaner preset), the recipe notebook 03's checkpoint records
+    (encoder, decoder, mask ratio, position tables, loss), 05_finetuning's setup.json and results.csv
+    (datasets, classes, splits, models, head; or `finetune_dir`'s). A step not run leaves its keys out."""
+    from . import mae
+
+    out, cfg = Path(out_dir), {}
+    curation = out / "01_curation"
+    if (curation / "summary.json").is_file():
+        summary = json.loads((curation / "summary.json").read_text())
+        cfg["frames"] = int(summary["kept"])
+        cfg["video_fps"] = summary.get("settings", {}).get("video_fps")
+        if (curation / "datasets.csv").is_file():
+            per = pd.read_csv(curation / "datasets.csv")
+            cfg["datasets"] = int(((~per["is_eval"].astype(bool)) & (per["kept"] > 0)).sum())
+    clean = out / "02_preprocessing" / "clean"
+    if (clean / "index.csv").is_file():
+        import cv2
+
+        index = pd.read_csv(clean / "index.csv")
+        cfg["clean_images"] = len(index)
+        first = cv2.imread(str(clean / index["path"].iloc[0])) if len(index) else None
+        cfg["clean_side"] = None if first is None else int(first.shape[0])
+        cfg["cleaner"] = _executed_parameters(out / "02_preprocessing" / "02_preprocessing.ipynb").get("cleaner")
+    checkpoint = out / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
+    recipe = mae.checkpoint_params(checkpoint) if checkpoint.is_file() else {}
+    if recipe.get("model") in mae.CONFIGS:
+        model = {**mae.CONFIGS[recipe["model"]], **(recipe.get("model_overrides") or {})}
+        cfg.update(model=recipe["model"], img_size=int(recipe["img_size"]), patch=int(model["patch_size"]),
+                   encoder=(model["depth"], model["embed_dim"], model["num_heads"]),
+                   decoder=(model["decoder_depth"], model["decoder_embed_dim"], model["decoder_num_heads"]),
+                   mask_ratio=float(recipe["mask_ratio"]), pos_embed=recipe.get("pos_embed", "fixed"),
+                   norm_pix_loss=bool(recipe.get("norm_pix_loss", False)), epochs=recipe.get("epochs"),
+                   batch_size=recipe.get("batch_size"))
+    finetune = Path(finetune_dir) if finetune_dir else out / "05_finetuning"
+    if (finetune / "setup.json").is_file() and (finetune / "results.csv").is_file():
+        setup, rows = json.loads((finetune / "setup.json").read_text()), read_table(finetune / "results.csv")
+        cfg["models"] = list(setup.get("models", []))
+        cfg["head_norm"] = bool(setup.get("head_norm", False))
+        cfg["pool"] = str(rows["pool"].dropna().iloc[0]) if "pool" in rows and rows["pool"].notna().any() else "token"
+        cfg["tasks"] = [dict(dataset=d, classes=int(g["n_classes"].iloc[0]), splits=int(g["fold"].nunique()),
+                             images=int((g["n_train"] + g["n_val"] + g["n_test"]).iloc[0]))
+                        for d, g in rows.groupby("dataset", sort=False)]
+    return cfg
+
+
+def _pipeline_texts(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(title, body) of each box: the pretraining row, then the fine-tuning row."""
+    def lines(*items):
+        return "\n".join(str(i) for i in items if i)
+
+    top = [("1 · Curation", lines(f"{cfg['frames']:,} frames" if "frames" in cfg else "not run",
+                                  f"from {cfg['datasets']} datasets" if "datasets" in cfg else None,
+                                  f"videos at {cfg['video_fps']:g} frames/s" if cfg.get("video_fps") else None,
+                                  "evaluation sets kept out")),
+           ("2 · Cleaning", lines("OCR, CLAHE, HSV + K-Means,", "Canny + contours, morphology,",
+                                  "Navier-Stokes inpainting",
+                                  f"{cfg['clean_images']:,} PNG, {cfg['clean_side']} x {cfg['clean_side']} px"
+                                  if cfg.get("clean_side") else None,
+                                  f"cleaner: {cfg['cleaner']}" if cfg.get("cleaner") else None))]
+    if "encoder" in cfg:
+        grid = cfg["img_size"] // cfg["patch"]
+        visible = int(grid * grid * (1 - cfg["mask_ratio"]))
+        top += [("3 · Patches and mask", lines(f"{grid} x {grid} = {grid * grid} patches of {cfg['patch']} px",
+                                               f"{cfg['mask_ratio']:.0%} hidden at random",
+                                               f"{visible} visible")),
+                ("4 · ViT encoder", lines(f"{cfg['encoder'][0]} blocks x {cfg['encoder'][1]}, {cfg['encoder'][2]} heads",
+                                          f"{cfg['pos_embed']} position tables", "reads visible patches only")),
+                ("5 · Decoder", lines(f"{cfg['decoder'][0]} blocks x {cfg['decoder'][1]}, {cfg['decoder'][2]} heads",
+                                      "mask tokens fill hidden places", "(dropped after pretraining)")),
+                ("6 · Loss", lines("MSE on hidden patches", "normalised patch pixels" if cfg["norm_pix_loss"]
+                                   else "raw pixels", f"{cfg['epochs']} epochs, batch {cfg['batch_size']}"
+                                   if cfg.get("epochs") else None))]
+    else:
+        top.append(("3-6 · MAE", "no pretraining checkpoint in this run"))
+    head = ("cls token" if cfg.get("pool", "token") == "token" else "average of patch tokens") + " ->"
+    bottom = [("Encoder", lines("USF-MAE's, pretrained", "(or a baseline's)", "fine-tuned end to end")),
+              ("Head", lines(head, "BatchNorm -> linear" if cfg.get("head_norm") else "linear",
+                             "softmax over classes"))]
+    tasks = cfg.get("tasks", [])
+    if tasks:
+        bottom.append(("Tasks", "\n".join(f"{DATASET_TITLES.get(t['dataset'], t['dataset'])}: {t['classes']} classes\n"
+                                          f"{t['images']:,} images, {t['splits']} split{'s' if t['splits'] > 1 else ''}"
+                                          for t in tasks)))
+        bottom.append(("Test metrics", lines("precision, recall, F1", "on each split's test images",
+                                             "95% interval of each mean")))
+    if cfg.get("models"):
+        bottom.append(("Compared", "\n".join(MODEL_TITLES.get(m, m).replace("USF-MAE architecture, ", "")
+                                             for m in cfg["models"])))
+    return top, bottom
+
+
+def draw_pipeline(cfg: dict):
+    """Fig. 3 of the paper (the USF-MAE pipeline: 1) pretraining, 2) fine-tuning) with the numbers of
+    this run (pipeline_config). Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    top, bottom = _pipeline_texts(cfg)
+    n = max(len(top), len(bottom))
+    fig, ax = plt.subplots(figsize=(2.35 * n, 5.2))
+    ax.set_xlim(0, n)
+    ax.set_ylim(0, 2.2)
+    ax.axis("off")
+    for row, (boxes, y, label, colour) in enumerate([(top, 1.25, "1) pretraining (self-supervised)", "#dbe8f5"),
+                                                     (bottom, 0.1, "2) fine-tuning (labelled)", "#f5e6d3")]):
+        ax.text(0.05, y + 0.88, label, fontsize=10, weight="bold", va="bottom")
+        for i, (title, body) in enumerate(boxes):
+            ax.add_patch(FancyBboxPatch((i + 0.06, y), 0.88, 0.8, boxstyle="round,pad=0.02,rounding_size=0.05",
+                                        fc=colour, ec="0.35", lw=1))
+            ax.text(i + 0.5, y + 0.74, title, ha="center", va="top", fontsize=8.5, weight="bold")
+            ax.text(i + 0.5, y + (0.6 if title != "Tasks" else 0.64), body, ha="center", va="top", fontsize=7.2 if title != "Tasks" else 6.6,
+                    linespacing=1.35)
+            if i and title != "Compared":  # the baselines stand beside the chain, not in it
+                ax.add_patch(FancyArrowPatch((i - 0.06, y + 0.4), (i + 0.06, y + 0.4), arrowstyle="-|>",
+                                             mutation_scale=10, color="0.3"))
+    if len(top) > 3:  # the trained encoder goes down to fine-tuning
+        ax.add_patch(FancyArrowPatch((3.5, 1.25), (0.5, 0.9), arrowstyle="-|>", mutation_scale=12, color="0.3",
+                                     connectionstyle="arc3,rad=0.15", ls="--"))
+        ax.text(2.0, 1.02, "the trained encoder", fontsize=7.5, style="italic", ha="center", color="0.3")
+    return fig
