@@ -46,6 +46,7 @@ image_size = 112  # output side in pixels (paper: 224; 112 here because notebook
 interpolation = "area"  # resize filter: area, linear, cubic, lanczos, nearest (official code: nearest)
 keep_aspect = False  # True: scale the long side and pad; False: squash to a square (paper)
 ocr = True  # Tesseract text detection (needs the tesseract program)
+cleaner = "study"  # annotation cleaner preset: "study" (this study's thresholds) or "official" (the official notebook's)
 workers = 0  # processes; 0 = all cores
 save_masks = False  # also write the detected masks of the corpus for inspection
 n_eval = 0  # synthetic annotated images evaluated; 0 = all
@@ -66,9 +67,10 @@ study.setup(globals(), STEP)  # profile file in a live kernel, paths from the re
 step_dir = Path(out_dir) / STEP  # everything this notebook makes goes here
 step_dir.mkdir(parents=True, exist_ok=True)
 (step_dir / "eval").mkdir(exist_ok=True)
-print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
+print(f"profile={profile}  cleaner={cleaner}  outputs -> {Path(out_dir).name}/{STEP}")
 
-cfg = pp.make_config(image_size=image_size, interpolation=interpolation, keep_aspect=keep_aspect, ocr=ocr, seed=seed)
+cfg = pp.make_config(cleaner, image_size=image_size, interpolation=interpolation, keep_aspect=keep_aspect, ocr=ocr,
+                     seed=seed)
 if ocr:
     print("Tesseract", pp.check_tesseract())  # a clear error here when it is missing
 pd.set_option("display.precision", 3)
@@ -131,9 +133,24 @@ print("corpus:", study.short_path(corpus, out_dir), "| annotated set:", study.sh
 # | resize | 224x224 | squash, nearest neighbour | squash, area interpolation (`keep_aspect`, `interpolation`) | nearest neighbour aliases speckle |
 # | normalisation | ImageNet mean/std | at training | at training (`pp.normalize`, `pp.IMAGENET_MEAN/STD`); PNGs stay uint8 | |
 #
-# Every value is a field of `CleanConfig` (`usfmae clean ... --config NAME=VALUE`); the column
-# "here (default)" gives the defaults. The settings of this run that differ from them (the
-# parameters cell sets image size, resize filter, aspect, OCR and seed; the rest stay defaults):
+# **Two presets** (`cleaner` in the parameters cell, `usfmae clean --cleaner`): `"study"` is the
+# column "here (default)"; `"official"` is the official notebook's cleaner, value by value
+# (`pp.OFFICIAL`, each with the line of code it comes from; the paper gives no threshold). Where
+# they differ:
+#
+# | | study | official |
+# |---|---|---|
+# | text | candidate mosaic, 2x, psm 11, word filters, box + 2 px | whole grey image, 1x, Tesseract defaults, every word |
+# | colour pixels | S >= 40, V >= 40 | S > 40 |
+# | K-Means | OpenCV on (hue circle, S, V), 10 iterations, <= 4000 pixels | scikit-learn on raw (H, S, V), 300 iterations, all pixels |
+# | colour clusters, components | centre S, V >= 60; >= 8 px after a 5 px closing | centre S > 40, V > 20; >= 20 px |
+# | grey | CLAHE on L, edges next to mark pixels, pieces of 6-3000 px, not filled | CLAHE on grey, every edge, external contours of area 30-2000, filled |
+# | morphology | dilate 3, close 5x5, open 3x3 | close 5x5, open 5x5 |
+#
+# Every value is a field of `CleanConfig` (`usfmae clean ... --config NAME=VALUE`); the full table
+# with sources is in docs/preprocessing.md. The settings of this run that differ from the defaults
+# (the parameters cell sets the cleaner preset, image size, resize filter, aspect, OCR and seed;
+# the rest stay defaults):
 
 # %%
 changes = pp.config_changes(cfg)
@@ -173,7 +190,7 @@ study.show_figure(fig, step_dir / "fig_pipeline_stages.png", dpi=110)
 scores = pp.evaluate_annotated(annotated_dir, cfg, limit=n_eval, workers=workers)
 scores.to_csv(step_dir / "eval" / "annotated_scores.csv", index=False)
 summary = pp.summarize_annotated(scores)
-main = summary.iloc[0]  # all detectors, the study's morphology
+main = summary.iloc[0]  # all detectors, the morphology of the run's cleaner
 quality = pp.quality_per_kind(main)
 save_table(quality, "removal_quality")
 quality

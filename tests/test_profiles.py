@@ -18,6 +18,7 @@ NOTEBOOKS = {step: runner.NOTEBOOKS_DIR / f"{step}.py" for step in runner.STEPS}
 OFFICIAL_03 = dict(
     seed=42,
     model_overrides={},  # the reference config's 16 decoder heads (paper profile: the text's 8)
+    pos_embed="fixed",  # the reference model's sin-cos tables (paper profile: the text's learnable ones)
     mask_ratio=0.75,
     blr_scaling=True,
     blr_batch=128,
@@ -28,7 +29,8 @@ OFFICIAL_03 = dict(
     init_checkpoint=f"weights/{pretrain.IMAGENET_MAE_FILE}",
     precision="bf16",
 )
-OFFICIAL_02 = dict(interpolation="nearest")  # the code's Resize((224, 224), NEAREST)
+OFFICIAL_02 = dict(interpolation="nearest",  # the code's Resize((224, 224), NEAREST)
+                   cleaner="official")  # its get_combined_annotation_mask and clean_and_inpaint
 # parameter files whose comments need not justify each value (05: another engineer's file)
 UNCOMMENTED = {"05_finetuning"}
 

@@ -20,8 +20,8 @@ import numpy as np
 
 from .. import UsfmaeError, atomic_write, atomic_write_bytes, help_with_defaults
 from ..safety import check_output, end_with_parent, folder_lock
-from .detectors import (DETECTORS, IMAGE_SUFFIXES, INTERPOLATIONS, STAGES, CleanConfig, check_tesseract,
-                        clean_image, make_config)
+from .detectors import (CLEANERS, DETECTORS, IMAGE_SUFFIXES, INTERPOLATIONS, STAGES, CleanConfig, check_tesseract,
+                        clean_image, cleaner_name, make_config)
 
 
 # ============================================================================ batch mode
@@ -235,9 +235,10 @@ def _clean_jobs(jobs, out_dir: Path, cfg: CleanConfig, workers: int, report: Pat
     report.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.rglob(".*.part*"):  # temp files of a killed run
         stale.unlink()
-    # a PNG counts as finished only when it was made with these very parameters
+    # a PNG counts as finished only when it was made with these very parameters (every setting, and the
+    # name of the cleaner preset they match, so a folder never mixes images of two presets)
     settings = out_dir / "clean_config.json"
-    wanted = json.dumps(asdict(cfg), sort_keys=True, indent=1)
+    wanted = json.dumps({"cleaner": cleaner_name(cfg), **asdict(cfg)}, sort_keys=True, indent=1)
     same = settings.exists() and settings.read_text() == wanted
     if not same and report.exists():
         report.unlink()  # rows of a run with other parameters
@@ -291,7 +292,8 @@ def clean_tree(inp, out_dir, cfg: CleanConfig = CleanConfig(), workers: int = 0,
     """Clean every image of a folder tree or manifest into out_dir (PNG tree + index.csv).
 
     Uses `workers` processes (0 = all cores). Resumes: a PNG already in out_dir is not redone
-    when out_dir/clean_config.json shows it was made with the same `cfg` (otherwise all are redone).
+    when out_dir/clean_config.json shows it was made with the same `cfg` (every setting, and the
+    cleaner preset's name, `cleaner_name`); otherwise all are redone.
     Writes the report (default out_dir/report.csv; one row per image: status and error, mask
     area fraction, each detector's fraction, which fired, words, seconds per stage) and
     out_dir/index.csv (path relative to out_dir, dataset, anatomy, source, frame; one row per
@@ -364,6 +366,9 @@ def add_cli(subparsers):
     p.add_argument("input", metavar="IN_DIR_OR_MANIFEST", nargs="?", help="image folder, or manifest.parquet/.csv")
     p.add_argument("out_dir", metavar="OUT_DIR", nargs="?", help="output folder of the PNG tree")
     p.add_argument("--workers", type=int, default=0, help="processes (default 0: all cores)")
+    p.add_argument("--cleaner", choices=list(CLEANERS), default="study",
+                   help="annotation cleaner preset: study (this study's tuned settings) or official (the official "
+                        "notebook's thresholds and operations); table in docs/preprocessing.md")
     p.add_argument("--image-size", type=int, default=CleanConfig.image_size, help="output side in px")
     p.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default=CleanConfig.interpolation,
                    help="resize filter")
@@ -373,7 +378,8 @@ def add_cli(subparsers):
     p.add_argument("--masks-dir", help="where masks go (default: OUT_DIR beside, named OUT_DIR_masks)")
     p.add_argument("--report", help="per-image report CSV (default: OUT_DIR/report.csv)")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other cleaning parameter (see CleanConfig, defaults in docs/preprocessing.md), e.g. --config clahe_clip=3.0")
+                   help="any other cleaning parameter, applied over the --cleaner preset (see CleanConfig, "
+                        "defaults in docs/preprocessing.md), e.g. --config clahe_clip=3.0")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", help=argparse.SUPPRESS)  # the study folder, with -f / -p / --profile only
     from .. import runner
@@ -400,7 +406,7 @@ def _run_cli(args) -> int:
         over["keep_aspect"] = True
     if args.no_ocr:
         over["ocr"] = False
-    cfg = make_config(**over)
+    cfg = make_config(args.cleaner, **over)
     out = Path(args.out_dir)
     masks = None
     if args.save_masks:

@@ -11,7 +11,10 @@ One image goes through seven stages, each a plain function whose every knob is a
     inpaint        Navier-Stokes inpainting (cv2.INPAINT_NS)
     resize_image   to image_size (interpolation; squash or keep aspect with padding)
 
-`CleanConfig` gathers every knob with its default; `clean_image(rgb, cfg)` runs them all. PNGs are
+`CleanConfig` gathers every knob with its default; `clean_image(rgb, cfg)` runs them all. The
+settings that the study and the official notebook choose differently form a `Cleaner` preset, one
+of `CLEANERS`: `STUDY` (the defaults) and `OFFICIAL` (the official notebook's values, each with the
+line of code it comes from); `make_config(cleaner="official")` applies one. PNGs are
 uint8; ImageNet normalisation (`IMAGENET_MEAN`, `IMAGENET_STD`, `normalize`) is applied at training
 time by the loader. Images are RGB uint8 [H, W, 3] throughout (what `curation.load_frame` returns).
 Where the paper is vague or the official notebook is weak the choice made here is documented at
@@ -20,6 +23,7 @@ the knob and in notebook 02.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import cv2
@@ -40,22 +44,169 @@ TESSERACT_FIX = ("install the Tesseract OCR program (Debian/Ubuntu: sudo apt-get
 
 
 @dataclass(frozen=True)
+class Cleaner:
+    """A named preset of the annotation cleaner: every setting on which this study's cleaner and the
+    official notebook's (`US_images_preprocessing.ipynb` of Yusufii9/USF-MAE, STUDY.md section 6)
+    are set by their authors, each a field of `CleanConfig` of the same name. Two instances:
+    `STUDY` (the defaults of `CleanConfig`) and `OFFICIAL`; `make_config(cleaner="official")`
+    applies one, notebook 02's `cleaner` parameter and `usfmae clean --cleaner` name one.
+    What each setting does is said at its `CleanConfig` field; the values and their sources are
+    said at the two instances below (the one place where they are set)."""
+    name: str
+    # 1. text
+    ocr_regions: str
+    ocr_scale: float
+    ocr_psm: int
+    ocr_oem: int
+    ocr_min_chars: int
+    ocr_word_contrast: int
+    ocr_min_height: int
+    ocr_pad: int
+    # 2. contrast
+    clahe_clip: float
+    clahe_tile: int
+    # 3. colour
+    sat_min: int
+    val_min: int
+    kmeans_k: int
+    kmeans_features: str
+    kmeans_impl: str
+    kmeans_iters: int
+    kmeans_sample: int
+    cluster_sat_min: int
+    cluster_val_min: int
+    colour_min_area: int
+    colour_link: int
+    # 4. grey
+    grey_clahe: str
+    canny_low: int
+    canny_high: int
+    grey_dilate: int
+    mark_test: bool
+    contour_fill: bool
+    contour_min_area: int
+    contour_max_area: int
+    contour_min_length: int
+    # 5. morphology
+    mask_dilate: int
+    close_kernel: int
+    open_kernel: int
+    # 6. inpainting
+    inpaint_radius: int
+    inpaint_method: str
+
+    def settings(self) -> dict:
+        """{CleanConfig field: value} of this preset (its name left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "name"}
+
+
+# The study's cleaner: the paper names the operations (section 2.2) but gives no threshold; these
+# were tuned on the synthetic annotated set and checked on real scans (notebook 02, docs/preprocessing.md).
+STUDY = Cleaner(
+    name="study",
+    ocr_regions="candidates",  # study: OCR only candidate lines of thin bright strokes, in one mosaic (~11x cheaper)
+    ocr_scale=2.0,  # study: scanner fonts are 7-10 px high, Tesseract wants >= 20
+    ocr_psm=11,  # study: sparse text
+    ocr_oem=1,  # study: LSTM engine only
+    ocr_min_chars=1,  # study: a word holds >= 1 letter or digit
+    ocr_word_contrast=120,  # study: 'words' read in speckle have top-hat <= 111, scanner text >= 124
+    ocr_min_height=5,  # study: 'words' 1-4 px high are speckle
+    ocr_pad=2,  # study: 2 px margin around each word box
+    clahe_clip=2.0,  # paper: CLAHE; study: the official value
+    clahe_tile=8,  # paper: CLAHE; study: the official value
+    sat_min=40,  # study: a pixel is saturated when S >= 40
+    val_min=40,  # study: ... and V >= 40 (dark pixels have meaningless hue)
+    kmeans_k=3,  # paper: K-Means; study: the official k
+    kmeans_features="hue_circle",  # study: hue as a point on the circle scaled by S, with S and V (hue wraps)
+    kmeans_impl="opencv",  # study: cv2.kmeans, k-means++ initialisation, one attempt
+    kmeans_iters=10,  # study: few iterations, the clusters are well separated
+    kmeans_sample=4000,  # study: fit on at most 4000 pixels, then assign all
+    cluster_sat_min=60,  # study: centre S >= 60 ...
+    cluster_val_min=60,  # study: ... and V >= 60 (tinted tissue and dark chroma noise are not marks)
+    colour_min_area=8,  # study: components of >= 8 px ...
+    colour_link=5,  # study: ... after a 5 px closing that joins the dots of dotted caliper lines
+    grey_clahe="lab",  # study: grey of the CIELAB-CLAHE image the colour detector uses
+    canny_low=50,  # paper: Canny; study: the official thresholds
+    canny_high=150,
+    grey_dilate=3,  # study: the official 3x3 dilation of the edges
+    mark_test=True,  # study: only Canny edges next to mark pixels (thin bright strokes), not speckle
+    contour_fill=False,  # study: connected pieces of edges, not filled (a pencil outline must not mask the lesion)
+    contour_min_area=6,  # study: pieces of 6-3000 px (pixel count) ...
+    contour_max_area=3000,
+    contour_min_length=5,  # study: ... whose longer side is >= 5 px
+    mask_dilate=3,  # study: dilate the union 3 px (ellipse) so the opening keeps 1-px marks
+    close_kernel=5,  # paper: closing; study: the official 5x5
+    open_kernel=3,  # study: 3x3 (the official 5x5 erases marks thinner than 5 px)
+    inpaint_radius=3,  # paper: Navier-Stokes inpainting; study: the official radius
+    inpaint_method="ns",  # paper: "Navier-Stokes"
+)
+
+# The official notebook's cleaner, function by function (US_images_preprocessing.ipynb, cell
+# "Preprocessing": get_text_mask, get_annotation_mask_kmeans_clahe, get_grayscale_annotation_mask,
+# clean_and_inpaint as deannotate_image calls them). Residual differences, documented in
+# docs/preprocessing.md: a word box is w x h here, (w + 1) x (h + 1) there (cv2.rectangle's end
+# point is inclusive); cluster centres are kept at >= the thresholds, there at >; K-Means is
+# seeded by CleanConfig.seed (notebook 02's `seed`), there by random_state=42.
+OFFICIAL = Cleaner(
+    name="official",
+    ocr_regions="full",  # official code: pytesseract.image_to_data(gray) on the whole grey image
+    ocr_scale=1.0,  # official code: no upscaling
+    ocr_psm=3,  # official code: no config, i.e. Tesseract's default --psm 3
+    ocr_oem=3,  # official code: no config, i.e. Tesseract's default --oem 3
+    ocr_min_chars=0,  # official code: every word with text.strip() != ""
+    ocr_word_contrast=0,  # official code: no stroke test on word boxes
+    ocr_min_height=0,  # official code: no height test on word boxes
+    ocr_pad=0,  # official code: cv2.rectangle(mask, (x, y), (x + w, y + h), 255, -1), no margin
+    clahe_clip=2.0,  # official code: createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    clahe_tile=8,
+    sat_min=41,  # official code: mask_color = s > sat_thresh, sat_thresh=40 (S >= 41 on uint8)
+    val_min=0,  # official code: no V test per pixel
+    kmeans_k=3,  # official code: k=3
+    kmeans_features="hsv",  # official code: KMeans on hsv[mask_color], the raw (H, S, V) of each pixel
+    kmeans_impl="sklearn",  # official code: sklearn.cluster.KMeans(n_clusters=k, random_state=42)
+    kmeans_iters=300,  # official code: KMeans's default max_iter=300
+    kmeans_sample=0,  # official code: fit_predict on every saturated pixel
+    cluster_sat_min=40,  # official code: s_c > sat_thresh (40) ...
+    cluster_val_min=20,  # official code: ... and v_c > 20
+    colour_min_area=20,  # official code: min_area=20, stats[i, cv2.CC_STAT_AREA] >= min_area kept (8-connected)
+    colour_link=0,  # official code: no closing before the area filter
+    grey_clahe="grey",  # official code: CLAHE (2.0, 8x8) applied to cvtColor(image, COLOR_BGR2GRAY)
+    canny_low=50,  # official code: cv2.Canny(enhanced, 50, 150)
+    canny_high=150,
+    grey_dilate=3,  # official code: cv2.dilate(edges, np.ones((3, 3)), iterations=1)
+    mark_test=False,  # official code: every Canny edge
+    contour_fill=True,  # official code: findContours(RETR_EXTERNAL), drawContours(..., -1) filled
+    contour_min_area=30,  # official code: min_area=30 < cv2.contourArea(cnt) ...
+    contour_max_area=2000,  # official code: ... < max_area=2000
+    contour_min_length=0,  # official code: no length test
+    mask_dilate=0,  # official code: no dilation of the union
+    close_kernel=5,  # official code: MORPH_CLOSE with np.ones((5, 5))
+    open_kernel=5,  # official code: then MORPH_OPEN with np.ones((5, 5))
+    inpaint_radius=3,  # official code: cv2.inpaint(image, mask_clean, inpaintRadius=3, ...)
+    inpaint_method="ns",  # official code: flags=cv2.INPAINT_NS in clean_and_inpaint (a later demo cell: TELEA)
+)
+CLEANERS = {c.name: c for c in (STUDY, OFFICIAL)}
+
+
+@dataclass(frozen=True)
 class CleanConfig:
-    """Every knob of the pipeline. Defaults: the study's choice (official notebook in brackets)."""
+    """Every knob of the pipeline. Defaults: the study's choice. The knobs of a cleaner preset take
+    their default from `STUDY` (values and sources there and at `OFFICIAL`); of the others, the
+    official code's value is in brackets where it has one."""
     # 1. text: Tesseract word boxes
     ocr: bool = True  # False = no text detector (explicit; never a silent empty mask)
-    ocr_regions: str = "candidates"  # "candidates": OCR only bright stroke regions, pasted in one
+    ocr_regions: str = STUDY.ocr_regions  # "candidates": OCR only bright stroke regions, pasted in one
     #   mosaic (fast); "full": the whole grey image, as the official notebook
-    ocr_scale: float = 2.0  # upscale before OCR: scanner fonts are 7-10 px high, Tesseract wants >= 20 [1]
-    ocr_psm: int = 11  # Tesseract page segmentation: 11 = sparse text [3 = default]
-    ocr_oem: int = 1  # 1 = LSTM engine only
-    ocr_min_conf: float = 0.0  # keep words with confidence >= this [any non-empty word]; tiny scanner
-    #   fonts are often read with confidence 0, so confidence is a poor filter
-    ocr_min_chars: int = 1  # keep words with at least this many letters or digits
-    ocr_word_contrast: int = 120  # keep words whose box holds strokes (95th percentile of the stroke
-    #   top-hat >= this): drops words 'read' in speckle (<= 111 there; >= 124 on real scanner text) [no test]
-    ocr_min_height: int = 5  # ... and whose box is at least this high (px): 'words' 1-4 px high are speckle
-    ocr_pad: int = 2  # px added around each word box
+    ocr_scale: float = STUDY.ocr_scale  # upscale before OCR
+    ocr_psm: int = STUDY.ocr_psm  # Tesseract page segmentation mode (11 = sparse text, 3 = Tesseract's default)
+    ocr_oem: int = STUDY.ocr_oem  # Tesseract engine (1 = LSTM only, 3 = Tesseract's default)
+    ocr_min_conf: float = 0.0  # keep words with confidence >= this (Tesseract: 0-100 for every word, so 0 keeps
+    #   all); tiny scanner fonts are often read with confidence 0, so confidence is a poor filter
+    ocr_min_chars: int = STUDY.ocr_min_chars  # keep words with at least this many letters or digits
+    ocr_word_contrast: int = STUDY.ocr_word_contrast  # keep words whose box holds strokes (95th percentile of
+    #   the stroke top-hat >= this; 0 = no test)
+    ocr_min_height: int = STUDY.ocr_min_height  # ... and whose box is at least this high (px)
+    ocr_pad: int = STUDY.ocr_pad  # px added around each word box
     stroke_kernel: int = 5  # top-hat kernel (px): keeps strokes thinner than this (fonts, lines), not speckle
     cand_contrast: int = 80  # stroke brighter than its surroundings by this (0-255) to be a text candidate
     cand_min_height: int = 5  # candidate text line height range (px, at the input resolution)
@@ -64,39 +215,45 @@ class CleanConfig:
     cand_min_strokes: int = 2  # ... and holds at least this many letters (speckle: 1-2 round blobs)
     cand_max_fraction: float = 0.35  # candidates cover more than this -> OCR the full image instead
     # 2. contrast (detection only: the output keeps the original pixels)
-    clahe_clip: float = 2.0  # [2.0]
-    clahe_tile: int = 8  # tile grid (tile x tile) [8]
+    clahe_clip: float = STUDY.clahe_clip
+    clahe_tile: int = STUDY.clahe_tile  # tile grid (tile x tile)
     # 3. colour marks: HSV + K-Means on saturated pixels
     colour: bool = True
-    sat_min: int = 40  # a pixel is saturated when S >= this (0-255) [40]
-    val_min: int = 40  # ... and V >= this: dark pixels have meaningless hue [none per pixel]
-    kmeans_k: int = 3  # clusters of saturated pixels [3]
-    kmeans_iters: int = 10  # K-Means iterations (few: the clusters are well separated)
-    kmeans_sample: int = 4000  # fit K-Means on at most this many pixels, then assign all (0 = fit on all)
-    cluster_sat_min: int = 60  # keep clusters whose centre S >= this [40] ...
-    cluster_val_min: int = 60  # ... and V >= this [20]
-    colour_min_area: int = 8  # drop colour components smaller than this after linking dots [20]
-    colour_link: int = 5  # closing (px) that links dotted caliper lines before the area filter
-    # 4. grey marks: Canny + contours, only edges next to mark pixels (thin bright strokes)
+    sat_min: int = STUDY.sat_min  # a pixel is saturated when S >= this (0-255)
+    val_min: int = STUDY.val_min  # ... and V >= this (0 = no test)
+    kmeans_k: int = STUDY.kmeans_k  # clusters of saturated pixels
+    kmeans_features: str = STUDY.kmeans_features  # "hue_circle": (cos H * S, sin H * S, S, V); "hsv": raw (H, S, V)
+    kmeans_impl: str = STUDY.kmeans_impl  # "opencv": cv2.kmeans (one k-means++ attempt); "sklearn": sklearn KMeans
+    kmeans_iters: int = STUDY.kmeans_iters  # K-Means iterations at most
+    kmeans_sample: int = STUDY.kmeans_sample  # fit K-Means on at most this many pixels, then assign all (0 = all)
+    cluster_sat_min: int = STUDY.cluster_sat_min  # keep clusters whose centre S >= this ...
+    cluster_val_min: int = STUDY.cluster_val_min  # ... and V >= this
+    colour_min_area: int = STUDY.colour_min_area  # drop colour components smaller than this (px) after linking
+    colour_link: int = STUDY.colour_link  # closing (px) that links dotted caliper lines first (0 = none)
+    # 4. grey marks: Canny + contours
     grey: bool = True
-    canny_low: int = 50  # [50]
-    canny_high: int = 150  # [150]
-    grey_dilate: int = 3  # dilate edges (px) before contours [3]
-    contour_min_area: int = 6  # keep pieces of area in [min, max] px, not filled [filled, 30-2000]
-    contour_max_area: int = 3000
-    contour_min_length: int = 5  # ... and longer side >= this (px) [no test]
-    mark_kernel: int = 3  # top-hat kernel (px): marks are strokes thinner than this [no test]
+    grey_clahe: str = STUDY.grey_clahe  # "lab": grey of the CIELAB-CLAHE image; "grey": CLAHE on the grey image
+    canny_low: int = STUDY.canny_low
+    canny_high: int = STUDY.canny_high
+    grey_dilate: int = STUDY.grey_dilate  # dilate edges (px) before contours
+    mark_test: bool = STUDY.mark_test  # True: only edges next to mark pixels (mark_* below); False: every edge
+    contour_fill: bool = STUDY.contour_fill  # False: connected pieces of edges with pixel area in [min, max],
+    #   not filled; True: external contours with min < cv2.contourArea < max, filled
+    contour_min_area: int = STUDY.contour_min_area
+    contour_max_area: int = STUDY.contour_max_area
+    contour_min_length: int = STUDY.contour_min_length  # ... and longer side >= this (px; 0 = no test)
+    mark_kernel: int = 3  # top-hat kernel (px): marks are strokes thinner than this
     mark_contrast: int = 120  # top-hat >= this (0-255) makes a pixel a mark pixel ...
     mark_value: int = 140  # ... when its grey value is >= this too ...
     mark_line: int = 4  # ... and it lies on a straight run of >= this many mark pixels (not speckle) ...
     mark_dark: int = 40  # ... or its 15x15 neighbourhood is darker than this (the black screen margin)
     # 5. union -> dilate -> close -> open
-    mask_dilate: int = 3  # dilate the union (px): covers halos and keeps thin marks through opening
-    close_kernel: int = 5  # [5]
-    open_kernel: int = 3  # [5, which erases marks thinner than 5 px before inpainting]
+    mask_dilate: int = STUDY.mask_dilate  # dilate the union (px, 0 = none): covers halos, keeps thin marks
+    close_kernel: int = STUDY.close_kernel
+    open_kernel: int = STUDY.open_kernel
     # 6. inpainting
-    inpaint_radius: int = 3  # [3]
-    inpaint_method: str = "ns"  # "ns" Navier-Stokes (paper) or "telea"
+    inpaint_radius: int = STUDY.inpaint_radius
+    inpaint_method: str = STUDY.inpaint_method  # "ns" Navier-Stokes (paper) or "telea"
     # 7. standardisation
     image_size: int = 224  # output side (px) [224]
     interpolation: str = "area"  # area for shrinking (no aliasing of speckle) [nearest]
@@ -105,12 +262,13 @@ class CleanConfig:
     seed: int = 0  # K-Means initialisation
 
     def __post_init__(self):
-        if self.ocr_regions not in ("candidates", "full"):
-            raise UsfmaeError(f"ocr_regions must be 'candidates' or 'full', got {self.ocr_regions!r}")
+        for name, allowed in (("ocr_regions", ("candidates", "full")), ("kmeans_features", ("hue_circle", "hsv")),
+                              ("kmeans_impl", ("opencv", "sklearn")), ("grey_clahe", ("lab", "grey")),
+                              ("inpaint_method", ("ns", "telea"))):
+            if getattr(self, name) not in allowed:
+                raise UsfmaeError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise UsfmaeError(f"interpolation {self.interpolation!r} unknown: use one of {sorted(INTERPOLATIONS)}")
-        if self.inpaint_method not in ("ns", "telea"):
-            raise UsfmaeError(f"inpaint_method must be 'ns' or 'telea', got {self.inpaint_method!r}")
         from ..curation_readers import MIN_SIDE
 
         if self.image_size < MIN_SIDE:  # smaller PNGs would be refused by every later step
@@ -118,13 +276,29 @@ class CleanConfig:
                               f"got {self.image_size}")
 
 
-def make_config(**overrides) -> CleanConfig:
-    """CleanConfig with overrides; an unknown name is an error that lists the known ones."""
+def cleaner_preset(name: str) -> Cleaner:
+    """The cleaner preset called `name` ("study" or "official"); an unknown name is an error."""
+    if name not in CLEANERS:
+        raise UsfmaeError(f"cleaner {name!r} unknown: use one of {', '.join(map(repr, CLEANERS))}")
+    return CLEANERS[name]
+
+
+def make_config(cleaner: str = "study", **overrides) -> CleanConfig:
+    """CleanConfig of the cleaner preset `cleaner` ("study": the defaults; "official": the official
+    notebook's, see `OFFICIAL`) with overrides; an unknown name is an error that lists the known ones."""
     known = {f.name for f in fields(CleanConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise UsfmaeError(f"unknown cleaning parameter(s) {bad}; known: {sorted(known)}")
-    return CleanConfig(**overrides)
+    return CleanConfig(**{**cleaner_preset(cleaner).settings(), **overrides})
+
+
+def cleaner_name(cfg: CleanConfig) -> str:
+    """The name of the preset whose every setting `cfg` has ("study", "official"), else "custom"."""
+    for c in CLEANERS.values():
+        if all(getattr(cfg, k) == v for k, v in c.settings().items()):
+            return c.name
+    return "custom"
 
 
 # ============================================================================ 1. text (OCR)
@@ -268,11 +442,17 @@ def clahe_lab(rgb: np.ndarray, clip: float = 2.0, tile: int = 8) -> np.ndarray:
 # ============================================================================ 3. colour marks
 def colour_mask(rgb: np.ndarray, sat_min: int = 40, val_min: int = 40, k: int = 3, iters: int = 10,
                 sample: int = 4000, cluster_sat_min: int = 60, cluster_val_min: int = 60, min_area: int = 8,
-                link: int = 5, seed: int = 0) -> np.ndarray:
-    """Mask of colour marks: saturated pixels (HSV), clustered with K-Means on (hue as a point
-    on the circle scaled by S, S, V); clusters that are both saturated and bright are marks
-    (the others are tinted tissue or dark chroma noise). Components smaller than `min_area`
-    after a `link` closing (which joins dotted lines) are dropped. Returns uint8 0/255 [H, W]."""
+                link: int = 5, seed: int = 0, features: str = "hue_circle", impl: str = "opencv") -> np.ndarray:
+    """Mask of colour marks: saturated pixels (HSV: S >= sat_min, V >= val_min), clustered with
+    K-Means into k clusters; clusters whose centre is both saturated and bright (S >= cluster_sat_min,
+    V >= cluster_val_min) are marks (the others are tinted tissue or dark chroma noise). Components
+    smaller than `min_area` after a `link` closing (which joins dotted lines) are dropped.
+
+    features: "hue_circle" clusters (hue as a point on the circle scaled by S, S, V), so that red at
+    hue 179 and at hue 0 are neighbours; "hsv" the raw (H, S, V) values (official notebook).
+    impl: "opencv" (cv2.kmeans, k-means++, one attempt, `iters` iterations, fitted on at most `sample`
+    pixels then all assigned) or "sklearn" (sklearn.cluster.KMeans(k, random_state=seed,
+    max_iter=iters).fit_predict, as the official notebook). Returns uint8 0/255 [H, W]."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     h, s, v = (hsv[..., i].astype(np.float32) for i in range(3))
     cand = (s >= sat_min) & (v >= val_min)  # [H, W]
@@ -280,15 +460,29 @@ def colour_mask(rgb: np.ndarray, sat_min: int = 40, val_min: int = 40, k: int = 
     n = int(cand.sum())
     if n < k:
         return out
-    ang = h[cand] * (np.pi / 90.0)  # OpenCV hue is 0..179
-    feats = np.stack([np.cos(ang) * s[cand], np.sin(ang) * s[cand], s[cand], v[cand]], 1) / 255.0  # [n, 4]
+    if features == "hsv":
+        feats, unit = hsv[cand].astype(np.float64), 1.0  # [n, 3] raw H (0-179), S, V (0-255)
+    else:
+        ang = h[cand] * (np.pi / 90.0)  # OpenCV hue is 0..179
+        feats = np.stack([np.cos(ang) * s[cand], np.sin(ang) * s[cand], s[cand], v[cand]], 1) / 255.0  # [n, 4]
+        unit = 255.0
     rng = np.random.default_rng(seed)
     fit = feats if (sample <= 0 or n <= sample) else feats[rng.choice(n, sample, replace=False)]
-    cv2.setRNGSeed(seed)
-    crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, iters, 1e-3)
-    _, _, centres = cv2.kmeans(fit.astype(np.float32), min(k, len(fit)), None, crit, 1, cv2.KMEANS_PP_CENTERS)
-    labels = np.argmin(((feats[:, None, :] - centres[None]) ** 2).sum(-1), 1)  # [n]
-    keep = (centres[:, 2] * 255 >= cluster_sat_min) & (centres[:, 3] * 255 >= cluster_val_min)
+    if impl == "sklearn":
+        from sklearn.cluster import KMeans
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():  # fewer distinct colours than k: fewer clusters, as the official run
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            km = KMeans(n_clusters=min(k, len(fit)), random_state=seed, max_iter=iters).fit(fit)
+        centres = km.cluster_centers_
+        labels = km.labels_ if fit is feats else km.predict(feats)
+    else:
+        cv2.setRNGSeed(seed)
+        crit = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, iters, 1e-3)
+        _, _, centres = cv2.kmeans(fit.astype(np.float32), min(k, len(fit)), None, crit, 1, cv2.KMEANS_PP_CENTERS)
+        labels = np.argmin(((feats[:, None, :] - centres[None]) ** 2).sum(-1), 1)  # [n]
+    keep = (centres[:, -2] * unit >= cluster_sat_min) & (centres[:, -1] * unit >= cluster_val_min)  # S, V last
     out[cand] = np.where(keep[labels], 255, 0).astype(np.uint8)
     return drop_small(out, min_area, link)
 
@@ -337,20 +531,33 @@ def mark_pixels(grey: np.ndarray, kernel: int = 3, contrast: int = 120, value: i
 def grey_mask(grey: np.ndarray, canny_low: int = 50, canny_high: int = 150, dilate: int = 3,
               min_area: int = 6, max_area: int = 3000, min_length: int = 5, mark_kernel: int = 3,
               mark_contrast: int = 120, mark_value: int = 140, mark_line: int = 4,
-              mark_dark: int = 40) -> np.ndarray:
+              mark_dark: int = 40, mark_test: bool = True, fill: bool = False) -> np.ndarray:
     """Mask of grey marks (ticks, pencil lines, calipers, box outlines, bars).
 
-    Canny edges next to mark pixels, dilated; each connected piece (its contour)
-    is kept when its area is in [min_area, max_area] px and its longer side >= min_length.
-    Pieces are not filled: a pencil outline around a lesion must not mask the lesion.
+    Canny edges (with mark_test: only those next to mark pixels, see `mark_pixels`), dilated
+    (`dilate` px square). Then, fill=False: each connected piece of edges is kept when its pixel
+    area is in [min_area, max_area] and its longer side >= min_length; pieces are not filled, as a
+    pencil outline around a lesion must not mask the lesion. fill=True (official notebook): each
+    external contour with min_area < cv2.contourArea < max_area (and longer side >= min_length) is
+    drawn filled.
     The mark test is what keeps Canny's edges on speckle out: the official notebook fills every
     external contour of area 30-2000, and on tissue that is speckle, while a mark touching
     tissue merges into one huge contour and is lost.
     grey: uint8 [H, W] (CLAHE-enhanced). Returns uint8 0/255 [H, W]."""
-    marks = mark_pixels(grey, mark_kernel, mark_contrast, mark_value, mark_line, mark_dark)  # [H, W] 0/1
-    edges = cv2.Canny(grey, canny_low, canny_high) & (cv2.dilate(marks, _kernel(3)) * 255)
+    edges = cv2.Canny(grey, canny_low, canny_high)
+    if mark_test:
+        marks = mark_pixels(grey, mark_kernel, mark_contrast, mark_value, mark_line, mark_dark)  # [H, W] 0/1
+        edges &= cv2.dilate(marks, _kernel(3)) * 255
     if dilate > 1:
         edges = cv2.dilate(edges, _kernel(dilate))
+    if fill:
+        out = np.zeros_like(grey)
+        contours, _ = cv2.findContours(edges, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        for cnt in contours:
+            _, _, w, h = cv2.boundingRect(cnt)
+            if min_area < cv2.contourArea(cnt) < max_area and max(w, h) >= min_length:
+                cv2.drawContours(out, [cnt], -1, 255, -1)
+        return out
     n, lab, stats, _ = cv2.connectedComponentsWithStats(edges, connectivity=8)
     area, side = stats[:, cv2.CC_STAT_AREA], np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
     keep = (area >= min_area) & (area <= max_area) & (side >= min_length)
@@ -360,9 +567,10 @@ def grey_mask(grey: np.ndarray, canny_low: int = 50, canny_high: int = 150, dila
 
 # ============================================================================ 5-7
 def combine_masks(masks, dilate: int = 3, close: int = 5, open_: int = 3) -> np.ndarray:
-    """Union of detector masks, dilated (halo of antialiased or compressed marks), closed (joins
-    pieces), then opened (drops specks). Dilating first means an opening smaller than the
-    dilation keeps 1-px marks: the official 5x5 opening of the raw union erased them."""
+    """Union of detector masks, dilated (halo of antialiased or compressed marks; 0 or 1 = none),
+    closed (joins pieces), then opened (drops specks), with square kernels of `close` and `open_` px.
+    Dilating first means an opening smaller than the dilation keeps 1-px marks: the official 5x5
+    opening of the raw union erased them."""
     masks = [m for m in masks if m is not None]
     union = np.zeros(masks[0].shape, np.uint8)
     for m in masks:
@@ -406,6 +614,15 @@ def normalize(img: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarr
 
 
 # ============================================================================ one image
+def grey_input(rgb: np.ndarray, enhanced: np.ndarray, cfg: CleanConfig) -> np.ndarray:
+    """The grey image the grey-mark detector reads: grey of the CIELAB-CLAHE image `enhanced`
+    (grey_clahe="lab") or CLAHE on the grey of `rgb` (grey_clahe="grey", official notebook). uint8 [H, W]."""
+    if cfg.grey_clahe == "grey":
+        clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip, tileGridSize=(cfg.clahe_tile, cfg.clahe_tile))
+        return clahe.apply(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    return cv2.cvtColor(enhanced, cv2.COLOR_RGB2GRAY)
+
+
 def detect(rgb: np.ndarray, cfg: CleanConfig = CleanConfig(), timings: dict | None = None) -> dict:
     """Run the detectors: {"text", "colour", "grey": uint8 masks or None when switched off,
     "mask": the combined annotation mask, "words": words read}."""
@@ -430,13 +647,14 @@ def detect(rgb: np.ndarray, cfg: CleanConfig = CleanConfig(), timings: dict | No
     if cfg.colour:
         out["colour"] = colour_mask(enhanced, cfg.sat_min, cfg.val_min, cfg.kmeans_k, cfg.kmeans_iters,
                                     cfg.kmeans_sample, cfg.cluster_sat_min, cfg.cluster_val_min,
-                                    cfg.colour_min_area, cfg.colour_link, cfg.seed)
+                                    cfg.colour_min_area, cfg.colour_link, cfg.seed, cfg.kmeans_features,
+                                    cfg.kmeans_impl)
     lap("colour")
     if cfg.grey:
-        out["grey"] = grey_mask(cv2.cvtColor(enhanced, cv2.COLOR_RGB2GRAY), cfg.canny_low, cfg.canny_high,
+        out["grey"] = grey_mask(grey_input(rgb, enhanced, cfg), cfg.canny_low, cfg.canny_high,
                                 cfg.grey_dilate, cfg.contour_min_area, cfg.contour_max_area,
                                 cfg.contour_min_length, cfg.mark_kernel, cfg.mark_contrast, cfg.mark_value,
-                                cfg.mark_line, cfg.mark_dark)
+                                cfg.mark_line, cfg.mark_dark, cfg.mark_test, cfg.contour_fill)
     lap("grey")
     parts = [out[k] for k in DETECTORS] + [np.zeros(rgb.shape[:2], np.uint8)]
     out["mask"] = combine_masks(parts, cfg.mask_dilate, cfg.close_kernel, cfg.open_kernel)
