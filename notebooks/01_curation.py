@@ -17,15 +17,20 @@
 # # 01 · Curation: from dataset folders to one audited pretraining manifest
 #
 # The paper pretrains on OpenUS-46: about 374k images from 46 public ultrasound datasets, with
-# videos sampled at 3 frames/s, 3D volumes sliced, duplicates and evaluation images kept out.
-# This notebook:
+# videos sampled at 3 frames/s (how its 3D scans became 2D images is not stated); the
+# evaluation images were "reserved for evaluation" (2.1): "none of these datasets were included
+# in the pretraining corpus" (2.5). It describes no deduplication and no check for copies of
+# evaluation images inside the other datasets: **both are this study's additions**, on by
+# default and switched off with `deduplicate` and `remove_leakage` (the paper profile turns
+# deduplication off). This notebook:
 #
-# 1. prints the OpenUS-46 registry (46 datasets, anatomy, the paper's Table 1 counts, links,
-#    licences) and the paper's own disagreement about how many evaluation images it held out;
+# 1. prints the OpenUS-46 registry (46 datasets, anatomy, the paper's Table 1 counts and US-43d
+#    marker, links, licences) and where the paper disagrees with itself;
 # 2. generates the synthetic ultrasound tree when no real data root is given (`usfmae synth`);
 # 3. reads every image, video and volume under the roots into one manifest of 2D frames
-#    (`usfmae curate`), with rejects, exact and near duplicates recorded;
-# 4. audits leakage: drops every pretraining frame whose near-duplicate is an evaluation image;
+#    (`usfmae curate`), with rejects recorded; the evaluation datasets never enter it;
+# 4. finds exact and near duplicates (dropped when `deduplicate`) and pretraining frames that are
+#    near copies of an evaluation image (dropped when `remove_leakage`);
 # 5. regenerates Table 1 (found vs paper counts), Fig. 1 (one image per dataset) and a bar chart
 #    of images per anatomy.
 #
@@ -43,6 +48,8 @@ video_fps = 3.0  # frames sampled per second of video time (paper: 3); 0 = every
 slice_axis = 0  # volume axis to slice, of the (z, y, x) array
 slice_step = 1  # keep every n-th slice of a 3D volume
 phash_threshold = 20  # near duplicates: 256-bit perceptual hashes at most this many bits apart
+deduplicate = True  # drop exact and near duplicate pretraining frames (this study's addition: the paper describes no deduplication); False keeps them and warns
+remove_leakage = True  # drop pretraining frames near an evaluation image (this study's check; the paper keeps the evaluation datasets out, as here either way); False keeps them and warns
 workers = 0  # 0 = all cores
 
 # %%
@@ -63,21 +70,24 @@ print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 #
 # The 46 datasets of the paper's Table 1 with their anatomy and image count, the access link
 # from the official README, the licence where a source states it (`unknown` otherwise: check
-# the link), the file kinds of the public release where known, and the three evaluation sets.
+# the link), the file kinds of the public release where known, the three evaluation sets, and
+# `us43d`: the paper's bold ("Datasets in bold are also included in US-43d"), copied as printed.
 # The registry is data, `usfmae_lib/data/openus46.csv`; folder aliases (`BUSBRA`, `OTU_2d`,
 # `usd514_jpeg_roi`, ...) let `usfmae curate` recognise a downloaded dataset by its folder name.
 
 # %%
 registry = curation.load_registry()
-display(registry[["name", "anatomy", "paper_count", "file_kinds", "licence", "is_eval", "aliases", "link"]])
+display(registry[["name", "anatomy", "paper_count", "file_kinds", "licence", "is_eval", "us43d", "aliases", "link"]])
 
 # %% [markdown]
 # **The paper's counts do not add up the way its text says.** Table 1 sums to exactly the
 # 374,192 images the text calls the pretraining corpus, but Table 1 includes the three
 # evaluation sets, and the text says 10,578 evaluation images were held out *in addition*
 # to about 370,000 pretraining images. The official README says "360K unlabeled ultrasound
-# images from 43 datasets (10k from 3 datasets were used in evaluation)". The numbers below are
-# computed from the registry, not typed in.
+# images from 43 datasets (10k from 3 datasets were used in evaluation)". **Nor do its US-43d
+# counts:** Table 1 bolds 43 rows as "also included in US-43d", while the introduction says only
+# 36 of US-43d's datasets were incorporated and 7 excluded, without naming them. The numbers
+# below are computed from the registry, not typed in.
 
 # %%
 s = curation.registry_summary(registry)
@@ -91,8 +101,10 @@ print(f"paper text: {s['paper_text_eval_held_out']:,} evaluation images held out
       f"{s['text_minus_table1_eval']:,} more than the three sets hold in Table 1")
 print(f"  Table 1 datasets whose count equals that difference: {s['datasets_with_that_count'] or 'none'} "
       "(a coincidence or not: the paper does not say)")
+print(f"US-43d: Table 1 bolds {s['us43d_bold_in_table1']} of {s['datasets']} rows (all but "
+      f"{', '.join(s['us43d_not_bold'])}); the text says {s['us43d_kept_in_text']} of US-43d's datasets were incorporated")
 print("this study follows Table 1: the three evaluation sets are registry rows, kept out of the manifest, "
-      "and audited for leakage")
+      f"and audited for leakage (remove_leakage={remove_leakage}, deduplicate={deduplicate})")
 
 # %% [markdown]
 # ## The synthetic ultrasound tree
@@ -153,7 +165,8 @@ if data_root and data_roots and Path(data_root) not in roots:  # the evaluation 
 elif data_root and not data_roots:  # generated pretraining images cannot copy a real evaluation image
     print(f"data_root {data_root}: not audited, the pretraining images are the synthetic tree's (its own twins are)")
 cur = curation.curate(roots, step_dir, video_fps=video_fps, slice_axis=slice_axis, slice_step=slice_step,
-                      phash_threshold=phash_threshold, workers=workers, progress=True)
+                      phash_threshold=phash_threshold, workers=workers, progress=True, deduplicate=deduplicate,
+                      remove_leakage=remove_leakage)
 print(curation.describe(cur))
 display(cur.datasets.drop(columns=["folder", "root"]))
 
@@ -161,20 +174,26 @@ display(cur.datasets.drop(columns=["folder", "root"]))
 # ## Rejects and duplicates
 #
 # A file that cannot be read is listed in `rejects.csv` with its reason (zero bytes, truncated,
-# not an image, unsupported codec, ...) and the run goes on. Exact duplicates share a content
-# hash; near duplicates (the same frame resized or re-encoded) have 64-bit pHashes at most 6
-# bits apart and 256-bit pHashes at most `phash_threshold` bits apart. The 64-bit hash alone
-# is not enough: it sees mostly the outline of the image, so distinct scans of one standard
-# view (a fetal head, an apical four-chamber heart in the same sector) collide, even at 0 bits.
-# The first frame in manifest order is kept, the others are listed in `duplicates.csv` beside
-# it. Frames of one video or volume are not compared with each other: the sampling rate and the
-# slice step already control redundancy inside a file.
+# not an image, unsupported codec, ...) and the run goes on.
+#
+# Deduplication is this study's addition: the paper samples videos at 3 frames/s "to ensure
+# balanced representation without redundancy" but describes no removal of repeated images
+# across files. With `deduplicate = False` (the paper profile) duplicates stay in the manifest
+# and are only listed (`dropped` False); they weight the corpus toward what is repeated.
+#
+# Exact duplicates share a content hash; near duplicates (the same frame resized or re-encoded)
+# have 64-bit pHashes at most 6 bits apart and 256-bit pHashes at most `phash_threshold` bits
+# apart. The 64-bit hash alone is not enough: it sees mostly the outline of the image, so
+# distinct scans of one standard view (a fetal head, an apical four-chamber heart in the same
+# sector) collide, even at 0 bits. The first frame in manifest order is kept, the others are
+# listed in `duplicates.csv` beside it. Frames of one video or volume are not compared with each
+# other: the sampling rate and the slice step already control redundancy inside a file.
 
 # %%
 print(f"rejects: {len(cur.rejects)}")
 if len(cur.rejects):
     display(cur.rejects.groupby(["dataset", "reason"]).size().rename("files").reset_index())
-print(f"duplicates: {len(cur.duplicates)}")
+print(f"duplicates: {len(cur.duplicates)}, " + ("dropped" if deduplicate else "KEPT (deduplicate off)"))
 if len(cur.duplicates):
     display(cur.duplicates.groupby(["dataset", "duplicate"]).size().rename("frames").reset_index())
     display(cur.duplicates.head(10))
@@ -185,28 +204,33 @@ if len(cur.skipped):
 # %% [markdown]
 # ## Leakage audit
 #
-# Every pretraining frame that is a near duplicate (same rule) of an image of an evaluation set
-# is dropped from the manifest and listed in `leakage.csv` with its nearest
-# evaluation image; the counts per (pretraining dataset, evaluation set) pair are below and in
+# The paper keeps the three evaluation *datasets* out of pretraining; so does this study,
+# whatever the switches say. Checking the pretraining datasets for copies of evaluation images
+# is this study's addition (the paper is silent): every pretraining frame that is a near
+# duplicate (same rule) of an image of an evaluation set is listed in `leakage.csv` with its
+# nearest evaluation image, and dropped from the manifest when `remove_leakage` is on. Off,
+# those frames stay in pretraining, and notebooks 05-07 no longer test on unseen images only.
+# The counts per (pretraining dataset, evaluation set) pair are below and in
 # `leakage_pairs.csv`. The synthetic tree plants no copies, so 0 is the expected count there;
 # `tests/test_curation.py` plants a resized, re-encoded evaluation image and checks it is caught.
 
 # %%
 print(f"evaluation sets audited against: {', '.join(cur.summary['eval_datasets']) or 'none'}")
-print(f"pretraining frames dropped for leakage: {len(cur.leakage)}")
+print(f"pretraining frames near an evaluation image: {len(cur.leakage)}, "
+      + ("dropped" if remove_leakage else "KEPT (remove_leakage off)"))
 if len(cur.leakage_pairs):
     display(cur.leakage_pairs)
 else:
     print("frames per (pretraining dataset, evaluation set) pair: none")
-for w in cur.summary["warnings"]:
-    print("warning:", w)
 
 # %% [markdown]
 # ## Table 1, regenerated
 #
 # The paper's count for every OpenUS-46 dataset beside the frames this run found and kept
 # (`table1.csv`, `table1.md`, `table1.tex`). Datasets found under the roots that are not in
-# OpenUS-46 are appended (marked `*`). **On the synthetic tree the found counts are tiny and
+# OpenUS-46 are appended (marked `*`). The `US-43d` column copies the paper's bold ("also
+# included in US-43d"); its footnote names the disagreement with the paper's text (43 bold rows,
+# 36 datasets kept in the text). **On the synthetic tree the found counts are tiny and
 # belong to synthetic datasets (`synth_*`), not to the paper's: only the three evaluation sets
 # match registry rows, with a few dozen images each instead of thousands.** With real data
 # roots, the two columns can be compared dataset by dataset.

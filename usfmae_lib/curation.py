@@ -1,7 +1,8 @@
 """Curation: dataset folders -> one deduplicated, leakage-audited manifest of 2D frames.
 
-    curate(roots, out_dir, video_fps=3.0, slice_axis=0, slice_step=1, phash_threshold=20, workers=0)
-    usfmae curate ROOT [ROOT ...] --out DIR
+    curate(roots, out_dir, video_fps=3.0, slice_axis=0, slice_step=1, phash_threshold=20, workers=0,
+           deduplicate=True, remove_leakage=True)
+    usfmae curate ROOT [ROOT ...] --out DIR [--no-deduplicate] [--no-remove-leakage]
 
 How roots map to datasets (`discover_datasets`):
   1. a ROOT that holds synth.json and pretrain/ is a synthetic tree (`usfmae synth`): every
@@ -47,6 +48,15 @@ Audit, in this order, over frames in manifest order (dataset, file path, frame):
      video or volume are not compared with each other: sampling at video_fps and slice_step is
      what controls redundancy inside a file, as in the paper.
   Both duplicate kinds go to duplicates.csv with the kept frame; distances are 256-bit ones.
+  Both steps are this study's additions: the paper describes no deduplication, and says only that
+  the evaluation images were "reserved for evaluation" and "none of these datasets were included
+  in the pretraining corpus" (whole datasets, which stay out of the manifest whatever the switches
+  say).
+  deduplicate=False keeps the duplicates (step 2-3) and remove_leakage=False keeps the frames near
+  an evaluation frame (step 1) in the manifest: the audit still runs and lists them (the `dropped`
+  column of duplicates.csv and leakage.csv is then False; data/frames.parquet's `audit` column
+  says what the audit found, `status` what happened), and a warning is printed and recorded in
+  summary.json (SWITCH_WARNINGS). Switching either never re-reads a file (the cache is per file).
 
 Resuming: each file's result is stored in OUT/cache/files.sqlite (keyed by path, size,
 mtime and the settings that change its frames) as soon as it is read, committed every fraction
@@ -55,10 +65,11 @@ The outputs are sorted, so they do not depend on worker count, order of completi
 
 Outputs in OUT (written atomically): manifest.parquet, manifest.csv, rejects.csv,
 duplicates.csv, leakage.csv, leakage_pairs.csv, datasets.csv, skipped.csv, table1.{csv,md,tex},
-summary.json, data/frames.parquet (every frame read, with its status), cache/files.sqlite.
+summary.json, data/frames.parquet (every frame read, with its status and audit), cache/files.sqlite.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import multiprocessing
@@ -81,11 +92,23 @@ from .curation_readers import (content_hash, file_kind, load_frame, perceptual_h
 
 PAPER_TOTAL = 374_192  # paper section 2.1: "374,192 images exactly" (the sum of Table 1, eval sets included)
 PAPER_TEXT_EVAL = 10_578  # paper section 2.1: "An additional 10,578 images were reserved for evaluation"
+US43D_SIZE = 43  # paper section 1: "US-43d, a collection of 43 open-access US datasets"
+PAPER_TEXT_US43D_KEPT = 36  # paper section 1: "Of the datasets originally included in US-43d, 36 were incorporated"
 READER_VERSION = 3  # part of the cache key: bump when a reader changes what it returns
 CANDIDATE_BITS = 6  # near-duplicate candidates: 64-bit phashes at most this far apart (then phash256 decides)
 MASK_WORDS = {"mask", "masks", "annotation", "annotations", "anno", "annot", "label", "labels", "gt",
               "groundtruth", "seg", "segmentation", "segmentations"}
 SYNTH_SKIP = {"annotated"}  # first-level folders of a synthetic tree that are not pretraining data
+# printed and recorded in summary.json when a switch of curate is off: what is kept, what it risks
+SWITCH_WARNINGS = {
+    "deduplicate": "deduplicate is off: exact and near duplicate pretraining frames stay in the manifest "
+                   "({n} found, listed in duplicates.csv with dropped=False); repeated images weight the corpus "
+                   "toward what they repeat (the MAE sees those images more often than the others)",
+    "remove_leakage": "remove_leakage is off: pretraining frames that are near copies of an evaluation image stay "
+                      "in the manifest ({n} found, listed in leakage.csv with dropped=False); evaluation images may "
+                      "then enter pretraining, so notebooks 05-07 would no longer be a fair test on unseen images "
+                      "(the evaluation datasets' own folders are still never in the manifest)",
+}
 MANIFEST_COLUMNS = ["frame_id", "dataset", "anatomy", "source", "kind", "frame", "axis", "width", "height",
                     "channels", "bit_depth", "content_hash", "phash", "phash256"]
 
@@ -93,11 +116,16 @@ MANIFEST_COLUMNS = ["frame_id", "dataset", "anatomy", "source", "kind", "frame",
 # ============================================================================ registry
 def load_registry() -> pd.DataFrame:
     """OpenUS-46 (usfmae_lib/data/openus46.csv): name, anatomy, paper_count, link, licence,
-    file_kinds, is_eval, aliases (';'-separated folder names), notes. 46 rows."""
+    file_kinds, is_eval, us43d (bold in the paper's Table 1: "also included in US-43d"), aliases
+    (';'-separated folder names), notes. 46 rows."""
     with resources.files("usfmae_lib").joinpath("data/openus46.csv").open("r", encoding="utf-8") as f:
         reg = pd.read_csv(f, keep_default_na=False, dtype=str)
     reg["paper_count"] = reg["paper_count"].astype(int)
     reg["is_eval"] = reg["is_eval"].astype(int).astype(bool)
+    bad = sorted(set(reg["us43d"]) - {"true", "false"})
+    if bad:
+        raise UsfmaeError(f"registry openus46.csv: us43d must be true or false, found {bad}")
+    reg["us43d"] = reg["us43d"] == "true"
     return reg
 
 
@@ -126,7 +154,23 @@ def registry_summary(registry: pd.DataFrame) -> dict:
     return {"datasets": len(registry), "table1_sum": total, "paper_total": PAPER_TOTAL,
             "eval_sets_in_table1": eval_sum, "table1_sum_without_eval": total - eval_sum,
             "paper_text_eval_held_out": PAPER_TEXT_EVAL, "text_minus_table1_eval": gap,
-            "datasets_with_that_count": registry.loc[registry["paper_count"] == gap, "name"].tolist()}
+            "datasets_with_that_count": registry.loc[registry["paper_count"] == gap, "name"].tolist(),
+            "us43d_bold_in_table1": int(registry["us43d"].sum()),
+            "us43d_not_bold": registry.loc[~registry["us43d"], "name"].tolist(),
+            "us43d_kept_in_text": PAPER_TEXT_US43D_KEPT}
+
+
+def us43d_note(registry: pd.DataFrame) -> str:
+    """The footnote of the US-43d marker: it copies the paper's bold, which disagrees with its text."""
+    s = registry_summary(registry)
+    excluded = US43D_SIZE - s["us43d_kept_in_text"]
+    return (f"US-43d: yes where the paper's Table 1 prints the name in bold (\"Datasets in bold are also included "
+            f"in US-43d\"): {s['us43d_bold_in_table1']} of {s['datasets']} rows, all but "
+            f"{', '.join(s['us43d_not_bold'])}. The paper's introduction says instead that only "
+            f"{s['us43d_kept_in_text']} of US-43d's {US43D_SIZE} datasets were incorporated into OpenUS-46 and "
+            f"{excluded} excluded: {s['us43d_bold_in_table1']} bold rows and {s['us43d_kept_in_text']} "
+            f"incorporated datasets disagree, and the paper does not say which {excluded} are meant. "
+            "The marker copies the bold.")
 
 
 # ============================================================================ roots -> datasets
@@ -478,8 +522,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 def table1(registry: pd.DataFrame, datasets: pd.DataFrame) -> pd.DataFrame:
     """Table 1 regenerated: the paper's count of every registry dataset beside what this run
-    found (frames read) and kept (manifest rows; evaluation sets are never kept), plus the
-    datasets found that are not in OpenUS-46."""
+    found (frames read) and kept (manifest rows; evaluation sets are never kept), with the paper's
+    US-43d marker (`us43d`: its bold), plus the datasets found that are not in OpenUS-46."""
     found = datasets.set_index("dataset")
     rows = []
     for r in registry.itertuples(index=False):
@@ -487,37 +531,44 @@ def table1(registry: pd.DataFrame, datasets: pd.DataFrame) -> pd.DataFrame:
         rows.append({"dataset": r.name, "anatomy": r.anatomy, "paper_count": r.paper_count,
                      "found_frames": int(hit["frames"]) if hit is not None else 0,
                      "kept_frames": (int(hit["kept"]) if hit is not None else 0) if not r.is_eval else np.nan,
-                     "role": "evaluation" if r.is_eval else "pretraining", "in_registry": True})
+                     "role": "evaluation" if r.is_eval else "pretraining", "us43d": bool(r.us43d),
+                     "in_registry": True})
     for d in datasets[~datasets["in_registry"]].itertuples(index=False):
         rows.append({"dataset": d.dataset, "anatomy": d.anatomy, "paper_count": np.nan, "found_frames": int(d.frames),
                      "kept_frames": np.nan if d.is_eval else int(d.kept),
-                     "role": "evaluation" if d.is_eval else "pretraining", "in_registry": False})
+                     "role": "evaluation" if d.is_eval else "pretraining", "us43d": pd.NA, "in_registry": False})
     out = pd.DataFrame(rows)
+    out["us43d"] = out["us43d"].astype("boolean")
     out["paper_count"] = out["paper_count"].astype("Int64")
     out["kept_frames"] = out["kept_frames"].astype("Int64")
     return out
 
 
-def write_table1(t1: pd.DataFrame, out_dir: Path, note: str = "") -> list[Path]:
-    """table1.csv (numbers), table1.md and table1.tex (with a total row and the note)."""
+def write_table1(t1: pd.DataFrame, out_dir: Path, note: str = "", registry: pd.DataFrame | None = None,
+                 kept: str = "after the leakage audit and deduplication") -> list[Path]:
+    """table1.csv (numbers), table1.md and table1.tex (with a total row, the US-43d marker as
+    "yes"/blank and its footnote, and the note). `kept` says what kept_frames were kept after."""
     out_dir = Path(out_dir)
     write_csv(t1, out_dir / "table1.csv")
-    show = t1.drop(columns=["in_registry"]).copy()
+    show = t1.drop(columns=["in_registry", "us43d"]).copy()
     show["dataset"] = [n if reg else f"{n} *" for n, reg in zip(t1["dataset"], t1["in_registry"])]
-    total = {"dataset": "Total", "anatomy": "", "paper_count": int(t1["paper_count"].sum()),
-             "found_frames": int(t1["found_frames"].sum()), "kept_frames": int(t1["kept_frames"].sum()), "role": ""}
+    show.insert(1, "US-43d", ["yes" if m is True else "" for m in t1["us43d"].astype(object)])
+    total = {"dataset": "Total", "US-43d": str(int(t1["us43d"].fillna(False).sum())), "anatomy": "",
+             "paper_count": int(t1["paper_count"].sum()), "found_frames": int(t1["found_frames"].sum()),
+             "kept_frames": int(t1["kept_frames"].sum()), "role": ""}
     show = pd.concat([show, pd.DataFrame([total])], ignore_index=True).astype(object)
     show = show.where(show.notna(), "")
     foot = ("\\* not in OpenUS-46 (found under the data roots). paper_count: the paper's Table 1; found_frames: "
-            "frames read in this run (videos sampled, volumes sliced); kept_frames: frames in the manifest after "
-            "the leakage audit and deduplication (evaluation sets are never kept). " + note).strip()
+            "frames read in this run (videos sampled, volumes sliced); kept_frames: frames in the manifest "
+            f"(evaluation sets are never kept) {kept}. " + note).strip()
+    foot += "\n\n" + us43d_note(load_registry() if registry is None else registry)
     md = markdown_table(show) + "\n" + foot + "\n"
     atomic_write(out_dir / "table1.md", lambda t: Path(t).write_text(md))
     tex_df = show.map(lambda v: _fmt(v).replace("_", r"\_").replace("&", r"\&").replace("#", r"\#"))
     tex_df.columns = [c.replace("_", r"\_") for c in tex_df.columns]
     tex = tex_df.to_latex(index=False, escape=False, caption="OpenUS-46: the paper's image counts and the frames "
-                          "found by usfmae curate. " + foot.replace("\\*", "*").replace("_", r"\_"),
-                          label="tab:openus46", column_format="llrrrl")
+                          "found by usfmae curate. " + foot.replace("\\*", "*").replace("_", r"\_")
+                          .replace("\n\n", " "), label="tab:openus46", column_format="lllrrrl")
     atomic_write(out_dir / "table1.tex", lambda t: Path(t).write_text(tex))
     return [out_dir / f"table1.{s}" for s in ("csv", "md", "tex")]
 
@@ -546,6 +597,18 @@ def _frame_id(dataset: str, rel: str, kind: str, frame: int, axis: int) -> str:
     return f"{dataset}/{rel}"
 
 
+def _kept_rule(deduplicate: bool, remove_leakage: bool) -> str:
+    """What kept_frames were kept after, in the words of Table 1's footnote."""
+    if deduplicate and remove_leakage:
+        return "after the leakage audit and deduplication"
+    if deduplicate:
+        return "after deduplication; remove_leakage was off, so frames near an evaluation image were kept"
+    if remove_leakage:
+        return "after the leakage audit; deduplicate was off, so duplicates were kept"
+    return ("with nothing dropped: deduplicate and remove_leakage were off, so duplicates and frames near an "
+            "evaluation image were kept")
+
+
 def _check_settings(video_fps, slice_axis, slice_step, phash_threshold):
     if not float(video_fps) >= 0:
         raise UsfmaeError(f"video_fps must be >= 0 (0 = every frame), got {video_fps}")
@@ -558,11 +621,22 @@ def _check_settings(video_fps, slice_axis, slice_step, phash_threshold):
 
 
 def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_step: int = 1,
-           phash_threshold: int = 20, workers: int = 0, progress: bool = True) -> Curation:
+           phash_threshold: int = 20, workers: int = 0, progress: bool = True, deduplicate: bool = True,
+           remove_leakage: bool = True) -> Curation:
     """Read every dataset under `roots`, audit leakage, deduplicate, write the outputs listed in
-    the module docstring to out_dir and return them. workers 0 = all cores. Resumable."""
+    the module docstring to out_dir and return them. workers 0 = all cores. Resumable.
+
+    deduplicate: drop exact and near duplicates among pretraining frames (False: keep them);
+    remove_leakage: drop pretraining frames near an evaluation frame (False: keep them). Both are
+    this study's additions (the paper describes neither); with either off the audit still lists
+    what it found, and a warning says what is kept and what it risks (SWITCH_WARNINGS). The
+    evaluation datasets themselves never enter the manifest."""
     t_start = time.perf_counter()
     _check_settings(video_fps, slice_axis, slice_step, phash_threshold)
+    for name, value in (("deduplicate", deduplicate), ("remove_leakage", remove_leakage)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise UsfmaeError(f"{name} must be true or false, got {value!r}")
+    deduplicate, remove_leakage = bool(deduplicate), bool(remove_leakage)
     try:
         import imagehash  # noqa: F401 (workers need it; fail here, not as one reject per file)
     except ImportError:
@@ -580,11 +654,11 @@ def curate(roots, out_dir, video_fps: float = 3.0, slice_axis: int = 0, slice_st
                           "pass the folder that holds the dataset folders (docs/curation.md, 'roots')")
     with folder_lock(out, "usfmae curate"):
         return _curate_locked(roots, out, datasets, registry, video_fps, slice_axis, slice_step, phash_threshold,
-                              workers, progress, t_start)
+                              workers, progress, t_start, deduplicate, remove_leakage)
 
 
 def _curate_locked(roots, out: Path, datasets, registry, video_fps, slice_axis, slice_step, phash_threshold,
-                   workers, progress, t_start) -> Curation:
+                   workers, progress, t_start, deduplicate=True, remove_leakage=True) -> Curation:
     """curate's work, under the output folder's lock."""
     (out / "data").mkdir(parents=True, exist_ok=True)
     for stale in itertools.chain(out.glob(".*.part*"), (out / "data").glob(".*.part*")):
@@ -645,17 +719,28 @@ def _curate_locked(roots, out: Path, datasets, registry, video_fps, slice_axis, 
         dup = frames.loc[frames["frame_id"].duplicated(), "frame_id"].iloc[0]
         raise UsfmaeError(f"frame id {dup} appears twice: two roots hold the same dataset folder; pass one")
 
-    # ---- audit: leakage, then exact and near duplicates among what is left
+    # ---- audit: leakage, then exact and near duplicates among what is left. The audit always runs;
+    # the switches decide whether what it finds is dropped (status) or only listed (audit, dropped=False).
     pre, ev = frames[~frames["is_eval"]], frames[frames["is_eval"]]
     leakage = audit_leakage(pre, ev, phash_threshold)
-    remaining = pre[~pre["frame_id"].isin(set(leakage["frame_id"]))]
+    remaining = pre[~pre["frame_id"].isin(set(leakage["frame_id"]))] if remove_leakage else pre
     duplicates = find_duplicates(remaining, phash_threshold)
-    status = np.where(frames["is_eval"].to_numpy(), "evaluation", "kept").astype(object)
-    status[frames["frame_id"].isin(set(leakage["frame_id"])).to_numpy()] = "leakage"
+    leakage.insert(len(leakage.columns), "dropped", remove_leakage)
+    duplicates.insert(len(duplicates.columns), "dropped", deduplicate)
+    leakage, duplicates = leakage.astype({"dropped": bool}), duplicates.astype({"dropped": bool})
+    audit = np.full(len(frames), "", dtype=object)
+    is_leak = frames["frame_id"].isin(set(leakage["frame_id"])).to_numpy()
+    audit[is_leak] = "leakage"
     dup_kind = frames["frame_id"].map(dict(zip(duplicates["frame_id"], duplicates["duplicate"])))
     is_dup = dup_kind.notna().to_numpy()
-    status[is_dup] = [f"{k} duplicate" for k in dup_kind[is_dup]]
+    audit[is_dup] = [f"{k} duplicate" for k in dup_kind[is_dup]]  # leakage off: a leaked frame may be one too
+    status = np.where(frames["is_eval"].to_numpy(), "evaluation", "kept").astype(object)
+    if remove_leakage:
+        status[is_leak] = "leakage"
+    if deduplicate:
+        status[is_dup] = audit[is_dup]
     frames["status"] = status
+    frames["audit"] = audit
     manifest = frames.loc[frames["status"] == "kept", MANIFEST_COLUMNS].reset_index(drop=True)
     pair_cols = ["dataset", "eval_dataset", "frames"]
     leakage_pairs = (leakage.groupby(["dataset", "eval_dataset"]).size().reset_index(name="frames")
@@ -675,9 +760,9 @@ def _curate_locked(roots, out: Path, datasets, registry, video_fps, slice_axis, 
                     "skipped": int((skipped["dataset"] == ds.name).sum()),
                     "rejects": int((rejects["dataset"] == ds.name).sum()), "frames": len(fr),
                     "kept": int((fr["status"] == "kept").sum()),
-                    "exact_duplicates": int((fr["status"] == "exact duplicate").sum()),
-                    "near_duplicates": int((fr["status"] == "near duplicate").sum()),
-                    "leakage": int((fr["status"] == "leakage").sum()),
+                    "exact_duplicates": int((fr["audit"] == "exact duplicate").sum()),
+                    "near_duplicates": int((fr["audit"] == "near duplicate").sum()),
+                    "leakage": int(fr["frame_id"].isin(set(leakage["frame_id"])).sum()),
                     "kinds": ";".join(sorted(set(fr["kind"])))})
     per_ds = pd.DataFrame(per)
     t1 = table1(registry, per_ds)
@@ -692,25 +777,32 @@ def _curate_locked(roots, out: Path, datasets, registry, video_fps, slice_axis, 
     eval_names = [d.name for d in datasets if d.is_eval]
     write_table1(t1, out, "" if any(d.in_registry and not d.is_eval for d in datasets) else
                  "No OpenUS-46 pretraining dataset was among the roots: found counts are not comparable with the "
-                 "paper's (the synthetic tree is a miniature).")
+                 "paper's (the synthetic tree is a miniature).", registry, kept=_kept_rule(deduplicate, remove_leakage))
+    switch_warnings = ([SWITCH_WARNINGS["deduplicate"].format(n=len(duplicates))] if not deduplicate else []) + \
+        ([SWITCH_WARNINGS["remove_leakage"].format(n=len(leakage))] if not remove_leakage else [])
+    for w in switch_warnings:
+        print(f"WARNING: {w}", flush=True)
     n_frames_read = sum(len(results[str(f)].get("frames", [])) for f in todo)
     summary = {
         "roots": [str(Path(r).expanduser().resolve()) for r in roots],
         "settings": {"video_fps": video_fps, "slice_axis": slice_axis, "slice_step": slice_step,
-                     "phash_threshold": phash_threshold, "workers": workers},
+                     "phash_threshold": phash_threshold, "workers": workers, "deduplicate": deduplicate,
+                     "remove_leakage": remove_leakage},
         "datasets": len(datasets), "eval_datasets": eval_names,
         "unmatched_datasets": [d.name for d in datasets if not d.in_registry],
         "files": len(listing), "files_read": len(todo), "files_from_cache": n_cached, "skipped": len(skipped),
         "rejects": len(rejects), "rejects_by_reason": rejects["reason"].value_counts().sort_index().to_dict(),
         "frames": len(frames), "frames_pretraining": len(pre), "frames_evaluation": len(ev),
-        "kept": len(manifest), "leakage": len(leakage),
+        "kept": len(manifest), "leakage": len(leakage), "leakage_dropped": int(leakage["dropped"].sum()),
         "exact_duplicates": int((duplicates["duplicate"] == "exact").sum()) if len(duplicates) else 0,
         "near_duplicates": int((duplicates["duplicate"] == "near").sum()) if len(duplicates) else 0,
+        "duplicates_dropped": int(duplicates["dropped"].sum()),
         "read_seconds": round(read_s, 3), "files_per_s": round(len(todo) / read_s, 2) if todo and read_s > 0 else None,
         "frames_per_s": round(n_frames_read / read_s, 2) if todo and read_s > 0 else None,
         "total_seconds": round(time.perf_counter() - t_start, 3),
-        "warnings": ([] if eval_names else ["no evaluation set (BUS-BRA, MMOTU-2D, GIST514-DB) among the roots: "
-                                            "the leakage audit compared against nothing"])
+        "warnings": switch_warnings
+        + ([] if eval_names else ["no evaluation set (BUS-BRA, MMOTU-2D, GIST514-DB) among the roots: "
+                                  "the leakage audit compared against nothing"])
         + ([] if len(manifest) else ["the manifest is empty: no pretraining frame was found under the roots"]),
     }
     atomic_write(out / "summary.json", lambda t: Path(t).write_text(json.dumps(summary, indent=2) + "\n"))
@@ -724,9 +816,11 @@ def describe(c: Curation) -> str:
              f"{s['files_from_cache']} from the cache of an earlier run), {s['skipped']} skipped (masks, non-images)",
              f"{s['frames']} frames read: {s['frames_pretraining']} pretraining, {s['frames_evaluation']} evaluation",
              f"rejects: {s['rejects']} {s['rejects_by_reason'] or ''}".rstrip(),
-             f"leakage: {s['leakage']} pretraining frames near an evaluation frame, dropped",
+             f"leakage: {s['leakage']} pretraining frames near an evaluation frame, "
+             + ("dropped" if s["settings"].get("remove_leakage", True) else "KEPT (remove_leakage off)"),
              f"duplicates: {s['exact_duplicates']} exact, {s['near_duplicates']} near (256-bit phash <= "
-             f"{s['settings']['phash_threshold']} bits), dropped",
+             f"{s['settings']['phash_threshold']} bits), "
+             + ("dropped" if s["settings"].get("deduplicate", True) else "KEPT (deduplicate off)"),
              f"manifest: {s['kept']} frames -> {Path(c.out_dir).name}/manifest.parquet"]
     if s["unmatched_datasets"]:
         lines.append(f"not in OpenUS-46 (anatomy from the folder or 'unknown'): {', '.join(s['unmatched_datasets'])}")
@@ -827,7 +921,10 @@ def add_cli(subparsers):
         help="read dataset roots into one deduplicated, leakage-audited frame manifest",
         description="Read every image, video (sampled) and volume (sliced) under the roots into one manifest "
                     "of 2D frames; record rejects; drop pretraining frames near an evaluation image (leakage) "
-                    "and exact/near duplicates. Re-running resumes. See docs/curation.md.")
+                    "and exact/near duplicates (this study's additions: the paper describes no deduplication and no "
+                    "frame-level leakage check; --no-deduplicate and --no-remove-leakage keep them and warn). "
+                    "Evaluation sets never enter the manifest. Re-running resumes. "
+                    "See docs/curation.md.")
     p.add_argument("roots", nargs="*", default=[], help="dataset folders (see docs/curation.md: how roots map to datasets)")
     p.add_argument("--out", help="output folder (the notebook uses OUT/01_curation; with -f/-p/--profile: the study "
                                  "folder OUT)")
@@ -836,6 +933,12 @@ def add_cli(subparsers):
     p.add_argument("--slice-step", type=int, default=1, help="keep every n-th slice")
     p.add_argument("--phash-threshold", type=int, default=20,
                    help="near duplicates: 256-bit perceptual hashes at most this many bits apart")
+    p.add_argument("--deduplicate", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop exact and near duplicates among pretraining frames (notebook 01's deduplicate; "
+                        "--no-deduplicate keeps them, as the paper describes no deduplication)")
+    p.add_argument("--remove-leakage", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop pretraining frames near an evaluation image (notebook 01's remove_leakage; "
+                        "--no-remove-leakage keeps them: the evaluation sets' own folders stay out either way)")
     p.add_argument("--workers", type=int, default=0, help="processes (0: all cores)")
     p.add_argument("--no-progress", action="store_true")
     from . import runner
@@ -855,6 +958,6 @@ def _run_cli(args) -> int:
                           "notebook 01's whole step; see --help)")
     c = curate(args.roots, args.out, video_fps=args.video_fps, slice_axis=args.slice_axis,
                slice_step=args.slice_step, phash_threshold=args.phash_threshold, workers=args.workers,
-               progress=not args.no_progress)
+               progress=not args.no_progress, deduplicate=args.deduplicate, remove_leakage=args.remove_leakage)
     print(describe(c))
     return 0
