@@ -21,12 +21,15 @@
 # and UltraSam. This notebook:
 #
 # 1. loads each benchmark with its official splits (real layout, or the synthetic twin of notebook
-#    01): BUS-BRA's 5-fold cross-validation and GIST514-DB's 5 splits, each fold a test set once, as
-#    the paper evaluates them; MMOTU-2D's one train/test split;
-# 2. runs the grid of models x datasets x folds: the paper's sweep (lr x wd x batch) selected on each
-#    fold's validation score (`select_on`) with seed 0, then `n_seeds` seeds of the chosen config
-#    (at least `min_runs` runs per cell: MMOTU-2D's one split gets more seeds; `usfmae finetune`
-#    runs one cell, every fold); a Table 2 cell is the mean over folds;
+#    01): BUS-BRA's 5-fold cross-validation, each fold a test set once, as the paper evaluates it;
+#    GIST514-DB's five split files, all five by default (the paper does not say how it used them;
+#    `gist_splits = [0]` runs one); MMOTU-2D's one train/test split (`mmotu_selection`: a validation
+#    part carved from its training list, or all of it trains);
+# 2. runs the grid of models x datasets x folds: the paper's sweep (lr x wd x batch) with seed 0,
+#    the config chosen on validation (`select_on`) per fold or once per model and dataset
+#    (`select_per`), then `n_seeds` seeds of the chosen config (at least `min_runs` runs per cell:
+#    MMOTU-2D's one split gets more seeds; `usfmae finetune` runs one cell, every fold); a Table 2
+#    cell is the mean over folds;
 # 3. adds a linear probe of frozen encoders on every fold and label-efficiency curves on the same
 #    folds and seeds (USF-MAE vs the same architecture from scratch at a few fractions of the
 #    training labels).
@@ -67,8 +70,10 @@ probe_models = ["usf-mae", "scratch"]  # linear probe of these frozen encoders
 label_fractions = [0.1, 1.0]  # label-efficiency points (paper-style full set: [0.01, 0.1, 0.25, 1.0])
 min_steps = 40  # at least this many optimiser steps per run: a label fraction's few images are passed over several times per epoch (0 = one pass)
 busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA test folds of 5-fold-cv.csv (paper: all five)
-gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits (all five, as BUS-BRA's folds)
-val_fraction = 0.15  # MMOTU-2D and GIST514-DB: share of the training set carved out for validation (paper: not stated)
+gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB split files run, a cell their mean (the paper is silent on how it used them; [0] = one)
+val_fraction = 0.15  # GIST514-DB and MMOTU-2D ("carve"): share of the training set carved out for validation (paper: not stated)
+select_per = "fold"  # sweep config chosen per fold or per dataset (one per model: best mean validation score over folds; paper)
+mmotu_selection = "carve"  # MMOTU-2D: carve (val_fraction validates) or all (all 1,000 official training images, all epochs, last tested; paper)
 clean_eval = False  # True: evaluation images lose burned-in annotations first, like the pretraining corpus (paper: silent)
 n_bootstrap = 200  # bootstrap resamples for the 95% intervals (paper profile: 1000)
 device = "auto"  # auto = cuda when available
@@ -132,12 +137,15 @@ print(f"checkpoint {shown_checkpoint}{f' and {len(mae_checkpoints) - 1} more pre
       f"{'synthetic twins' if synthetic else 'data_root ' + str(data_root)}")
 
 # %%
+ft.check_choice("select_per", select_per, ft.SELECT_PER)
+ft.check_choice("mmotu_selection", mmotu_selection, ft.MMOTU_SELECTION)
+no_validation = {"mmotu-2d"} if mmotu_selection == "all" else set()  # trains on its whole official training list
 folds = {"bus-bra": busbra_folds, "gist514": gist_splits}
 splits = {}  # (dataset, fold) -> Split
 first_folds = {}  # dataset -> images per class and part of its first fold (shown below)
 for d in datasets:
     for k in official_folds(d, folds.get(d)):
-        split = load_split(d, roots[d], seed=seed, fold=k, val_fraction=val_fraction)
+        split = load_split(d, roots[d], seed=seed, fold=k, val_fraction=0.0 if d in no_validation else val_fraction)
         if clean_eval:  # the whole image folder once (cached in clean_eval/<dataset>), then this fold's paths
             split = ft.remove_annotations(split, step_dir / "clean_eval" / d)
         splits[(d, k)] = cap_split(split, max_images, seed)
@@ -145,7 +153,9 @@ for d in datasets:
     first_folds[f"{d} ({first.split})"] = first.summary()
     ks = [k for (dd, k) in splits if dd == d]
     line = f"{d}: {len(ks)} fold(s) {ks}"
-    if d != "bus-bra":  # BUS-BRA has official validation marks; the others lose val_fraction of training
+    if d in no_validation:
+        line += f"; mmotu_selection 'all': all {len(first.train)} official training images train, no validation part"
+    elif d != "bus-bra":  # BUS-BRA has official validation marks; the others lose val_fraction of training
         n_official = len(first.train) + len(first.val)
         line += (f"; val_fraction {val_fraction:g}: {len(first.val)} of the {n_official} official training images "
                  f"validate, {len(first.train)} train")
@@ -154,42 +164,57 @@ display(pd.concat(first_folds, names=["dataset (first fold)", "class"]))  # imag
 
 # %% [markdown]
 # ## The grid: sweep on validation, then seeds, on every fold
-# For each (dataset, fold, model): every config of the sweep with seed 0, the best validation score
-# of that fold wins (no fold's test set picks anything), then `n_seeds` seeds of that config (more
-# on a dataset with fewer than `min_runs` folds); test metrics with bootstrap 95% intervals. Each fold
-# has its own run folders (`runs/<dataset>/fold<k>/`).
+# For each (dataset, fold, model): every config of the sweep with seed 0. With `select_per = "fold"`
+# the best validation score of that fold wins; with `"dataset"` one config per model and dataset, the
+# best mean validation score over the dataset's folds (ties: the first in grid order), is used on
+# every fold. No fold's test set picks anything. Then `n_seeds` seeds of the chosen config (more on
+# a dataset with fewer than `min_runs` folds); test metrics with bootstrap 95% intervals. A dataset
+# without a validation part (MMOTU-2D, `mmotu_selection = "all"`) runs no sweep: the first config of
+# the grid, every epoch, the last one tested (`ft.fixed_schedule`). The columns `selected`,
+# `selected_per` and `selected_by` say which config each row used and how it was chosen. Each fold has
+# its own run folders (`runs/<dataset>/fold<k>/`; `runs/mmotu-2d_no_validation/` under "all").
 
 # %%
 base = ft.TrainConfig(epochs=epochs, patience=patience, img_size=size, pool=pool, select_on=select_on,
                       head_norm=head_norm, layer_decay=layer_decay, max_steps=max_steps, min_steps=min_steps)
 configs = ft.sweep_configs(base, lrs, weight_decays, batch_sizes)
-seeds = {d: ft.seeds_per_fold(n_seeds, len([k for (dd, k) in splits if dd == d]), min_runs) for d in datasets}
-print(f"{len(configs)} config(s) per cell: {[c.tag() for c in configs]}; seeds per fold: {seeds}")
+grids = {d: ft.fixed_schedule(configs) if d in no_validation else configs for d in datasets}  # the configs each runs
+n_folds = {d: len([k for (dd, k) in splits if dd == d]) for d in datasets}
+seeds = {d: ft.seeds_per_fold(n_seeds, n_folds[d], min_runs) for d in datasets}
+print(f"{len(configs)} config(s) per cell, chosen per {select_per}: {[c.tag() for c in configs]}; seeds per fold: {seeds}")
+if no_validation & set(datasets):
+    print(ft.mmotu_note(mmotu_selection, configs, len(splits[("mmotu-2d", 0)].train)))
 t0 = time.time()
 data = {key: ft.prepare_data(split, size) for key, split in splits.items()}  # decoded and resized once
-cells, sweeps, chosen = [], [], {}
-with ft.warnings_once():  # a baseline without ImageNet weights: one warning, not one per fold
-    for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits
-                                        for start in ft.starts(models, checkpoints, mae_checkpoints)],
-                                       desc="grid", disable=headless):
-        kw = dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
-                  run_name=name)
-        cfg, sweep = ft.select_config(data[(d, k)], m, configs, runs, **kw)
-        sweeps.append(sweep)
-        chosen[(d, k, m, name)] = cfg
-        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **kw) for s in range(seeds[d])])
+grid = [(key, start) for key in splits for start in ft.starts(models, checkpoints, mae_checkpoints)]
+sweeps, cells = {}, []
+with ft.warnings_once(), tqdm(total=2 * len(grid), desc="grid", disable=headless) as bar:  # one warning per baseline
+    def run_kw(m, name, ckpt):  # one start's arguments of every run
+        return dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
+                    run_name=name)
+
+    for (d, k), (m, name, ckpt) in grid:  # the sweep: seed 0 of every config on every fold
+        sweeps[(d, k, m, name)] = ft.select_config(data[(d, k)], m, grids[d], runs, **run_kw(m, name, ckpt))[1]
+        bar.update()
+    chosen = ft.choose_configs(sweeps, grids, select_per)  # per fold, or one per (dataset, model) over its folds
+    for (d, k), (m, name, ckpt) in grid:  # the chosen config's seeds (seed 0: the sweep's run, reused)
+        cfg = chosen[(d, k, m, name)]
+        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **run_kw(m, name, ckpt))
+                             for s in range(seeds[d])])
         cell["selected"] = cfg.tag()
-        cells.append(cell)
+        cells.append(cell.assign(**ft.selection(select_per, select_on, n_folds[d], len(configs), d not in no_validation)))
+        bar.update()
 results = pd.concat(cells, ignore_index=True)
-print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat(sweeps + cells), runs, t0)}")
-relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "selected", "val_balanced_accuracy",
-                                 "val_f1", "precision", "recall", "f1", "f1_low", "f1_high", "accuracy",
-                                 "roc_auc"]].round(3)
+print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat([*sweeps.values(), *cells]), runs, t0)}")
+relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "selected", "selected_per",
+                                 "val_balanced_accuracy", "val_f1", "precision", "recall", "f1", "f1_low", "f1_high",
+                                 "accuracy", "roc_auc"]].round(3)
 
 # %% [markdown]
 # ## Linear probe of frozen encoders
 # Features of the encoder as it comes (no fine-tuning) -> logistic regression, C picked on
-# validation F1: how much the representation itself separates the classes.
+# validation F1 (without a validation part, MMOTU-2D under `mmotu_selection = "all"`: the first C of
+# its grid, 0.01, and no val_f1): how much the representation itself separates the classes.
 
 # %%
 probes, t0 = [], time.time()
@@ -209,7 +234,8 @@ if len(probe):
 # %% [markdown]
 # ## Label efficiency: USF-MAE vs the same architecture from scratch
 # Training labels subsampled per class (at least one each, seeded by the run's seed); validation and
-# test unchanged; each model uses the config chosen on all labels, on every fold and seed of the grid,
+# test unchanged (under `mmotu_selection = "all"`, MMOTU-2D's runs have no validation: every epoch runs
+# and the last is tested, as in its grid); each model uses the config chosen on all labels, on every fold and seed of the grid,
 # so a point is a mean over folds like a Table 2 cell (and the 100% point is the grid's own runs).
 # `min_steps` gives the small training sets several passes per epoch: 10% of ~400 images is one batch.
 
@@ -218,7 +244,7 @@ curves, t0 = [], time.time()
 for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits if label_fractions
                                     for start in ft.starts(["usf-mae", "scratch"], checkpoints, mae_checkpoints)],
                                    desc="label efficiency", disable=headless):
-    cfg = chosen.get((d, k, m, name)) or configs[0]
+    cfg = chosen.get((d, k, m, name)) or grids[d][0]
     curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
                                       checkpoint=ckpt, device=device, n_bootstrap=n_bootstrap, log=None,
                                       run_name=name))
@@ -231,11 +257,11 @@ label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "
 
 # %% [markdown]
 # ## Outputs
-# `results.csv` (one row per dataset x model x seed, the chosen config), `sweep.csv`, `probe.csv`,
+# `results.csv` (one row per dataset x model x seed, the chosen config and how it was chosen), `sweep.csv`, `probe.csv`,
 # `label_efficiency.csv`, `setup.json` (what notebook 06 needs to describe the run).
 
 # %%
-for name, table in [("results", results), ("sweep", pd.concat(sweeps, ignore_index=True)), ("probe", probe),
+for name, table in [("results", results), ("sweep", pd.concat(list(sweeps.values()), ignore_index=True)), ("probe", probe),
                     ("label_efficiency", label_curve)]:
     table.to_csv(step_dir / f"{name}.csv", index=False)
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
@@ -243,6 +269,10 @@ setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoi
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, min_runs=min_runs, seeds=seeds,
              n_configs=len(configs), min_steps=min_steps,
              folds={d: [k for (dd, k) in splits if dd == d] for d in datasets}, val_fraction=val_fraction,
+             select_per=select_per, mmotu_selection=mmotu_selection,
+             validation={d: ("none: every official training image trains" if d in no_validation else
+                             "official valid_k marks" if d == "bus-bra" else f"{val_fraction:g} of training carved out")
+                         for d in datasets},
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
              patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay,
              label_fractions=label_fractions, n_bootstrap=n_bootstrap, max_steps=max_steps, max_images=max_images)

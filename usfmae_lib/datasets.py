@@ -12,7 +12,10 @@ written by `usfmae synth` (layouts as published: docs/data.md):
     ROOT/<class>/*.png|jpg|...  (folder: a stratified, seeded split by image)
 
 The official MMOTU-2D and GIST514-DB splits have no validation part; the validation set used
-for model selection and early stopping is a stratified, seeded part of their training set.
+for model selection and early stopping is a stratified, seeded part of their training set
+(`val_fraction`). MMOTU-2D with val_fraction=0 keeps its whole official training list for training
+and has an empty validation part (notebook 05's mmotu_selection="all", the paper's "1000 images for
+training and 469 for validation"); its users then select nothing on validation (finetune.train).
 
 Splits are checked whole, because a leak inflates every metric without any other sign: no
 group in two parts (every loader), every row of an index file used or refused (never dropped),
@@ -101,9 +104,9 @@ def _check_groups_apart(split: Split) -> None:
                               "The split files under the dataset root contradict each other: fix or re-download them")
 
 
-def _check_images(split: Split) -> Split:
+def _check_images(split: Split, may_be_empty: tuple = ()) -> Split:
     for name, df in split.parts().items():
-        if df.empty:
+        if df.empty and name not in may_be_empty:
             raise UsfmaeError(f"{split.dataset} {split.split}: the {name} part is empty; "
                               "check the split files under the dataset root")
     _check_groups_apart(split)
@@ -251,9 +254,13 @@ def _read_cls_txt(path: Path, images: Path) -> pd.DataFrame:
 
 def load_mmotu(root, val_fraction: float = 0.15, seed: int = 0, **_) -> Split:
     """MMOTU-2D official split: train_cls.txt (train, minus a validation part), val_cls.txt (test).
+    val_fraction=0: no validation part, every image of train_cls.txt trains (the paper's "official
+    split of 1000 images for training and 469 for validation"); the split's name says so.
 
     Eight classes; there is no positive class, so report micro and macro averages.
     """
+    if not 0 <= val_fraction < 1:
+        raise UsfmaeError(f"val_fraction must be in [0, 1) for mmotu-2d (0 = no validation part), got {val_fraction}")
     root = Path(root)
     images = _need(root / "images", "MMOTU-2D's images folder; pass the OTU_2d folder")
     train_path = _need(root / "train_cls.txt", "MMOTU-2D's training list")
@@ -263,6 +270,9 @@ def load_mmotu(root, val_fraction: float = 0.15, seed: int = 0, **_) -> Split:
     if bad:
         raise UsfmaeError(f"{root}: labels {bad} are outside 0..{len(MMOTU_CLASSES) - 1}")
     _check_lists_disjoint(train, test, train_path, test_path)
+    if not val_fraction:  # the official lists as they are: nothing carved out, an empty validation part
+        return _check_images(Split("mmotu-2d", "train_cls.txt / val_cls.txt, no validation part", list(MMOTU_CLASSES),
+                                   None, train, train.iloc[:0], test), may_be_empty=("val",))
     train, val = _split_by_group(train, val_fraction, seed)
     return _check_images(Split("mmotu-2d", "train_cls.txt / val_cls.txt", list(MMOTU_CLASSES), None,
                                train, val, test))
@@ -289,6 +299,9 @@ def _read_coco(path: Path, images: Path) -> pd.DataFrame:
 def load_gist514(root, fold: int = 0, val_fraction: float = 0.15, seed: int = 0, **_) -> Split:
     """GIST514-DB split k: train_anno_crop_split_k.json (train + validation part),
     val_anno_crop_split_k.json (test, as in the public code). Positive class: GIST."""
+    if not 0 < val_fraction < 1:
+        raise UsfmaeError(f"val_fraction must be in (0, 1) for gist514, got {val_fraction}: its validation part picks "
+                          "the epoch and the config (only MMOTU-2D can train on its whole training list)")
     root = Path(root)
     images = _need(root / "images", "GIST514-DB's images folder; pass the usd514_jpeg_roi folder")
     ann = root / "annotations"
@@ -426,12 +439,15 @@ SYNTHETIC_FOLDERS = {"bus-bra": "BUSBRA", "mmotu-2d": "OTU_2d", "gist514": "usd5
 
 
 # The paper evaluates BUS-BRA "on the official split in 5-fold cross-validation": every fold is a
-# test set once. GIST514-DB ships five splits the same way. The others have one official split.
+# test set once. GIST514-DB ships five split files (train/val_anno_crop_split_0..4.json); the paper
+# does not say how it used them: the study runs all five by default (gist_splits=[0] runs one). The
+# others have one official split.
 OFFICIAL_FOLDS = {"bus-bra": (1, 2, 3, 4, 5), "gist514": (0, 1, 2, 3, 4)}
 
 
 def official_folds(dataset: str, folds=None) -> list[int]:
-    """The folds to run: every official fold by default (the paper's protocol), or those asked,
+    """The folds to run: every official fold by default (BUS-BRA: the paper's protocol; GIST514-DB: the
+    study's choice, the paper is silent), or those asked,
     checked against the dataset's folds. Datasets with one split have the single fold 0."""
     known = OFFICIAL_FOLDS.get(dataset, (0,))
     if folds is None or (isinstance(folds, (list, tuple)) and not folds):

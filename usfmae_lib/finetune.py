@@ -26,7 +26,10 @@ Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), li
 step, early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
 everything positive) with the best weights kept, bf16 autocast on CUDA. `head_norm` puts MAE's linear-probe
 BatchNorm in front of the head (see add_head_norm for why the quick checkpoint needs it). The seed sets
-init, data order and augmentation. Every run writes RUNS/<dataset>/<model>/<mode>/<config>/seed<k>_frac<f>/{metrics.json,
+init, data order and augmentation. A split without a validation part (MMOTU-2D under mmotu_selection="all")
+runs a fixed schedule: every epoch, the last one tested, the first config of the grid (fixed_schedule).
+Selection of the sweep's config: per fold (select_config) or one per model and dataset, the best mean
+validation score over the folds (choose_configs, select_per="dataset"). Every run writes RUNS/<dataset>/<model>/<mode>/<config>/seed<k>_frac<f>/{metrics.json,
 test_predictions.csv} atomically (metrics.json last) and is skipped when present with the same config.
 """
 from __future__ import annotations
@@ -79,6 +82,21 @@ LABEL_FRACTIONS = (0.01, 0.1, 0.25, 1.0)
 # class rewards a predictor that calls everything positive (F1 = 2p / (1 + p) at prevalence p), which a
 # barely trained model is; balanced accuracy gives that 0.5 and the loss is smooth on small val sets.
 SELECT_ON = ("f1", "balanced_accuracy", "loss")
+# Where the sweep's config is chosen (notebook 05's select_per, --select-per): "fold" = on each fold's own
+# validation score; "dataset" = one config per model and dataset, the best mean validation score over the
+# dataset's folds (the paper tunes "to identify the optimal settings for each model and dataset", 2.6).
+SELECT_PER = ("fold", "dataset")
+# MMOTU-2D's validation (notebook 05's mmotu_selection, --mmotu-selection): "carve" = val_fraction of the
+# official training list validates; "all" = all 1,000 official training images train (the paper: "the official
+# split of 1000 images for training and 469 for validation", 2.5), with no validation set: a fixed schedule
+# (every epoch runs, the last is tested) and the first config of the grid (fixed_schedule).
+MMOTU_SELECTION = ("carve", "all")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """A parameter with a fixed set of values: anything else is an error naming the parameter."""
+    if value not in choices:
+        raise UsfmaeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 _said_once: collections.Counter | None = None  # inside warnings_once: message -> times it came
@@ -632,7 +650,10 @@ def remove_annotations(split: Split, cache_dir, workers: int = 0, progress: bool
 
 
 def load_images(paths, size: int, workers: int = 4) -> torch.Tensor:
-    """Decode every image once: uint8 [N, 3, size, size] (cv2 releases the GIL: threads suffice)."""
+    """Decode every image once: uint8 [N, 3, size, size] (cv2 releases the GIL: threads suffice);
+    no paths (a split without a validation part): [0, 3, size, size]."""
+    if not len(paths):
+        return torch.empty((0, 3, size, size), dtype=torch.uint8)
     with ThreadPoolExecutor(workers) as pool:
         images = list(pool.map(lambda p: read_image(p, size), paths))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -645,6 +666,12 @@ class Data:
     img_size: int
     images: dict = field(repr=False)  # part -> uint8 [N, 3, S, S]
     labels: dict = field(repr=False)  # part -> int64 [N]
+
+
+def has_validation(data: Data) -> bool:
+    """Whether the split has a validation part to pick epochs, configs and probe C's by (MMOTU-2D under
+    mmotu_selection="all" has none)."""
+    return len(data.labels["val"]) > 0
 
 
 def prepare_data(split: Split, img_size: int) -> Data:
@@ -767,7 +794,15 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     epoch with the best validation score (cfg.select_on; ties: lower validation loss). Returns the history.
 
     cfg.max_steps > 0 stops after that many optimiser steps: the epoch they end in is validated like
-    any other (and kept if it is the best); the lr schedule stays that of all cfg.epochs."""
+    any other (and kept if it is the best); the lr schedule stays that of all cfg.epochs.
+    A split without a validation part (MMOTU-2D under mmotu_selection="all"): a fixed schedule, every
+    epoch runs and the last one's weights are kept (its val_* are NaN); cfg.patience must then be 0."""
+    validate = has_validation(data)
+    if not validate and cfg.patience:
+        raise UsfmaeError(f"patience = {cfg.patience} (early stopping) needs a validation set, and {data.split.dataset} "
+                          f"({data.split.split}) has none; set patience to 0 (every epoch runs, the last is tested: "
+                          "finetune.fixed_schedule), or give the split a validation part (val_fraction > 0, "
+                          "mmotu_selection = 'carve')")
     device = pick_device(device) if isinstance(device, str) else device
     order_rng = torch.Generator().manual_seed(seed)  # data order
     aug_rng = torch.Generator().manual_seed(seed + 1_000_003)  # augmentation parameters
@@ -809,16 +844,23 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
             schedule.step()
             step += 1
             losses.append(loss.item())
-        prob = predict(model, data.images["val"], device)
-        val = classification_metrics(y_val, prob, positive)
-        val["loss"] = val_loss = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
+        if validate:
+            prob = predict(model, data.images["val"], device)
+            val = classification_metrics(y_val, prob, positive)
+            val["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
+        else:  # no validation set: nothing to score, the last epoch is kept (below)
+            val = dict.fromkeys((*SELECT_ON, "roc_auc"), float("nan"))
+        val_loss = val["loss"]
         history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss, val_f1=val["f1"],
                             val_balanced_accuracy=val["balanced_accuracy"], val_roc_auc=val["roc_auc"],
                             steps=step, seconds=time.time() - t0))
-        score = cfg.score(val)
-        if score > best["score"] or (score == best["score"] and val_loss < best["loss"]):
-            best = dict(score=score, loss=val_loss, epoch=epoch, val=val,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        if validate:
+            score = cfg.score(val)
+            if score > best["score"] or (score == best["score"] and val_loss < best["loss"]):
+                best = dict(score=score, loss=val_loss, epoch=epoch, val=val,
+                            state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        else:
+            best = dict(score=float("nan"), loss=val_loss, epoch=epoch, val=val, state=None)  # the model as it is
         if log:
             log(f"  epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  val loss {val_loss:.4f}  "
                 f"val f1 {val['f1']:.3f}  val bal. acc {val['balanced_accuracy']:.3f}  ({history[-1]['seconds']:.1f} s)")
@@ -828,17 +870,21 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
             if log:
                 log(f"  stopped after max_steps = {cfg.max_steps} optimiser steps (of {total})")
             break
-    model.load_state_dict(best["state"])
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     return dict(history=history, best_epoch=best["epoch"], best_val=best["val"], epochs_run=len(history),
                 steps_run=step)
 
 
 # ============================================================================ runs on disk
 def run_dir(runs, dataset: str, fold: int, model: str, mode: str, tag: str, seed: int, fraction: float,
-            images: str = "as published") -> Path:
-    """One run's folder: every fold, model, mode, config, seed and label fraction has its own, and
-    runs on annotation-removed evaluation images a folder of their own (<dataset>_annotations_removed)."""
+            images: str = "as published", validation: bool = True) -> Path:
+    """One run's folder: every fold, model, mode, config, seed and label fraction has its own, runs on
+    annotation-removed evaluation images a folder of their own (<dataset>_annotations_removed), and so do
+    runs on a split without a validation part (<dataset>_no_validation: MMOTU-2D's whole training list,
+    mmotu_selection="all"), so that they never replace the runs of the carved split."""
     folder = dataset if images == "as published" else f"{dataset}_{images.replace(' ', '_')}"
+    folder += "" if validation else "_no_validation"
     return Path(runs) / folder / f"fold{fold}" / model / mode / tag / f"seed{seed}_frac{fraction:g}"
 
 
@@ -884,7 +930,7 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     split = data.split
     cfg = TrainConfig(**{**asdict(cfg), "img_size": data.img_size})
     directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "finetune", cfg.tag(), seed, fraction,
-                        split.images)
+                        split.images, has_validation(data))
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     weights_id = (_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
     identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
@@ -927,11 +973,12 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
 def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, weights=None, mae_config=None,
                  pool: str = "token", device="auto", n_bootstrap: int = 1000, cs=(0.01, 0.1, 1.0, 10.0),
                  log=print, run_name: str | None = None) -> dict:
-    """Frozen encoder -> features -> LogisticRegression (C picked on validation F1); resumable.
-    run_name: as finetune_run's."""
+    """Frozen encoder -> features -> LogisticRegression (C picked on validation F1; without a validation
+    part, the first C of `cs`: fit_probe); resumable. run_name: as finetune_run's."""
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
-    directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "probe", tag, seed, 1.0, split.images)
+    directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "probe", tag, seed, 1.0, split.images,
+                        has_validation(data))
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
                     tag=TIMM_NAMES.get(model_name),
@@ -945,13 +992,15 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     torch.manual_seed(seed)
     model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, pool, mae_config)
     model.to(device)
-    feats = {part: features(model, data.images[part], device) for part in ("train", "val", "test")}
+    parts = ("train", "val", "test") if has_validation(data) else ("train", "test")
+    feats = {part: features(model, data.images[part], device) for part in parts}
     y = {part: data.labels[part].numpy() for part in feats}
-    val_f1, c, clf = fit_probe(feats["train"], y["train"], feats["val"], y["val"], len(split.classes),
+    val_f1, c, clf = fit_probe(feats["train"], y["train"], feats.get("val"), y.get("val"), len(split.classes),
                                split.positive, seed, cs)
     prob = _full_proba(clf, feats["test"], len(split.classes))
     if log:
-        log(f"{split.dataset} {model_name} linear probe: C={c:g}, val f1 {val_f1:.3f}; init {init}")
+        chosen = f"val f1 {val_f1:.3f}" if has_validation(data) else "the first of its grid: no validation set"
+        log(f"{split.dataset} {model_name} linear probe: C={c:g}, {chosen}; init {init}")
     row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
                mode="probe", init=init,
                seed=seed,
@@ -963,10 +1012,15 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
 def fit_probe(train_x, train_y, val_x, val_y, n_classes: int, positive, seed: int,
               cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[float, float, object]:
     """(validation F1, C, fitted pipeline) of the logistic regression on standardised features whose
-    C (of `cs`) scores the best validation F1: the linear probe of notebooks 05 and 07."""
+    C (of `cs`) scores the best validation F1: the linear probe of notebooks 05 and 07. Without
+    validation features (None or none: MMOTU-2D under mmotu_selection="all") nothing can pick C: the
+    first of `cs`, as the sweep takes the first config of its grid (fixed_schedule); F1 NaN."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    if val_x is None or not len(val_x):
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=cs[0], max_iter=2000, random_state=seed))
+        return float("nan"), cs[0], clf.fit(train_x, train_y)
     best = None
     for c in cs:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
@@ -984,24 +1038,118 @@ def _full_proba(clf, x, n_classes) -> np.ndarray:
     return prob
 
 
+def _first_best(scores) -> int:
+    """Index of the highest score, the first of equal ones (grid order); NaN never wins (all NaN: 0)."""
+    scores = np.asarray(scores, dtype=float)
+    return 0 if np.isnan(scores).all() else int(np.nanargmax(scores))
+
+
+def sweep_scores(configs: list[TrainConfig], table: pd.DataFrame) -> np.ndarray:
+    """Each config's validation score (its select_on, loss negated) from select_config's sweep rows,
+    in grid order."""
+    rows = table.to_dict("records")
+    if len(rows) != len(configs):
+        raise UsfmaeError(f"a sweep of {len(configs)} configs has {len(rows)} rows; pass select_config's table")
+    return np.array([cfg.score({k: row["val_" + k] for k in SELECT_ON}) for cfg, row in zip(configs, rows)])
+
+
+def fixed_schedule(configs: list[TrainConfig]) -> list[TrainConfig]:
+    """The configs for a split without a validation part (MMOTU-2D under mmotu_selection="all"): nothing
+    can choose among the grid or stop a run early, so one config, the first of the grid in grid order,
+    with patience 0 (every epoch runs and the last is tested)."""
+    return [replace(configs[0], patience=0)]
+
+
 def select_config(data: Data, model_name: str, configs: list[TrainConfig], runs, **kw) -> tuple[TrainConfig, pd.DataFrame]:
     """The paper's sweep: every config with seed 0 on all labels; the best validation score wins
-    (each config's select_on; ties: the first in grid order). Returns (chosen config, sweep rows)."""
+    (each config's select_on; ties: the first in grid order). Returns (chosen config, sweep rows).
+    A split without a validation part runs no sweep: one config (fixed_schedule) is returned as it is,
+    with no rows; several are an error, since nothing could choose among them."""
+    if not has_validation(data):
+        if len(configs) > 1:
+            raise UsfmaeError(f"{data.split.dataset} ({data.split.split}) has no validation set to choose among "
+                              f"{len(configs)} configs by; pass one config (finetune.fixed_schedule(configs): the first "
+                              "of the grid, patience 0), or give the split a validation part (mmotu_selection = 'carve')")
+        return TrainConfig(**{**asdict(configs[0]), "img_size": data.img_size}), pd.DataFrame()
     rows = [finetune_run(data, model_name, cfg, 0, runs, **kw) for cfg in configs]
     table = pd.DataFrame(rows)
-    best = int(np.argmax([cfg.score({k: row["val_" + k] for k in SELECT_ON}) for cfg, row in zip(configs, rows)]))
+    best = _first_best(sweep_scores(configs, table))
     return TrainConfig(**{**asdict(configs[best]), "img_size": data.img_size}), table
 
 
-def run_cell(data: Data, model_name: str, configs: list[TrainConfig], runs, n_seeds: int = 3, **kw) -> pd.DataFrame:
-    """One cell of Table 2: sweep on validation with seed 0, then n_seeds seeds of the chosen config.
-    Returns one row per seed, with `selected` = the chosen config's tag."""
-    cfg, sweep = select_config(data, model_name, configs, runs, **kw)
+def best_over_folds(configs: list[TrainConfig], tables: list[pd.DataFrame]) -> tuple[int, np.ndarray]:
+    """select_per="dataset": the index in `configs` of the config whose validation score, averaged over
+    the folds' sweeps (select_config's tables, one per fold, each in grid order), is the best (ties:
+    the first in grid order; a config with a NaN score on any fold never wins), and those means."""
+    if not tables:
+        raise UsfmaeError("best_over_folds needs the sweep of at least one fold")
+    mean = np.vstack([sweep_scores(configs, t) for t in tables]).mean(0)
+    return _first_best(mean), mean
+
+
+def choose_configs(sweeps: dict, configs: dict, select_per: str = "fold") -> dict:
+    """{key: chosen config} for select_config's sweep tables keyed (dataset, fold, *start) (start: the
+    model and run name), configs = {dataset: the grid it ran}. select_per "fold": each key's own best;
+    "dataset": every fold of a (dataset, *start) gets the config with the best mean validation score
+    over that dataset's folds (best_over_folds). A dataset without validation (an empty table) gets
+    its one config (fixed_schedule)."""
+    check_choice("select_per", select_per, SELECT_PER)
+    groups = {}
+    for key in sweeps:
+        groups.setdefault((key[0], *key[2:]) if select_per == "dataset" else key, []).append(key)
+    chosen = {}
+    for keys in groups.values():
+        grid = configs[keys[0][0]]
+        tables = [sweeps[key] for key in keys]
+        best = 0 if any(t.empty for t in tables) else best_over_folds(grid, tables)[0]
+        chosen.update({key: grid[best] for key in keys})
+    return chosen
+
+
+def selection(select_per: str, select_on: str, n_folds: int, n_configs: int, validation: bool = True) -> dict:
+    """The columns that say how a row's config was chosen: selected_per ("fold", "dataset", or "none"
+    without a validation set) and selected_by (in words)."""
+    check_choice("select_per", select_per, SELECT_PER)
+    if not validation:
+        return dict(selected_per="none", selected_by="first config of the grid, every epoch run and the last "
+                                                      "tested: no validation set (mmotu_selection = 'all')")
+    configs = f"seed 0 of {n_configs} config{'s' if n_configs != 1 else ''}"
+    if select_per == "dataset":
+        return dict(selected_per="dataset",
+                    selected_by=f"best mean validation {select_on} over the dataset's {n_folds} fold(s), {configs}")
+    return dict(selected_per="fold", selected_by=f"best validation {select_on} of this fold, {configs}")
+
+
+def run_cell(data: Data, model_name: str, configs: list[TrainConfig], runs, n_seeds: int = 3,
+             chosen: TrainConfig | None = None, select_per: str = "fold", n_folds: int = 1, **kw) -> pd.DataFrame:
+    """One cell of Table 2 on one fold: sweep on validation with seed 0, then n_seeds seeds of the chosen
+    config (`chosen`: a config chosen over the folds already, select_per="dataset" of n_folds folds: no
+    sweep here). Returns one row per seed, with `selected` = the chosen config's tag and how it was
+    chosen (selection's columns)."""
+    cfg = chosen if chosen is not None else select_config(data, model_name, configs, runs, **kw)[0]
     rows = [finetune_run(data, model_name, cfg, s, runs, **kw) for s in range(n_seeds)]
     out = pd.DataFrame(rows)
-    out["selected"] = cfg.tag()
+    out["selected"] = TrainConfig(**{**asdict(cfg), "img_size": data.img_size}).tag()
     out["n_configs"] = len(configs)
-    return out
+    return out.assign(**selection(select_per, cfg.select_on, n_folds, len(configs), has_validation(data)))
+
+
+def mmotu_note(mmotu_selection: str, configs: list[TrainConfig], n_train: int | None = None) -> str:
+    """The one line that says what mmotu_selection = "all" does to MMOTU-2D ('' for "carve"); configs:
+    the whole grid (its first config is the one used, its patience the one not applied)."""
+    check_choice("mmotu_selection", mmotu_selection, MMOTU_SELECTION)
+    if mmotu_selection == "carve":
+        return ""
+    first = configs[0]
+    images = f"all {n_train} official training images" if n_train is not None else "every official training image"
+    schedule = f"every run runs all {first.epochs} epochs"
+    if first.patience:
+        schedule += f" (patience {first.patience} is not applied here: nothing to stop on)"
+    if first.max_steps:
+        schedule += f" unless max_steps ({first.max_steps}) ends it sooner"
+    return (f"mmotu_selection = 'all': MMOTU-2D trains on {images}, no validation part; {schedule}, and its last "
+            f"epoch is tested; config: the first of the grid of {len(configs)}, lr {first.lr:g}, wd {first.weight_decay:g}, "
+            f"batch {first.batch_size} (no validation to choose by: no sweep), and the probe's C the first of its grid")
 
 
 def starts(models, checkpoints: dict, pretraining_runs: list) -> list[tuple[str, str | None, Path | None]]:
@@ -1053,7 +1201,8 @@ def add_cli(subparsers):
         "finetune", formatter_class=help_with_defaults,
         help="fine-tune and evaluate one model on one dataset (one cell of Table 2)",
         description="Two forms. One cell (--dataset, --root, --model and the options below): sweep lr x wd x batch "
-                    "on validation with seed 0, then train --seeds seeds of the best config on every official fold and "
+                    "on validation with seed 0 (chosen per fold, or over the folds with --select-per dataset), then "
+                    "train --seeds seeds of the best config on every official fold and "
                     "report test metrics with bootstrap 95% intervals; resumable: OUT/runs/<dataset>/... with "
                     "metrics.json and test_predictions.csv. The whole step (-f, -p, --profile): notebook 05's grid "
                     "of datasets x models x folds, probes and label efficiency, with the notebook's parameter names "
@@ -1099,8 +1248,17 @@ def add_cli(subparsers):
     p.add_argument("--probe", action="store_true", help="also a linear probe of the frozen encoder")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--fold", type=int, nargs="+", default=None,
-                   help="only these official folds: BUS-BRA 1-5, GIST514-DB 0-4 (default: all of them, as the paper's "
-                        "5-fold cross-validation; one Table 2 cell is the mean over folds)")
+                   help="only these official folds: BUS-BRA 1-5, GIST514-DB 0-4 (default: all of them: BUS-BRA's 5-fold "
+                        "cross-validation as the paper; GIST514-DB's five split files, the paper does not say how it used "
+                        "them; one Table 2 cell is the mean over folds)")
+    p.add_argument("--select-per", choices=SELECT_PER, default="fold",
+                   help="where the sweep's config is chosen: fold = on each fold's validation score; dataset = one config "
+                        "for every fold, the best mean validation score over the folds (the paper: 'for each model and "
+                        "dataset'; paper profile)")
+    p.add_argument("--mmotu-selection", choices=MMOTU_SELECTION, default="carve",
+                   help="mmotu-2d: carve = --val-fraction of train_cls.txt validates; all = every official training "
+                        "image trains (the paper's 1000 / 469 split; paper profile): no validation, all --epochs run, the "
+                        "last tested, the first config of the sweep (nothing to choose by), --patience not applied")
     p.add_argument("--val-fraction", type=float, default=0.15,
                    help="MMOTU-2D, GIST514-DB, folder: share of the training set carved out for validation (0.15; "
                         "the paper does not say); BUS-BRA uses its official valid_k marks")
@@ -1146,24 +1304,42 @@ def _run_cli(args) -> int:
                        head_norm=args.head_norm, select_on=args.select_on, layer_decay=args.layer_decay,
                        max_steps=args.max_steps, min_steps=args.min_steps)
     configs = sweep_configs(base, args.lr, args.weight_decay, args.batch_size)
+    val_fraction = args.val_fraction
+    if args.dataset == "mmotu-2d" and args.mmotu_selection == "all":  # the official lists, no validation part
+        print(mmotu_note("all", configs))
+        configs, val_fraction = fixed_schedule(configs), 0.0
     tables = []
     folds = official_folds(args.dataset, args.fold)
     n_seeds = seeds_per_fold(args.seeds, len(folds), args.min_runs)
-    for fold in folds:
-        options = dict(seed=args.split_seed, val_fraction=args.val_fraction, fold=fold)
+
+    def fold_data(fold: int, say: bool = True) -> Data:
+        options = dict(seed=args.split_seed, val_fraction=val_fraction, fold=fold)
         if args.positive:
             options["positive"] = args.positive
         split = load_split(args.dataset, args.root, **options)
         if args.clean_eval:
-            split = remove_annotations(split, out / "clean_eval" / args.dataset, progress=True)
-        print(f"\n{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / "
-              f"{len(split.test)} test, classes {split.classes}; decoding at {img_size} px")
-        data = prepare_data(split, img_size)
+            split = remove_annotations(split, out / "clean_eval" / args.dataset, progress=say)
+        if say:
+            print(f"\n{split.dataset} ({split.split}): {len(split.train)} train / {len(split.val)} val / "
+                  f"{len(split.test)} test, classes {split.classes}; decoding at {img_size} px")
+        return prepare_data(split, img_size)
+
+    chosen = {}  # select_per dataset: the sweep on every fold first (seed 0 of each config), then one config for all
+    if args.select_per == "dataset" and len(configs) > 1 and val_fraction:
+        sweeps = {(args.dataset, fold): select_config(fold_data(fold, say=False), args.model, configs, runs, **kw)[1]
+                  for fold in folds}
+        chosen = choose_configs(sweeps, {args.dataset: configs}, "dataset")
+        print(f"select_per dataset: {chosen[(args.dataset, folds[0])].tag()} for every fold, the best mean validation "
+              f"{args.select_on} over {len(folds)} fold(s)")
+    for fold in folds:
+        data = fold_data(fold)
+        cfg = chosen.get((args.dataset, fold))
         if args.fraction < 1:
-            cfg, _ = select_config(data, args.model, configs, runs, **kw)
+            cfg = cfg or select_config(data, args.model, configs, runs, **kw)[0]
             table = label_efficiency(data, args.model, cfg, runs, fractions=[args.fraction], n_seeds=n_seeds, **kw)
         else:
-            table = run_cell(data, args.model, configs, runs, n_seeds=n_seeds, **kw)
+            table = run_cell(data, args.model, configs, runs, n_seeds=n_seeds, chosen=cfg, select_per=args.select_per,
+                             n_folds=len(folds), **kw)
         if args.probe:
             table = pd.concat([table, pd.DataFrame([linear_probe(data, args.model, 0, runs, pool=args.pool, **kw)])])
         tables.append(table)
