@@ -167,7 +167,11 @@ settings = []
 if setup:  # notebook 05 wrote its settings; a folder of CLI runs has them in its rows
     settings.append(f"Settings: profile {setup['profile']}, {setup['img_size']} px, at most {setup['epochs']} epochs, "
                     f"{setup['n_configs']} sweep config(s) (paper: 8), {setup['n_bootstrap']} bootstrap resamples; "
-                    f"epoch and config picked on validation {setup.get('select_on', 'f1')}; "
+                    f"epoch and config picked on validation {setup.get('select_on', 'f1')}"
+                    f"{', one config per model and dataset' if setup.get('select_per') == 'dataset' else ''}"
+                    + "".join(f" ({res.DATASET_TITLES.get(d, d)}: no validation, the first config's last epoch)"
+                              for d, how in setup.get("validation", {}).items() if how.startswith("none"))
+                    + "; "
                     f"{'BatchNorm before the head' if setup.get('head_norm') else 'plain linear head'}"
                     f"{', layer decay %g' % setup['layer_decay'] if setup.get('layer_decay', 1) != 1 else ''}.")
 dry_run = []

@@ -44,7 +44,7 @@ datasets = ["bus-bra", "mmotu-2d", "gist514"]  # tasks scored
 data_root = None  # folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/; None = synthetic twins from notebook 01
 busbra_folds = [1, 2, 3, 4, 5]  # BUS-BRA official folds scored
 gist_splits = [0, 1, 2, 3, 4]  # GIST514-DB splits scored
-val_fraction = 0.15  # as notebook 05: MMOTU-2D and GIST514-DB carve validation from training
+val_fraction = 0.15  # MMOTU-2D and GIST514-DB carve validation from training (as notebook 05 with mmotu_selection "carve"; the probes need it)
 label_fractions = [0.01, 0.1, 0.25, 1.0]  # claim 1: fractions of the training labels (>= 1 per class)
 label_seeds = 3  # subsamples per fraction below 1
 pretrain_mask_ratios = [0.75]  # claim 2: ratios pretrained again (notebook 03's own ratio is the reference)
