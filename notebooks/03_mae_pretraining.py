@@ -80,14 +80,13 @@ pretrain_seeds = 1  # pretraining runs, seeds seed, seed+1, ...: notebooks 05-07
 # %%
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import timm
 import torch
 from safetensors.torch import load_file
 
-from usfmae_lib import UsfmaeError, mae, pretrain, reconstruction, store, study, teaching
+from usfmae_lib import UsfmaeError, mae, pretrain, reconstruction, store, study
 
 STEP = "03_mae_pretraining"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -139,41 +138,11 @@ index.groupby(["dataset", "anatomy"]).size().rename("images").reset_index()
 # resume. Below: four images, then the views of five epochs, then a fixed 2x zoom-out.
 
 # %%
-params = dict(model=model, pos_embed=pos_embed, model_overrides=model_overrides, img_size=img_size, mask_ratio=mask_ratio,
-              norm_pix_loss=norm_pix_loss, epochs=epochs, batch_size=batch_size, lr=lr, blr_scaling=blr_scaling,
-              blr_batch=blr_batch, weight_decay=weight_decay, decay_all=decay_all, betas=betas,
-              warmup_fraction=warmup_fraction, min_lr=min_lr, clip_grad=clip_grad, rot_degrees=rot_degrees,
-              flip_p=flip_p, crop_scale=crop_scale, init_checkpoint=init_checkpoint, seed=seed,
-              precision=precision, compile=compile, checkpoint_every=checkpoint_every,
-              log_every=log_every, workers=workers, threads=threads, heldout_per_anatomy=heldout_per_anatomy,
-              max_steps=max_steps, snapshot_epochs=snapshot_epochs)
+params = pretrain.params_of(globals())  # the recipe: the parameters cell above, by pretrain.DEFAULTS' names
 augment = pretrain.augment_config(pretrain.resolve_params(**params))
 dataset = store.StoreDataset(store_dir, seed, num_patches=1)
 shown = np.linspace(0, len(dataset) - 1, 4).astype(int)
-
-
-def as_picture(x):  # normalised [3, H, W] -> displayable [H, W, 3]
-    x = x * torch.tensor(store.IMAGENET_STD).view(3, 1, 1) + torch.tensor(store.IMAGENET_MEAN).view(3, 1, 1)
-    return x.clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-zoom_out = store.AugmentConfig(rot_degrees=(0, 0), flip_p=0, crop_scale=(2, 2), crop_ratio=(1, 1))
-fig, axes = plt.subplots(len(shown), 7, figsize=(14, 2.1 * len(shown)))
-for r, i in enumerate(shown):
-    views = [store.augment_batch(dataset.__getitems__([(0, i)])["images"], torch.zeros(1, store.N_AUG), None, img_size)[0]]
-    for epoch in range(5):
-        batch = dataset.__getitems__([(epoch, i)])
-        views.append(store.augment_batch(batch["images"], batch["aug"], augment, img_size)[0])
-    views.append(store.augment_batch(batch["images"], torch.rand(1, store.N_AUG), zoom_out, img_size)[0])
-    for c, v in enumerate(views):
-        axes[r, c].imshow(as_picture(v))
-        axes[r, c].set_axis_off()
-for c, title in enumerate(["stored image"] + [f"epoch {e}" for e in range(5)] + ["scale 2.0 (zoom-out)"]):
-    axes[0, c].set_title(title, fontsize=9)
-fig.suptitle(f"Pretraining augmentation: rotation {rot_degrees[0]:g}-{rot_degrees[1]:g} deg, flips p {flip_p:g}, "
-             f"crop {crop_scale[0]:g}x-{crop_scale[1]:g}x (black padding)")
-fig.tight_layout()
-show(fig, "fig_augmentation")
+show(pretrain.plot_augmentation(dataset, shown, augment, img_size), "fig_augmentation")
 
 # %% [markdown]
 # ## 3. The masked autoencoder, one batch by hand
@@ -273,7 +242,7 @@ show(stage("loss"), "mae_6_loss")
 # OpenCV's inpainting of the same holes, last, only smears each hole's border inward.
 
 # %%
-teacher, teacher_info = reconstruction.load_inspection_model(teaching.checkpoint(), device="cpu")
+teacher, teacher_info = reconstruction.load_inspection_model(reconstruction.TEACHING, device="cpu")
 # scans with structure to continue (a skull ring, a kidney, a fascia line), as far as this run has them
 rows = index[index.anatomy.isin(["fetal_head", "kidney", "muscle"])].groupby("anatomy").head(1)
 rows = rows if len(rows) else index.iloc[[int(shown[0])]]

@@ -72,8 +72,8 @@ def show(fig, name):  # save under step_dir and show the saved file, once
 # %% [markdown]
 # ## The model
 #
-# Any file `load_checkpoint` reads works, including the released USF-MAE weights (a bare state
-# dict: the configuration is inferred from its tensor shapes, ViT-B/16 at 224 px).
+# Any file `checkpoints.load_checkpoint` reads works, including the released USF-MAE weights (a
+# bare state dict: the configuration is inferred from its tensor shapes, ViT-B/16 at 224 px).
 
 # %%
 model, info = reconstruction.load_inspection_model(checkpoint, out_dir, norm_pix_loss=norm_pix_loss, device=device)

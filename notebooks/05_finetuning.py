@@ -89,9 +89,9 @@ import pandas as pd
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from usfmae_lib import UsfmaeError, pretrain, study
+from usfmae_lib import classifiers, study
 from usfmae_lib import finetune as ft
-from usfmae_lib.datasets import cap_split, load_split, official_folds
+from usfmae_lib.datasets import SYNTHETIC_FOLDERS, cap_split, load_split, official_folds, resolve_root
 from usfmae_lib.results import relative_init
 
 STEP = "05_finetuning"
@@ -110,27 +110,13 @@ print(f"profile={profile}  outputs -> {Path(out_dir).name}/{STEP}")
 # the benchmarks are the synthetic twins written by notebook 01.
 
 # %%
-needs_mae = bool({"usf-mae", "scratch"} & set(models) | {"usf-mae", "scratch"} & set(probe_models))
-mae_checkpoints = [Path(checkpoint)] if checkpoint else pretrain.pretraining_runs(Path(out_dir) / "03_mae_pretraining")
-mae_checkpoint = mae_checkpoints[0] if mae_checkpoints else Path(out_dir) / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
-if needs_mae and not mae_checkpoint.exists():
-    raise UsfmaeError(f"{mae_checkpoint} not found: run notebook 03 (MAE pretraining) for this out_dir first, "
-                      "or set the checkpoint parameter")
-mae_size = ft.mae_checkpoint_info(mae_checkpoint)[2] if needs_mae else 224
+models, probe_models, mae_checkpoints, mae_checkpoint, mae_size, checkpoints, weights = ft.resolve_inputs(
+    out_dir, models, probe_models, checkpoint, ultrasam_checkpoint, weights_dir, missing_weights)
+# (missing_weights = 'skip' leaves out the baselines without ImageNet weights here, and says which; 'random': the
+# grid below warns once per baseline, with the runs it affects)
 size = img_size or mae_size
 synthetic = data_root is None
-roots = {d: ft.resolve_root(d, data_root and Path(data_root) / ft.SYNTHETIC_FOLDERS[d], out_dir) for d in datasets}
-weights = {}
-for m in models:
-    found = [p for p in (Path(weights_dir) / f"{m}{ext}" for ext in (".safetensors", ".pth")) if p.exists()] if weights_dir else []
-    weights[m] = found[0] if found else None
-checkpoints = {"usf-mae": mae_checkpoint, "scratch": mae_checkpoint, "ultrasam": ultrasam_checkpoint}
-unavailable = [m for m in dict.fromkeys(models + probe_models) if not ft.imagenet_weights_available(m, weights.get(m))]
-if unavailable and missing_weights == "skip":
-    print(f"skipped, no ImageNet weights here (missing_weights = 'skip'): {', '.join(unavailable)}")
-    models = [m for m in models if m not in unavailable]
-    probe_models = [m for m in probe_models if m not in unavailable]
-# (missing_weights = 'random': the grid below warns once per baseline, with the runs it affects)
+roots = {d: resolve_root(d, data_root and Path(data_root) / SYNTHETIC_FOLDERS[d], out_dir) for d in datasets}
 shown_checkpoint = mae_checkpoint.relative_to(out_dir) if mae_checkpoint.is_relative_to(out_dir) else mae_checkpoint
 print(f"checkpoint {shown_checkpoint}{f' and {len(mae_checkpoints) - 1} more pretraining run(s)' if len(mae_checkpoints) > 1 else ''} "
       f"(pretrained at {mae_size} px); fine-tuning at {size} px; "
@@ -188,7 +174,7 @@ t0 = time.time()
 data = {key: ft.prepare_data(split, size) for key, split in splits.items()}  # decoded and resized once
 grid = [(key, start) for key in splits for start in ft.starts(models, checkpoints, mae_checkpoints)]
 sweeps, cells = {}, []
-with ft.warnings_once(), tqdm(total=2 * len(grid), desc="grid", disable=headless) as bar:  # one warning per baseline
+with classifiers.warnings_once(), tqdm(total=2 * len(grid), desc="grid", disable=headless) as bar:  # one warning per baseline
     def run_kw(m, name, ckpt):  # one start's arguments of every run
         return dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
                     run_name=name)
@@ -213,12 +199,13 @@ relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "se
 # %% [markdown]
 # ## Linear probe of frozen encoders
 # Features of the encoder as it comes (no fine-tuning) -> logistic regression, C picked on
-# validation F1 (without a validation part, MMOTU-2D under `mmotu_selection = "all"`: the first C of
-# its grid, 0.01, and no val_f1): how much the representation itself separates the classes.
+# validation balanced accuracy, as fine-tuning selects (without a validation part, MMOTU-2D under
+# `mmotu_selection = "all"`: the first C of its grid, 0.01, and no validation score): how much the
+# representation itself separates the classes.
 
 # %%
 probes, t0 = [], time.time()
-with ft.warnings_once():
+with classifiers.warnings_once():
     for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits
                                         for start in ft.starts(probe_models, checkpoints, mae_checkpoints)],
                                        desc="probes", disable=headless):
@@ -228,7 +215,7 @@ with ft.warnings_once():
 probe = pd.DataFrame(probes)
 if len(probe):
     print(f"probes: {ft.run_tally(probe, runs, t0)}")
-(relative_init(probe, out_dir)[["dataset", "fold", "model", "init", "probe_C", "val_f1", "f1", "f1_low", "f1_high"]]
+(relative_init(probe, out_dir)[["dataset", "fold", "model", "init", "probe_C", "val_balanced_accuracy", "f1", "f1_low", "f1_high"]]
  .round(3) if len(probe) else probe)
 
 # %% [markdown]
@@ -263,7 +250,7 @@ label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "
 # %%
 for name, table in [("results", results), ("sweep", pd.concat(list(sweeps.values()), ignore_index=True)), ("probe", probe),
                     ("label_efficiency", label_curve)]:
-    table.to_csv(step_dir / f"{name}.csv", index=False)
+    relative_init(table, out_dir).to_csv(step_dir / f"{name}.csv", index=False)  # no machine's folder in a table
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
              pretraining_runs=[str(c) for c in mae_checkpoints],
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, min_runs=min_runs, seeds=seeds,

@@ -58,10 +58,11 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import display
 
-from usfmae_lib import UsfmaeError, ablations, mae, pretrain, study
+from usfmae_lib import UsfmaeError, ablations, checkpoints, pretrain, study
 from usfmae_lib.results import percent, read_table, show_verdicts
 from usfmae_lib import finetune as ft
-from usfmae_lib.datasets import cap_split, load_split, official_folds
+from usfmae_lib.classifiers import mae_checkpoint_info
+from usfmae_lib.datasets import SYNTHETIC_FOLDERS, cap_split, load_split, official_folds, resolve_root
 
 STEP = "07_ablations"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -79,9 +80,9 @@ mae_checkpoint = mae_checkpoints[0] if mae_checkpoints else Path(out_dir) / "03_
 if not mae_checkpoint.exists():
     raise UsfmaeError(f"{mae_checkpoint} not found: run notebook 03 (MAE pretraining) for this out_dir first, "
                       "or set the checkpoint parameter")
-run_record = mae._read_checkpoint(mae_checkpoint)  # read once: its recipe (claim 2) and its step (claim 3)
+run_record = checkpoints.read_checkpoint(mae_checkpoint)  # read once: its recipe (claim 2) and its step (claim 3)
 run_params = run_record.get("params") or {}
-size = ft.mae_checkpoint_info(mae_checkpoint)[2]
+size = mae_checkpoint_info(mae_checkpoint)[2]
 base_ratio = run_params.get("mask_ratio", 0.25)
 shown_checkpoint = mae_checkpoint.relative_to(out_dir) if mae_checkpoint.is_relative_to(out_dir) else mae_checkpoint
 print(f"checkpoint {shown_checkpoint}: {run_params.get('model', '?')}, {size} px, mask {base_ratio:.0%}, "
@@ -90,7 +91,7 @@ print(f"checkpoint {shown_checkpoint}: {run_params.get('model', '?')}, {size} px
 folds = {"bus-bra": busbra_folds, "gist514": gist_splits}
 data = {}
 for d in datasets:
-    root = ft.resolve_root(d, data_root and Path(data_root) / ft.SYNTHETIC_FOLDERS[d], out_dir)
+    root = resolve_root(d, data_root and Path(data_root) / SYNTHETIC_FOLDERS[d], out_dir)
     for k in official_folds(d, folds.get(d)):
         split = cap_split(load_split(d, root, seed=seed, fold=k, val_fraction=val_fraction), max_images, seed)
         data[(d, k)] = ft.prepare_data(split, size)
@@ -210,7 +211,7 @@ last_step = run_record.get("step")
 if not isinstance(last_step, int):
     print("the checkpoint records no step (released weights): no curve along pretraining")
 else:
-    kept = {int(mae._read_checkpoint(path)["step"]): path for path in pretrain.snapshots(mae_checkpoint.parent).values()}
+    kept = {int(checkpoints.read_checkpoint(path)["step"]): path for path in pretrain.snapshots(mae_checkpoint.parent).values()}
     along = {f"step {k}": (path, False) for k, path in kept.items() if k < last_step}  # start and end: from claim 1
     length_scores = pd.concat([ablations.reuse(first_run, {ablations.RANDOM: "step 0", pretrained: f"step {last_step}"}),
                                *([ablations.score_encoders(along, data, [1.0], 1, seed, device, knn_k)] if along else [])],

@@ -14,8 +14,8 @@ import time
 
 import torch
 
+from usfmae_lib import classifiers, mae
 from usfmae_lib import finetune as ft
-from usfmae_lib import mae
 from usfmae_lib.store import N_AUG, augment_batch
 
 
@@ -37,9 +37,9 @@ def main():
     for size, name, depth in runs:
         t0 = time.time()
         if depth is None:
-            model, _, _ = ft.build_classifier(name, 2, size)
+            model, _, _ = classifiers.build_classifier(name, 2, size)
         else:
-            model = ft.mae_vit(mae.CPU_CONFIG, 2, size, overrides={"depth": depth})
+            model = classifiers.mae_vit(mae.CPU_CONFIG, 2, size, overrides={"depth": depth})
         build = time.time() - t0
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from usfmae_lib import UsfmaeError, runner, study
+from usfmae_lib import UsfmaeError, parameters, study
 
 NOTEBOOK = '''# %% [markdown]
 # # a step
@@ -54,9 +54,9 @@ def repo(tmp_path, monkeypatch):
     for profile, text in PROFILES.items():
         (root / "params" / profile).mkdir(parents=True)
         (root / "params" / profile / "a_step.yaml").write_text(text)
-    monkeypatch.setattr(runner, "REPO_ROOT", root)
-    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", root / "notebooks")
-    monkeypatch.setattr(runner, "PARAMS_DIR", root / "params")
+    monkeypatch.setattr(parameters, "REPO_ROOT", root)
+    monkeypatch.setattr(parameters, "NOTEBOOKS_DIR", root / "notebooks")
+    monkeypatch.setattr(parameters, "PARAMS_DIR", root / "params")
     monkeypatch.chdir(root / "notebooks")
     return root
 
@@ -133,7 +133,7 @@ def test_interactive_none_is_on_in_a_jupyter_kernel_only(repo, monkeypatch):
     assert live(repo)["interactive"] is True
     assert live(repo, interactive=False)["interactive"] is False  # set by the user: kept
     ns = {"interactive": None, "out_dir": "outputs/x",
-          study.MARKER: {"sources": ["-p n=1"], "parameters": ["interactive", "out_dir"]}}
+          parameters.MARKER: {"sources": ["-p n=1"], "parameters": ["interactive", "out_dir"]}}
     study.setup(ns, "a_step")  # under usfmae run: off, and out_dir from the repository root
     assert ns["interactive"] is False and ns["out_dir"] == str(repo / "outputs" / "x")
 
@@ -179,11 +179,11 @@ def test_setup_turns_the_save_hook_on_for_every_jupyter_server_of_the_venv(tmp_p
 
 def test_path_parameters_are_named_by_their_ending():
     for name in ("out_dir", "data_root", "data_roots", "checkpoint", "init_checkpoint", "weights_dir", "path"):
-        assert study.is_path_parameter(name), name
+        assert parameters.is_path_parameter(name), name
     for name in ("profile", "seed", "directory_count", "checkpoint_every", "mask_ratios", "interactive"):
-        assert not study.is_path_parameter(name), name
-    assert study.resolve_path_value(["a", ""], Path("/r")) == ["/r/a", ""]
-    assert study.resolve_path_value(None, Path("/r")) is None
+        assert not parameters.is_path_parameter(name), name
+    assert parameters.resolve_path_value(["a", ""], Path("/r")) == ["/r/a", ""]
+    assert parameters.resolve_path_value(None, Path("/r")) is None
 
 
 def test_main_clears_stored_outputs_keeping_ids(tmp_path, capsys):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from usfmae_lib import runner
+from usfmae_lib import parameters
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -111,7 +111,7 @@ def repo(tmp_path_factory, make_recon_out):
     root = tmp_path_factory.mktemp("lab") / "repo"
     ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "outputs")
     for name in ("usfmae_lib", "notebooks", "params"):
-        shutil.copytree(runner.REPO_ROOT / name, root / name, ignore=ignore)
+        shutil.copytree(parameters.REPO_ROOT / name, root / name, ignore=ignore)
     rng = np.random.default_rng(0)
     scans = {a: [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(2)] for a in ("breast", "liver")}
     make_recon_out(root / "outputs" / "smoke", scans, "mae_vit_tiny_patch16_dec128d2b", 64, dict(depth=2, decoder_depth=1))

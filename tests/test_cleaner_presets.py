@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from usfmae_lib import UsfmaeError, cli, preprocess as pp, runner, study, synthetic
+from usfmae_lib import UsfmaeError, cli, parameters, preprocess as pp, runner, synthetic
 from usfmae_lib.preprocess import detectors
 
 # The official notebook's values (cell "Preprocessing"), one per setting; STUDY.md section 6.
@@ -92,7 +92,7 @@ def test_unknown_cleaner_or_option_is_named():
 
 def test_docs_table_gives_both_presets_values():
     """docs/preprocessing.md's preset table: one row per setting, `| name | study | official | ...`."""
-    text = (runner.REPO_ROOT / "docs" / "preprocessing.md").read_text()
+    text = (parameters.REPO_ROOT / "docs" / "preprocessing.md").read_text()
     for name in STUDY:
         row = re.search(rf"^\| `{name}` \| ([^|]*) \| ([^|]*) \|", text, re.M)
         assert row, f"docs/preprocessing.md: no row for `{name}` in the preset table"
@@ -192,7 +192,7 @@ def test_official_text_detector_reads_the_whole_grey_image_and_keeps_every_word(
         calls.append((grey.shape, psm, oem))
         return [("--", 20.0, 10, 12, 30, 4)]  # a 4 px high 'word' of no letter: the study drops it
 
-    monkeypatch.setattr(detectors, "_ocr_words", fake)
+    monkeypatch.setattr(detectors, "tesseract_words", fake)
     off = pp.make_config("official")
     mask, n = pp.text_mask(img, off.ocr_regions, off.ocr_scale, off.ocr_psm, off.ocr_oem, off.ocr_min_conf,
                            off.ocr_min_chars, off.ocr_word_contrast, off.ocr_min_height, off.ocr_pad)
@@ -246,20 +246,20 @@ def test_a_folder_cleaned_by_one_preset_is_redone_by_the_other(scan, tmp_path):
 def _notebook_cfg(tmp_path, params: dict):
     """Notebook 02's parameters cell, the given values injected (as usfmae run does), then its setup
     cell: the cleaning config it builds."""
-    nb = runner.read_notebook(runner.NOTEBOOKS_DIR / "02_preprocessing.py")
-    index = runner.parameters_cell(nb, "02_preprocessing")
+    nb = runner.read_notebook(parameters.NOTEBOOKS_DIR / "02_preprocessing.py")
+    index = parameters.parameters_cell(nb, "02_preprocessing")
     namespace = {}
     exec(nb.cells[index].source, namespace)
     namespace.update(params, out_dir=str(tmp_path), ocr=False)
-    namespace[study.MARKER] = {"parameters": sorted(params) + ["out_dir", "ocr"], "sources": []}
+    namespace[parameters.MARKER] = {"parameters": sorted(params) + ["out_dir", "ocr"], "sources": []}
     exec(nb.cells[index + 1].source, namespace)
     return namespace["cfg"]
 
 
 def test_the_notebook_parameter_reaches_the_cleaner(scan, tmp_path):
-    defaults = runner.notebook_parameters(runner.read_notebook(runner.NOTEBOOKS_DIR / "02_preprocessing.py"))
+    defaults = parameters.notebook_parameters(runner.read_notebook(parameters.NOTEBOOKS_DIR / "02_preprocessing.py"))
     assert defaults["cleaner"] == "study"
-    files = {p: yaml.safe_load((runner.PARAMS_DIR / p / "02_preprocessing.yaml").read_text()) for p in
+    files = {p: yaml.safe_load((parameters.PARAMS_DIR / p / "02_preprocessing.yaml").read_text()) for p in
              ("paper", "official")}
     assert files["paper"]["cleaner"] == "study" and files["official"]["cleaner"] == "official"
     cfgs = {p: _notebook_cfg(tmp_path / p, {k: v for k, v in f.items() if k != "profile"}) for p, f in files.items()}

@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from usfmae_lib import UsfmaeError, cli, curation, runner
+from usfmae_lib import UsfmaeError, cli, curation, parameters
 from usfmae_lib.curation_readers import read_file
-from usfmae_lib.study import _parameters_source
 
 PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "seeds" / "usf-mae-paper.md"
 NOT_BOLD = {"Cactus Dataset", "CAMUS_public", "Ultrasound Fetus Dataset"}  # Table 1's only rows not in bold
@@ -152,7 +151,8 @@ def test_the_command_and_the_notebook_share_the_switch_names(tree, tmp_path, cap
     said = capsys.readouterr().out
     assert "WARNING: deduplicate is off" in said and "warning: remove_leakage is off" in said
     assert len(pd.read_csv(out / "manifest.csv")) == readable_pretraining_frames(root)
-    cell = runner.cell_parameters(_parameters_source((runner.NOTEBOOKS_DIR / "01_curation.py").read_text(), ".py"))
+    text = (parameters.NOTEBOOKS_DIR / "01_curation.py").read_text()
+    cell = parameters.cell_parameters(parameters.parameters_source(text, ".py"))
     assert cell["deduplicate"] is True and cell["remove_leakage"] is True  # quick and smoke: today's behaviour
     with pytest.raises(SystemExit):
         cli.main(["curate", "--help"])
@@ -164,14 +164,14 @@ def test_the_command_and_the_notebook_share_the_switch_names(tree, tmp_path, cap
 
 def test_profiles_set_the_switches_with_their_sources():
     for profile in ("paper", "official"):
-        text = (runner.PARAMS_DIR / profile / "01_curation.yaml").read_text()
+        text = (parameters.PARAMS_DIR / profile / "01_curation.yaml").read_text()
         params = yaml.safe_load(text)
         assert params["deduplicate"] is False and params["remove_leakage"] is True, profile
         assert re.search(r"^deduplicate: false  # not stated in the paper", text, flags=re.M), profile
         assert re.search(r'^remove_leakage: true  # paper: "none of these datasets were included', text, flags=re.M)
-    assert "releases no curation code" in (runner.PARAMS_DIR / "official" / "01_curation.yaml").read_text()
+    assert "releases no curation code" in (parameters.PARAMS_DIR / "official" / "01_curation.yaml").read_text()
     for profile in ("quick", "smoke"):
-        params = yaml.safe_load((runner.PARAMS_DIR / profile / "01_curation.yaml").read_text())
+        params = yaml.safe_load((parameters.PARAMS_DIR / profile / "01_curation.yaml").read_text())
         assert not set(params) & set(SWITCHES), profile
 
 

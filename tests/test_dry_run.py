@@ -13,12 +13,13 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import statuses
-from usfmae_lib import UsfmaeError, mae, runner
+from usfmae_lib import UsfmaeError, checkpoints, mae, parameters, runner
 
-DRY_DIR = runner.PARAMS_DIR / runner.DRY_RUN
+DRY_DIR = parameters.PARAMS_DIR / parameters.DRY_RUN
 
 STEP_NOTEBOOK = '''# %% tags=["parameters"]
 profile = "smoke"
@@ -96,17 +97,17 @@ def test_a_dry_run_file_that_does_not_fit_its_notebook_stops_before_any_step(stu
 
 def test_the_dry_run_files_fit_every_notebook_and_only_shrink():
     """Each file names real parameters with the right types, never sets the profile, and says why."""
-    assert sorted(p.stem for p in DRY_DIR.glob("*.yaml")) == sorted(s for s in runner.STEPS if s != "06_results")
+    assert sorted(p.stem for p in DRY_DIR.glob("*.yaml")) == sorted(s for s in parameters.STEPS if s != "06_results")
     for path in DRY_DIR.glob("*.yaml"):
-        nb = runner.read_notebook(runner.NOTEBOOKS_DIR / f"{path.stem}.py")
-        defaults = runner.notebook_parameters(nb, path.stem)
-        params, origin = runner.load_params([path])
-        runner.check_params(params, defaults, path.stem, origin)
+        nb = runner.read_notebook(parameters.NOTEBOOKS_DIR / f"{path.stem}.py")
+        defaults = parameters.notebook_parameters(nb, path.stem)
+        params, origin = parameters.load_params([path])
+        parameters.check_params(params, defaults, path.stem, origin)
         assert "profile" not in params and "out_dir" not in params, path
         for line in path.read_text().splitlines():
             if line and not line.startswith("#"):
                 assert "  # " in line, f"{path}: {line!r} does not say why"
-    paper = yaml.safe_load((runner.PARAMS_DIR / "paper" / "05_finetuning.yaml").read_text())
+    paper = yaml.safe_load((parameters.PARAMS_DIR / "paper" / "05_finetuning.yaml").read_text())
     dry = yaml.safe_load((DRY_DIR / "05_finetuning.yaml").read_text())
     assert "models" not in dry and "probe_models" not in dry and "img_size" not in dry  # the paper's own
     assert set(dry["lrs"]) <= set(paper["lrs"]) and set(dry["batch_sizes"]) <= set(paper["batch_sizes"])
@@ -139,9 +140,9 @@ def paper_dry_run(tmp_path_factory):
 def test_paper_dry_run_runs_every_step_and_says_what_it_shrank(paper_dry_run):
     out, result = paper_dry_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert statuses(out / "index.md") == {step: "ran" for step in runner.STEPS}
+    assert statuses(out / "index.md") == {step: "ran" for step in parameters.STEPS}
     assert "(DRY RUN)" in (out / "index.md").read_text().splitlines()[0]
-    for step in runner.STEPS:
+    for step in parameters.STEPS:
         assert f"[{step}] dry run: " in result.stdout
     assert "synthetic_profile: '' -> 'smoke'" in result.stdout
     assert "max_steps: 0 -> 2" in result.stdout and "max_steps: 0 -> 1" in result.stdout
@@ -153,7 +154,7 @@ def test_paper_dry_run_pretrains_the_papers_vit_b(paper_dry_run):
     assert result.returncode == 0, result.stderr[-3000:]
     run = out / "03_mae_pretraining"
     ckpt = run / "checkpoints" / "checkpoint-last.pth"
-    raw = mae._read_checkpoint(ckpt)
+    raw = checkpoints.read_checkpoint(ckpt)
     params = raw["params"]
     assert params["model"] == "mae_vit_base_patch16_dec512d8b" and params["img_size"] == 224
     assert params["model_overrides"] == {"decoder_num_heads": 8} and params["mask_ratio"] == 0.25
@@ -163,10 +164,13 @@ def test_paper_dry_run_pretrains_the_papers_vit_b(paper_dry_run):
     assert len(model.blocks) == 12 and model.cls_token.shape[-1] == 768 and model.blocks[0].attn.num_heads == 12
     assert len(model.decoder_blocks) == 8 and model.decoder_embed.out_features == 512
     assert model.decoder_blocks[0].attn.num_heads == 8
+    # the text's "learnable positional encodings": trained, so no longer the sin-cos tables they start as
+    assert params["pos_embed"] == "learnable" and model.pos_embed.requires_grad
+    start = mae.build_model(params["model"], 224, pos_embed="learnable", **params["model_overrides"])
+    assert not torch.equal(model.pos_embed, start.pos_embed)
     assert pd.read_csv(run / "log.csv")["step"].tolist() == [1, 2]
     executed = (run / "03_mae_pretraining.ipynb").read_text()
     assert "(precision requested: auto)" in executed  # and what actually ran: fp32 on a CPU, bf16 on a GPU
-    import torch
     assert ("bf16 autocast" if torch.cuda.is_available() else "in fp32") in executed
     assert (out / "04_reconstruction" / "mask_ratio_sweep.csv").exists()
     assert (out / "04_reconstruction" / "attention_last_layer.png").exists()
@@ -175,7 +179,7 @@ def test_paper_dry_run_pretrains_the_papers_vit_b(paper_dry_run):
 def test_paper_dry_run_fine_tunes_and_probes_every_paper_model_at_224(paper_dry_run):
     out, result = paper_dry_run
     assert result.returncode == 0, result.stderr[-3000:]
-    paper = yaml.safe_load((runner.PARAMS_DIR / "paper" / "05_finetuning.yaml").read_text())
+    paper = yaml.safe_load((parameters.PARAMS_DIR / "paper" / "05_finetuning.yaml").read_text())
     step = out / "05_finetuning"
     results = pd.read_csv(step / "results.csv")
     assert set(results["model"]) == set(paper["models"])
@@ -193,3 +197,4 @@ def test_paper_dry_run_fine_tunes_and_probes_every_paper_model_at_224(paper_dry_
     for title in ("USF-MAE", "ViT-Base", "ResNet-50", "VGG-19", "RANDOM INIT"):
         assert title in table2
     assert (out / "06_results" / "discussion.md").read_text().startswith("- DRY RUN")
+    assert (out / "06_results" / "fig3_pipeline.png").stat().st_size > 10_000  # Fig. 3, from this run's records

@@ -5,7 +5,7 @@ import tomllib
 
 import yaml
 
-from usfmae_lib import runner
+from usfmae_lib import parameters
 
 # Same package, different name on conda-forge.
 PIP_TO_CONDA = {"torch": "pytorch", "opencv-python-headless": "py-opencv", "python-gdcm": "gdcm"}
@@ -18,13 +18,13 @@ def _name(requirement: str) -> str:
 
 
 def _pyproject_names() -> set[str]:
-    project = tomllib.loads((runner.REPO_ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((parameters.REPO_ROOT / "pyproject.toml").read_text())["project"]
     requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     return {PIP_TO_CONDA.get(_name(r), _name(r)) for r in requirements}
 
 
 def _conda_names() -> set[str]:
-    env = yaml.safe_load((runner.REPO_ROOT / "environment.yml").read_text())
+    env = yaml.safe_load((parameters.REPO_ROOT / "environment.yml").read_text())
     assert env["channels"] == ["conda-forge"]
     names = set()
     for dep in env["dependencies"]:
@@ -42,7 +42,7 @@ def test_environment_yml_and_pyproject_agree():
 
 
 def test_environment_yml_pins_python_and_tesseract():
-    deps = yaml.safe_load((runner.REPO_ROOT / "environment.yml").read_text())["dependencies"]
+    deps = yaml.safe_load((parameters.REPO_ROOT / "environment.yml").read_text())["dependencies"]
     names = {_name(d) for d in deps if isinstance(d, str)}
     assert {"python", "tesseract"} <= names
     assert "python=3.11" in deps

@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from usfmae_lib import pretrain  # noqa: E402
 from usfmae_lib import curation  # noqa: E402
+from usfmae_lib import parameters  # noqa: E402
 from usfmae_lib import preprocess as pp  # noqa: E402
 from usfmae_lib import results as res  # noqa: E402
-from usfmae_lib import runner  # noqa: E402
 from usfmae_lib.datasets import MMOTU_CLASSES  # noqa: E402
 
 MODELS = ["usf-mae", "scratch", "vit-b", "resnet-50", "vgg-19"]
@@ -146,7 +146,7 @@ def test_loss_curve_legend_fits_the_number_of_steps(tmp_path, n_steps, legend, c
 
 def test_loss_curve_title_fits_in_the_figure_for_the_paper_model(tmp_path):
     """The paper profile's ViT-B name with its override once ran off both edges of the figure."""
-    paper = yaml.safe_load((runner.REPO_ROOT / "params" / "paper" / "03_mae_pretraining.yaml").read_text())
+    paper = yaml.safe_load((parameters.REPO_ROOT / "params" / "paper" / "03_mae_pretraining.yaml").read_text())
     fig = _run_loss_cell(tmp_path, 2, model=paper["model"], img_size=paper["img_size"], mask_ratio=paper["mask_ratio"],
                          model_overrides=paper.get("model_overrides") or {})
     fig.canvas.draw()

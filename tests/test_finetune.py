@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from usfmae_lib import UsfmaeError, cli, mae
+from usfmae_lib import UsfmaeError, classifiers, cli, mae, pretrain
 from usfmae_lib import finetune as ft
 from usfmae_lib import results as res
 from usfmae_lib.datasets import load_split
@@ -32,44 +32,44 @@ def tiny_data(clean_tree):
 
 def test_usf_mae_model_receives_the_mae_encoder_weights(checkpoint):
     path, state = checkpoint
-    model, init, _ = ft.build_classifier("usf-mae", 3, 32, checkpoint=path)
+    model, init, _ = classifiers.build_classifier("usf-mae", 3, 32, checkpoint=path)
     got = model.state_dict()
     for key in ("blocks.1.attn.qkv.weight", "pos_embed", "cls_token", "patch_embed.proj.weight", "norm.weight"):
         assert torch.equal(got[key], state[key]), key
     assert init == f"usf-mae: {path}"
     # global average pooling: the encoder's final norm becomes fc_norm
-    avg, _, _ = ft.build_classifier("usf-mae", 3, 32, checkpoint=path, pool="avg")
+    avg, _, _ = classifiers.build_classifier("usf-mae", 3, 32, checkpoint=path, pool="avg")
     assert torch.equal(avg.state_dict()["fc_norm.weight"], state["norm.weight"])
     # another input size: position table resized, blocks unchanged
-    big, _, _ = ft.build_classifier("usf-mae", 3, 64, checkpoint=path)
+    big, _, _ = classifiers.build_classifier("usf-mae", 3, 64, checkpoint=path)
     assert big.pos_embed.shape[1] == 1 + 16 and torch.equal(big.state_dict()["blocks.0.mlp.fc1.weight"],
                                                             state["blocks.0.mlp.fc1.weight"])
     # the control: same architecture, not the MAE weights
-    scratch, init, _ = ft.build_classifier("scratch", 3, 32, checkpoint=path)
+    scratch, init, _ = classifiers.build_classifier("scratch", 3, 32, checkpoint=path)
     assert init == f"random (scratch control, {mae.CPU_CONFIG}, depth=2)"  # the checkpoint's overrides are named
     assert not torch.equal(scratch.state_dict()["blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"])
 
 
 def test_missing_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UsfmaeError, match="needs --checkpoint"):
-        ft.build_classifier("usf-mae", 2, 32)
+        classifiers.build_classifier("usf-mae", 2, 32)
     with pytest.raises(UsfmaeError, match="ultrasam needs --checkpoint"):
-        ft.build_classifier("ultrasam", 2, 32)
+        classifiers.build_classifier("ultrasam", 2, 32)
     with pytest.raises(UsfmaeError, match="does not exist"):
-        ft.build_classifier("resnet-50", 2, 32, weights=tmp_path / "nope.pth")
+        classifiers.build_classifier("resnet-50", 2, 32, weights=tmp_path / "nope.pth")
 
 
 def test_init_column_is_honest_about_imagenet_weights(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ft, "find_imagenet_weights", lambda name: None)  # an empty cache
-    model, init, _ = ft.build_classifier("resnet-50", 2, 32)
-    assert init.startswith("random: no ImageNet weights found") and ft.TIMM_NAMES["resnet-50"] in init
+    monkeypatch.setattr(classifiers, "find_imagenet_weights", lambda name: None)  # an empty cache
+    model, init, _ = classifiers.build_classifier("resnet-50", 2, 32)
+    assert init.startswith("random: no ImageNet weights found") and classifiers.TIMM_NAMES["resnet-50"] in init
     assert "WARNING" in capsys.readouterr().out
     # a local file of weights is used, and said so
     torch.manual_seed(1)
     reference = model.state_dict()
     path = tmp_path / "resnet-50.pth"
     torch.save({k: v for k, v in reference.items() if not k.startswith("fc.")}, path)
-    loaded, init, _ = ft.build_classifier("resnet-50", 2, 32, weights=path)
+    loaded, init, _ = classifiers.build_classifier("resnet-50", 2, 32, weights=path)
     assert init == f"imagenet-1k resnet50.tv_in1k (file: {path}, taken to hold resnet50.tv_in1k)"
     assert torch.equal(loaded.state_dict()["layer1.0.conv1.weight"], reference["layer1.0.conv1.weight"])
 
@@ -90,12 +90,12 @@ def test_sam_encoder_from_an_mmdet_layout_checkpoint(tmp_path):
     mm["decoder.layers.0.norm1.weight"] = torch.zeros(3)  # mask decoder: ignored
     path = tmp_path / "UltraSam.pth"
     torch.save({"state_dict": mm}, path)
-    target = ft.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)  # another size: tables resized
+    target = classifiers.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)  # another size: tables resized
     assert torch.equal(target.state_dict()["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
     assert target.pos_embed.shape[1:3] == (2, 2)
     torch.save({"state_dict": {"something.else": torch.zeros(1)}}, path)
     with pytest.raises(UsfmaeError, match="not a SAM ViT-B image encoder"):
-        ft.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)
+        classifiers.load_sam_encoder(VisionTransformerSAM(img_size=32, **kw), path)
 
 
 def test_label_subsample_is_stratified_with_one_per_class():
@@ -189,9 +189,9 @@ def test_table2_files_hold_ours_and_the_papers_numbers(tmp_path):
 def test_the_kept_epoch_is_the_best_by_the_chosen_validation_score(tiny_data, checkpoint, select_on):
     path, _ = checkpoint
     torch.manual_seed(0)
-    model, _, _ = ft.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
+    model, _, _ = classifiers.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
     cfg = ft.TrainConfig(epochs=4, patience=0, batch_size=16, img_size=32, select_on=select_on)
-    result = ft.train(ft.add_head_norm(model), tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
+    result = ft.train(classifiers.add_head_norm(model), tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
     history = pd.DataFrame(result["history"])
     scores = -history["val_loss"] if select_on == "loss" else history[f"val_{select_on}"]
     assert result["best_epoch"] in history.index[scores == scores.max()]
@@ -206,7 +206,7 @@ def test_the_kept_epoch_is_the_best_by_the_chosen_validation_score(tiny_data, ch
 def test_head_norm_standardises_what_the_head_sees_for_every_timm_family():
     import timm
     for name in ("resnet18", "vgg11_bn", "vit_tiny_patch16_224"):
-        model = ft.add_head_norm(timm.create_model(name, num_classes=3, img_size=64) if "vit" in name
+        model = classifiers.add_head_norm(timm.create_model(name, num_classes=3, img_size=64) if "vit" in name
                                  else timm.create_model(name, num_classes=3))
         norm, linear = model.get_classifier()
         seen = []
@@ -221,7 +221,7 @@ def test_head_norm_standardises_what_the_head_sees_for_every_timm_family():
 
 def test_layer_decay_gives_lower_blocks_smaller_learning_rates(checkpoint):
     path, _ = checkpoint
-    model, _, _ = ft.build_classifier("usf-mae", 2, 32, checkpoint=path)  # depth 2
+    model, _, _ = classifiers.build_classifier("usf-mae", 2, 32, checkpoint=path)  # depth 2
     opt = ft.make_optimiser(model, ft.TrainConfig(lr=1e-3, layer_decay=0.5))
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
@@ -246,7 +246,7 @@ def test_max_steps_stops_training_validates_that_epoch_and_keeps_the_best(tiny_d
 
     monkeypatch.setattr(ft, "make_optimiser", counting)
     torch.manual_seed(0)
-    model, _, _ = ft.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
+    model, _, _ = classifiers.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
     per_epoch = len(tiny_data.split.train) // 8
     cfg = ft.TrainConfig(epochs=5, patience=0, batch_size=8, img_size=32, max_steps=per_epoch + 1)
     result = ft.train(model, tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
@@ -254,6 +254,53 @@ def test_max_steps_stops_training_validates_that_epoch_and_keeps_the_best(tiny_d
     history = pd.DataFrame(result["history"])
     assert history["steps"].tolist() == [per_epoch, per_epoch + 1] and result["epochs_run"] == 2
     assert result["best_epoch"] in history.index and history["val_loss"].notna().all()  # the cut epoch is validated
+
+
+def test_fine_tuning_follows_the_pretraining_warmup_cosine(tiny_data, checkpoint, monkeypatch):
+    """One schedule for both trainings (pretrain.lr_factor, the reference MAE's): each step's lr is
+    the peak times lr_factor, from 0 at the first step, up over the warmup, down a half cosine."""
+    path, _ = checkpoint
+    lrs = []
+    make = ft.make_optimiser
+
+    def recording(model, cfg):
+        optimiser = make(model, cfg)
+        optimiser.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+        return optimiser
+
+    monkeypatch.setattr(ft, "make_optimiser", recording)
+    torch.manual_seed(0)
+    model, _, _ = classifiers.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
+    cfg = ft.TrainConfig(epochs=4, patience=0, batch_size=8, img_size=32, lr=1e-3, warmup_fraction=0.25)
+    ft.train(model, tiny_data, cfg, seed=0, positive=tiny_data.split.positive, log=None)
+    total = len(lrs)
+    warmup = max(1, int(0.25 * total))
+    np.testing.assert_allclose(lrs, [1e-3 * pretrain.lr_factor(s, warmup, total) for s in range(total)], atol=1e-12)
+    assert lrs[0] == 0 and max(lrs) == pytest.approx(1e-3)
+
+
+def test_the_probe_picks_c_on_validation_balanced_accuracy_like_fine_tuning():
+    """On an imbalanced validation set F1 of the positive class and balanced accuracy can rank the C
+    grid differently; the probe takes the C of the best balanced accuracy (ties: the first)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)  # a draw where the two scores prefer different C (0.1 vs 1)
+    y_train, y_val = rng.random(300) < 0.3, rng.random(200) < 0.3  # few positives
+    x_train = rng.normal(size=(300, 40)) + 0.6 * y_train[:, None] * (np.arange(40) < 3)
+    x_val = rng.normal(size=(200, 40)) + 0.6 * y_val[:, None] * (np.arange(40) < 3)
+    cs = (0.001, 0.01, 0.1, 1.0, 10.0)
+    score, c, _ = ft.fit_probe(x_train, y_train.astype(int), x_val, y_val.astype(int), 2, 1, seed=0, cs=cs)
+    bacc, f1 = [], []
+    for candidate in cs:
+        pred = make_pipeline(StandardScaler(), LogisticRegression(C=candidate, max_iter=2000, random_state=0)).fit(
+            x_train, y_train.astype(int)).predict(x_val)
+        bacc.append(balanced_accuracy_score(y_val, pred))
+        f1.append(f1_score(y_val, pred, zero_division=0))
+    assert c == cs[int(np.argmax(bacc))] and score == pytest.approx(max(bacc))
+    assert np.argmax(bacc) != np.argmax(f1)  # so choosing on F1 would fail this test
 
 
 def test_max_steps_is_part_of_the_run_identity_but_leaves_existing_names_alone(tiny_data, checkpoint, tmp_path):
@@ -367,14 +414,14 @@ def test_a_small_roi_crop_of_an_evaluation_set_is_read_not_refused(tmp_path):
 
 # ------------------------------------------------------------------------------ what a loop of runs prints
 def test_a_warning_repeated_over_runs_is_said_once_with_its_count(capsys):
-    with ft.warnings_once():
+    with classifiers.warnings_once():
         for _ in range(5):
-            ft.warn("vgg-19: no ImageNet weights")
-        ft.warn("resnet-50: no ImageNet weights")
+            classifiers.warn("vgg-19: no ImageNet weights")
+        classifiers.warn("resnet-50: no ImageNet weights")
         assert capsys.readouterr().out == ""  # nothing while the loop runs
     assert capsys.readouterr().out.splitlines() == ["WARNING: vgg-19: no ImageNet weights [5 runs]",
                                                     "WARNING: resnet-50: no ImageNet weights"]
-    ft.warn("outside: said at once")
+    classifiers.warn("outside: said at once")
     assert capsys.readouterr().out == "WARNING: outside: said at once\n"
 
 
@@ -402,3 +449,28 @@ def test_no_reused_line_for_a_run_this_process_just_trained(tiny_data, checkpoin
     monkeypatch.setattr(ft, "_trained_here", set())  # another process: a run found on disk is news
     ft.finetune_run(tiny_data, "usf-mae", cfg, 0, tmp_path, **kw)
     assert len(said) == 1 and said[0].startswith("already finished, reused: ")
+
+
+def test_notebook_05_inputs_come_from_one_call(checkpoint, tmp_path, monkeypatch, capsys):
+    """resolve_inputs: notebook 03's runs under out_dir (first run first), the weights_dir file of each model,
+    the baselines without ImageNet weights left out under missing_weights="skip", a missing checkpoint an error."""
+    monkeypatch.setattr(classifiers, "find_imagenet_weights", lambda name: None)  # an empty cache
+    out = tmp_path / "out"
+    first = out / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
+    second = out / "03_mae_pretraining" / "seed1" / "checkpoints" / "checkpoint-last.pth"
+    for path in (first, second):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(checkpoint[0].read_bytes())
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    (weights_dir / "resnet-50.pth").write_bytes(b"")
+    models, probes, runs, mae_checkpoint, size, checkpoints, weights = ft.resolve_inputs(
+        out, ["usf-mae", "resnet-50", "vgg-19"], ["scratch", "vgg-19"], None, "sam.pth", weights_dir, "skip")
+    assert (models, probes, runs, mae_checkpoint, size) == (["usf-mae", "resnet-50"], ["scratch"], [first, second], first, 32)
+    assert checkpoints == {"usf-mae": first, "scratch": first, "ultrasam": "sam.pth"}
+    assert weights == {"usf-mae": None, "resnet-50": weights_dir / "resnet-50.pth", "vgg-19": None}
+    assert "skipped, no ImageNet weights here (missing_weights = 'skip'): vgg-19" in capsys.readouterr().out
+    assert ft.resolve_inputs(out, ["vgg-19"], [], checkpoint[0]).models == ["vgg-19"]  # random: kept
+    assert ft.resolve_inputs(tmp_path / "elsewhere", ["vgg-19"]).mae_size == 224  # no MAE model, no checkpoint needed
+    with pytest.raises(UsfmaeError, match="run notebook 03"):
+        ft.resolve_inputs(tmp_path / "elsewhere", ["vgg-19"], ["scratch"])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from usfmae_lib import UsfmaeError
-from usfmae_lib import mae
+from usfmae_lib import checkpoints, mae
 from usfmae_lib.mae import CONFIGS, MaskedAutoencoderViT, build_model
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -254,7 +254,7 @@ def test_strict_load_of_reference_layout(tmp_path, wrap):
            "ddp": {"model": {f"module.{k}": v for k, v in state.items()}}}[wrap]
     path = tmp_path / "ckpt.pth"
     torch.save(obj, path)
-    loaded = mae.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     # no config given: from 'params', else inferred from the shapes (img_size from pos_embed)
     model = mae.load_model(path)
@@ -311,13 +311,13 @@ def test_mismatched_checkpoints_name_keys_and_fix(tmp_path):
 
 def test_missing_and_corrupt_files(tmp_path):
     with pytest.raises(UsfmaeError, match="nowhere.pth"):
-        mae.load_checkpoint(tmp_path / "nowhere.pth")
+        checkpoints.load_checkpoint(tmp_path / "nowhere.pth")
     (tmp_path / "junk.pth").write_bytes(b"<html>not found</html>")
     with pytest.raises(UsfmaeError, match="junk.pth"):
-        mae.load_checkpoint(tmp_path / "junk.pth")
+        checkpoints.load_checkpoint(tmp_path / "junk.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(UsfmaeError, match="list.pth"):
-        mae.load_checkpoint(tmp_path / "list.pth")
+        checkpoints.load_checkpoint(tmp_path / "list.pth")
 
 
 class _Payload:
@@ -345,7 +345,7 @@ def test_tampered_pickle_is_refused(tmp_path, writer):
     # sanity: plain unpickling would run the payload
     assert not marker.exists()
     with pytest.raises(UsfmaeError, match="tampered.pth") as err:
-        mae.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert "refused" in str(err.value) or "cannot read" in str(err.value)
     with pytest.raises(UsfmaeError):
         mae.load_model(path, config=TINY)

@@ -492,3 +492,15 @@ def test_learnable_position_tables_train_and_a_fixed_table_checkpoint_still_load
                        **{**RUN, "pos_embed": "learnable", "max_steps": 3})
     assert pretrain.train(store_dir, tmp_path / "fixed", resume=True, progress=False,
                           **{**RUN, "max_steps": 3})["last_step"] == 3
+
+
+def test_notebook_03_hands_its_whole_recipe_to_the_library_in_one_call():
+    """pretrain.params_of(globals()) takes every pretraining parameter of notebook 03's parameters
+    cell (by DEFAULTS' names) and nothing else (out_dir, pretrain_seeds, ... stay out)."""
+    from usfmae_lib import parameters
+
+    cell, _ = parameters.notebook_defaults("03_mae_pretraining")
+    params = pretrain.params_of({**cell, "unrelated": 1})
+    assert set(params) == set(cell) & set(pretrain.DEFAULTS) and "out_dir" not in params and "unrelated" not in params
+    assert set(pretrain.DEFAULTS) - set(params) == {"crop_ratio"}  # the one knob the notebook leaves at its default
+    pretrain.resolve_params(**params)  # and they are valid as they stand

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from usfmae_lib import UsfmaeError, cli, mae, pretrain, runner, store
+from usfmae_lib import UsfmaeError, cli, mae, parameters, pretrain, runner, store
 
-NOTEBOOKS = {step: runner.NOTEBOOKS_DIR / f"{step}.py" for step in runner.STEPS}
+NOTEBOOKS = {step: parameters.NOTEBOOKS_DIR / f"{step}.py" for step in parameters.STEPS}
 
 # The official code's values where they differ from the paper profile's (documented in
 # params/official/03_mae_pretraining.yaml, README "Paper vs official code", docs/pretraining.md)
@@ -36,12 +36,12 @@ UNCOMMENTED = {"05_finetuning"}
 
 
 def _load(profile: str, step: str) -> dict:
-    return yaml.safe_load((runner.PARAMS_DIR / profile / f"{step}.yaml").read_text())
+    return yaml.safe_load((parameters.PARAMS_DIR / profile / f"{step}.yaml").read_text())
 
 
 def _effective(profile: str, step: str) -> dict:
     """Every parameter of the notebook as the profile sets it (the profile's name left out)."""
-    defaults = runner.notebook_parameters(runner.read_notebook(NOTEBOOKS[step]), step)
+    defaults = parameters.notebook_parameters(runner.read_notebook(NOTEBOOKS[step]), step)
     return {k: v for k, v in {**defaults, **_load(profile, step)}.items() if k != "profile"}
 
 
@@ -51,8 +51,8 @@ def _differences(step: str) -> dict:
 
 
 def test_official_is_a_profile_with_a_file_per_notebook():
-    assert "official" in runner.PROFILES
-    for step in runner.STEPS:
+    assert "official" in parameters.PROFILES
+    for step in parameters.STEPS:
         params = _load("official", step)
         assert params["profile"] == "official", step
 
@@ -81,11 +81,11 @@ SOURCES = ("paper:", "official code:", "not stated", "not part of the recipe", "
 
 
 @pytest.mark.parametrize("profile", ["paper", "official"])
-@pytest.mark.parametrize("step", [s for s in runner.STEPS if s not in UNCOMMENTED])
+@pytest.mark.parametrize("step", [s for s in parameters.STEPS if s not in UNCOMMENTED])
 def test_every_value_says_where_it_comes_from(profile, step):
     """Each value carries a comment: the paper's words, the official code's, or that neither
     states it and why it was chosen (a value too long for one line has its comment above it)."""
-    lines = (runner.PARAMS_DIR / profile / f"{step}.yaml").read_text().splitlines()
+    lines = (parameters.PARAMS_DIR / profile / f"{step}.yaml").read_text().splitlines()
     for n, line in enumerate(lines):
         if not line.strip() or line.startswith("#") or line.startswith("profile:"):
             continue
@@ -97,7 +97,7 @@ def test_every_value_says_where_it_comes_from(profile, step):
 
 
 def test_official_block_comments_cover_the_values_they_precede():
-    text = (runner.PARAMS_DIR / "official" / "03_mae_pretraining.yaml").read_text()
+    text = (parameters.PARAMS_DIR / "official" / "03_mae_pretraining.yaml").read_text()
     lines = text.splitlines()
     for key in ("crop_scale:", "init_checkpoint:"):
         i = next(n for n, line in enumerate(lines) if line.startswith(key))
@@ -124,7 +124,7 @@ def test_pretraining_without_the_imagenet_mae_file_stops_naming_it(clean_tree, t
 
 
 def test_the_cli_stops_before_packing_and_exits_2(clean_tree, tmp_path, capsys):
-    args = ["pretrain", "-f", str(runner.PARAMS_DIR / "official" / "03_mae_pretraining.yaml"),
+    args = ["pretrain", "-f", str(parameters.PARAMS_DIR / "official" / "03_mae_pretraining.yaml"),
             "--data", str(clean_tree), "--out", str(tmp_path), "--no-progress", "-p", f"model={mae.CPU_CONFIG}",
             "-p", "img_size=32", "-p", "batch_size=4", "-p", "epochs=1", "-p", "precision=fp32",
             "-p", f"init_checkpoint={tmp_path / 'nowhere' / pretrain.IMAGENET_MAE_FILE}"]

@@ -2,10 +2,10 @@
 
 import re
 
-from usfmae_lib import runner
+from usfmae_lib import parameters
 
-README = (runner.REPO_ROOT / "README.md").read_text()
-CI = (runner.REPO_ROOT / ".ci" / "run").read_text()
+README = (parameters.REPO_ROOT / "README.md").read_text()
+CI = (parameters.REPO_ROOT / ".ci" / "run").read_text()
 
 
 def first_command(section: str) -> str:
@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_setup_and_test_commands():
 
 def test_main_command_is_reproduce_with_a_cpu_default_profile():
     assert first_command("The main command").endswith("usfmae reproduce")
-    assert runner.DEFAULT_PROFILE in ("smoke", "quick")  # must run on a laptop CPU
+    assert parameters.DEFAULT_PROFILE in ("smoke", "quick")  # must run on a laptop CPU
 
 
 def test_sections_in_the_promised_order():
@@ -42,10 +42,10 @@ def test_learning_path_comes_first_and_its_commands_are_the_real_ones():
     assert headings[0] == "Learning path"  # before Setup: where a newcomer starts
     path = _section("Learning path")
     assert f"`{first_command('Setup')}`" in path
-    assert "`.venv/bin/usfmae reproduce --profile smoke`" in path and "smoke" in runner.PROFILES
+    assert "`.venv/bin/usfmae reproduce --profile smoke`" in path and "smoke" in parameters.PROFILES
     assert f"`{first_command('Notebooks in JupyterLab')}`" in path
     for name in ("03_mae_pretraining", "04_reconstruction"):
-        assert f"`{name}`" in path and (runner.NOTEBOOKS_DIR / f"{name}.py").is_file()
+        assert f"`{name}`" in path and (parameters.NOTEBOOKS_DIR / f"{name}.py").is_file()
 
 
 def test_the_table2_box_is_short_and_matches_the_folds_of_the_code():

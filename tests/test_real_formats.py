@@ -24,8 +24,14 @@ def openus(real, tmp_path_factory):
     return sample, curation.curate(roots, out, video_fps=3.0, workers=1, progress=False)
 
 
+def _recorded(path: Path) -> str:
+    """How the manifest, its rejects and its datasets name a file or folder: absolute, links resolved
+    (curation resolves its roots), so a sample folder reached through a link is named by its target."""
+    return str(path.resolve())
+
+
 def _frames_of(manifest: pd.DataFrame, path: Path) -> pd.DataFrame:
-    return manifest[manifest["source"] == str(path)]
+    return manifest[manifest["source"] == _recorded(path)]
 
 
 def _duration_s(path: Path) -> float:
@@ -83,7 +89,7 @@ def test_metaimage_sequences_are_frames_and_the_rf_frame_is_a_reject(openus):
     meta = sample / "metaimage"
     assert len(_frames_of(c.manifest, meta / "Prostate10_video.igs.mhd")) == 10
     assert len(_frames_of(c.manifest, meta / "UltrasonixCurvilinearScanConvertedData.igs.mha")) == 5
-    rf = c.rejects[c.rejects["source"] == str(meta / "UltrasonixLinearRfData.igs.mha")]
+    rf = c.rejects[c.rejects["source"] == _recorded(meta / "UltrasonixLinearRfData.igs.mha")]
     assert list(rf["reason"]) == ["not B-mode"] and "RF" in rf["detail"].iloc[0]
     assert _frames_of(c.manifest, meta / "UltrasonixLinearRfData.igs.mha").empty
 
@@ -91,9 +97,9 @@ def test_metaimage_sequences_are_frames_and_the_rf_frame_is_a_reject(openus):
 def test_pocus_and_hc18_folders_are_the_registrys_datasets(openus):
     sample, c = openus
     found = c.datasets.set_index("folder")
-    assert found.loc[str(sample / "covid19_ultrasound"), "dataset"] == "Pocus"
-    assert found.loc[str(sample / "hc18"), "dataset"] == "HC"
-    assert found.loc[str(sample / "covid19_ultrasound"), "in_registry"]
+    assert found.loc[_recorded(sample / "covid19_ultrasound"), "dataset"] == "Pocus"
+    assert found.loc[_recorded(sample / "hc18"), "dataset"] == "HC"
+    assert found.loc[_recorded(sample / "covid19_ultrasound"), "in_registry"]
 
 
 def test_every_kept_frame_reloads_to_the_hash_curation_recorded(openus):

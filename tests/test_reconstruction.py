@@ -11,7 +11,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from usfmae_lib import UsfmaeError, reconstruction, runner  # noqa: E402
+from usfmae_lib import UsfmaeError, parameters, reconstruction, runner  # noqa: E402
 from usfmae_lib.mae import build_model  # noqa: E402
 from usfmae_lib.preprocess import normalize as loader_normalize  # noqa: E402
 
@@ -225,8 +225,8 @@ def test_interactive_view_names_the_image_above_the_row_whatever_its_length(out_
 
 
 def test_notebook_runs_headless_under_the_smoke_profile(out_dir):
-    result = runner.run_notebook(runner.NOTEBOOKS_DIR / "04_reconstruction.ipynb",
-                                 [runner.PARAMS_DIR / "smoke" / "04_reconstruction.yaml"],
+    result = runner.run_notebook(parameters.NOTEBOOKS_DIR / "04_reconstruction.ipynb",
+                                 [parameters.PARAMS_DIR / "smoke" / "04_reconstruction.yaml"],
                                  out_dir=out_dir, progress=False)
     step = result.step_dir
     for name in ("reconstructions_mask25.png", "reconstructions_mask75.png", "mask_ratio_sweep.png",

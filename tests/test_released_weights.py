@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from usfmae_lib import cli, mae, runner
+from usfmae_lib import cli, mae, parameters, runner
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def released_layout(tmp_path_factory):
 
 
 def test_a_checkpoint_override_skips_curation_cleaning_and_pretraining():
-    assert runner.default_steps(["checkpoint=w.pth", "data_root=d"]) == runner.STEPS[3:]
-    assert runner.default_steps(["seed=1"]) == runner.STEPS
+    assert runner.default_steps(["checkpoint=w.pth", "data_root=d"]) == parameters.STEPS[3:]
+    assert runner.default_steps(["seed=1"]) == parameters.STEPS
 
 
 def test_released_weights_run_04_to_07_in_one_command(released_layout, synth_eval, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import statuses
-from usfmae_lib import UsfmaeError, runner
+from usfmae_lib import UsfmaeError, parameters, runner
 
 STEP_NOTEBOOK = '''# %% tags=["parameters"]
 profile = "smoke"
@@ -112,12 +112,12 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
     command = [sys.executable, "-m", "usfmae_lib.cli", "reproduce", "--profile", "smoke", "--out", str(out)]
     first = subprocess.run(command, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert statuses(out / "index.md") == {step: "ran" for step in runner.STEPS}
-    for step in runner.STEPS:
+    assert statuses(out / "index.md") == {step: "ran" for step in parameters.STEPS}
+    for step in parameters.STEPS:
         assert (out / step / f"{step}.ipynb").exists()
     # issue 25: every figure a notebook saves is displayed once, where it is made, and nothing twice;
     # printed text is what a reader needs (05 at most 3,000 characters, the others 5,000)
-    for step in runner.STEPS:
+    for step in parameters.STEPS:
         nb = json.loads((out / step / f"{step}.ipynb").read_text())
         shown = _displayed_pngs(nb)
         assert len(shown) == len(set(shown)), f"{step}: an image is displayed twice"
@@ -127,9 +127,11 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
         assert _printed_characters(nb) <= limit, f"{step} printed {_printed_characters(nb)} characters (limit {limit})"
         # short names instead of paths: nothing printed, and no table or index, names the output
         # folder or the repository absolutely (a reader's machine is not the one that ran it)
-        tables = [f.read_text() for f in {*(out / step).glob("*.md"), *(out / step).glob("table*")}]
+        tables = [f.read_text() for f in {*(out / step).glob("*.md"), *(out / step).glob("table*"),
+                                           *[out / step / f"{t}.csv" for t in ("results", "probe", "label_efficiency")
+                                             if (out / step / f"{t}.csv").exists()]}]
         for text in [_printed(out / step / f"{step}.ipynb"), *tables]:
-            for folder in (out.resolve(), runner.REPO_ROOT.resolve()):
+            for folder in (out.resolve(), parameters.REPO_ROOT.resolve()):
                 assert str(folder) not in text, f"{step} names {folder}"
     assert str(out.resolve()) not in (out / "index.md").read_text()
     # issue 25: notebook 03 takes one batch through the MAE by hand before training it, in seconds
@@ -158,8 +160,8 @@ def test_smoke_profile_end_to_end_then_everything_skipped(tmp_path):
         assert (out / "07_ablations" / f"{figure}.png").exists() and (out / "07_ablations" / f"{figure}.csv").exists()
     second = subprocess.run(command, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert statuses(out / "index.md") == {step: "skipped (unchanged)" for step in runner.STEPS}
-    assert second.stdout.count("unchanged, skipped") == len(runner.STEPS)
+    assert statuses(out / "index.md") == {step: "skipped (unchanged)" for step in parameters.STEPS}
+    assert second.stdout.count("unchanged, skipped") == len(parameters.STEPS)
     # issue 18: the step through its command, with the notebook's names: notebook 05 again on BUS-BRA only,
     # every run reused from the study's own (same parameters, same checkpoint)
     one = subprocess.run([sys.executable, "-m", "usfmae_lib.cli", "finetune", "--profile", "smoke", "-p",

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from usfmae_lib import UsfmaeError, cli, runner, study
+from usfmae_lib import UsfmaeError, cli, parameters, runner, study
 
 # A notebook in the study's format: one parameters cell, one cell that makes a figure and a
 # table, one that fails on demand, one that records which Python ran it.
@@ -91,16 +91,16 @@ def test_wrong_type_is_refused(probe, tmp_path, override):
 
 def test_none_default_accepts_any_value_and_any_value_accepts_none():
     defaults = {"path": None, "n": 1}
-    assert runner.check_params({"path": "a/b", "n": None}, defaults, "nb") == {"path": "a/b", "n": None}
+    assert parameters.check_params({"path": "a/b", "n": None}, defaults, "nb") == {"path": "a/b", "n": None}
 
 
 def test_parse_value_reads_yaml_scalars_and_scientific_floats():
-    assert runner.parse_value("3") == 3
-    assert runner.parse_value("1e-3") == pytest.approx(1e-3)
-    assert runner.parse_value("true") is True
-    assert runner.parse_value("[0.25, 0.75]") == [0.25, 0.75]
-    assert runner.parse_value("hello") == "hello"
-    assert runner.parse_value("null") is None
+    assert parameters.parse_value("3") == 3
+    assert parameters.parse_value("1e-3") == pytest.approx(1e-3)
+    assert parameters.parse_value("true") is True
+    assert parameters.parse_value("[0.25, 0.75]") == [0.25, 0.75]
+    assert parameters.parse_value("hello") == "hello"
+    assert parameters.parse_value("null") is None
 
 
 def test_out_dir_is_set_by_the_runner_not_by_parameters(probe, tmp_path):
@@ -129,7 +129,7 @@ def test_command_line_exit_codes(probe, tmp_path, capsys):
 
 def test_installed_command_refuses_unknown_parameter_on_a_study_notebook():
     """Acceptance 2 of the foundation issue, through the real entry point."""
-    notebook = runner.NOTEBOOKS_DIR / "01_curation.ipynb"
+    notebook = parameters.NOTEBOOKS_DIR / "01_curation.ipynb"
     for bad, expect in (("no_such_param=1", "Valid parameters"), ("seed=abc", "must be int")):
         proc = subprocess.run(
             [sys.executable, "-m", "usfmae_lib.cli", "run", str(notebook), "-p", bad],
@@ -138,7 +138,7 @@ def test_installed_command_refuses_unknown_parameter_on_a_study_notebook():
         assert proc.returncode != 0
         assert expect in proc.stderr
         if bad.startswith("no_such"):
-            for valid in runner.notebook_parameters(runner.read_notebook(notebook)):
+            for valid in parameters.notebook_parameters(runner.read_notebook(notebook)):
                 assert valid in proc.stderr
 
 
@@ -158,11 +158,11 @@ def test_parameters_cell_must_be_unique_and_literal(tmp_path):
     two = tmp_path / "two.py"
     two.write_text('# %% tags=["parameters"]\na = 1\n\n# %% tags=["parameters"]\nb = 2\n')
     with pytest.raises(UsfmaeError, match="exactly one"):
-        runner.notebook_parameters(runner.read_notebook(two), "two")
+        parameters.notebook_parameters(runner.read_notebook(two), "two")
     computed = tmp_path / "computed.py"
     computed.write_text('# %% tags=["parameters"]\na = len("abc")\n')
     with pytest.raises(UsfmaeError, match="literal"):
-        runner.notebook_parameters(runner.read_notebook(computed), "computed")
+        parameters.notebook_parameters(runner.read_notebook(computed), "computed")
 
 
 # A notebook that reports what its setup cell settled (study.setup under papermill).
@@ -196,7 +196,7 @@ def test_under_usfmae_run_injected_values_win_and_paths_resolve(tmp_path, monkey
     notebooks.mkdir(parents=True)
     (notebooks / "settled.py").write_text(SETTLED_NOTEBOOK)
     (tmp_path / "clean.yaml").write_text("clean_dir: some/clean\n")
-    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    monkeypatch.setattr(parameters, "NOTEBOOKS_DIR", notebooks)
     monkeypatch.chdir(notebooks)
     result = runner.run_notebook(notebooks / "settled.py", [tmp_path / "clean.yaml"],
                                  ["profile=smoke", "n_images=20", "data_root=rel/data"], progress=False)
@@ -204,15 +204,15 @@ def test_under_usfmae_run_injected_values_win_and_paths_resolve(tmp_path, monkey
     settled = json.loads((result.step_dir / "settled.json").read_text())
     assert settled == {"out_dir": str(tmp_path / "repo" / "outputs" / "smoke"), "n_images": 20,
                        "data_root": str(notebooks / "rel" / "data"),
-                       "clean_dir": str(runner.REPO_ROOT / "some" / "clean"), "interactive": False}
-    assert study.MARKER not in result.params
+                       "clean_dir": str(parameters.REPO_ROOT / "some" / "clean"), "interactive": False}
+    assert parameters.MARKER not in result.params
     assert not (notebooks / "outputs").exists()
 
 
 def test_output_folder_is_never_inside_notebooks(tmp_path, monkeypatch):
     notebooks = tmp_path / "repo" / "notebooks"
     (notebooks / "sub").mkdir(parents=True)
-    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", notebooks)
+    monkeypatch.setattr(parameters, "NOTEBOOKS_DIR", notebooks)
     monkeypatch.chdir(notebooks / "sub")
     assert runner.output_folder(None, "quick") == tmp_path / "repo" / "outputs" / "quick"
     with pytest.raises(UsfmaeError, match="outputs never go beside the notebooks"):

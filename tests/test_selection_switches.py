@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from usfmae_lib import UsfmaeError, cli, parameters, runner
+from usfmae_lib import UsfmaeError, classifiers, cli, parameters, runner
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import cap_split, load_split
 
@@ -75,10 +75,10 @@ def test_mmotu_all_trains_on_every_official_training_image_and_tests_the_last_ep
     assert run["run"].startswith("mmotu-2d_no_validation/")  # never replaces a run of the carved split
     assert len(pd.read_csv(out / "runs" / run["run"] / "history.csv")) == 2
     probe = rows[rows["mode"] == "probe"].iloc[0]
-    assert probe["probe_C"] == 0.01 and np.isnan(probe["val_f1"])  # the first C of its grid
+    assert probe["probe_C"] == 0.01 and np.isnan(probe["val_balanced_accuracy"])  # the first C of its grid
     # the tested model is the last epoch's: the weights train() leaves are those after its last optimiser step
     data = ft.prepare_data(cap_split(split, 16), 32)
-    model, _, _ = ft.build_classifier("scratch", len(split.classes), 32, mae_config="mae_vit_tiny_patch16_dec128d2b")
+    model, _, _ = classifiers.build_classifier("scratch", len(split.classes), 32, mae_config="mae_vit_tiny_patch16_dec128d2b")
     last = {}
     make = ft.make_optimiser
 
@@ -98,7 +98,7 @@ def test_mmotu_all_trains_on_every_official_training_image_and_tests_the_last_ep
 
 def test_without_validation_what_cannot_work_says_which_parameter_and_the_fix(synth_eval):
     data = ft.prepare_data(cap_split(load_split("mmotu-2d", synth_eval / "OTU_2d", val_fraction=0), 8), 32)
-    model, _, _ = ft.build_classifier("scratch", 8, 32, mae_config="mae_vit_tiny_patch16_dec128d2b")
+    model, _, _ = classifiers.build_classifier("scratch", 8, 32, mae_config="mae_vit_tiny_patch16_dec128d2b")
     with pytest.raises(UsfmaeError, match=r"patience = 5 \(early stopping\) needs a validation set.*set patience to 0"):
         ft.train(model, data, ft.TrainConfig(epochs=1, patience=5, img_size=32), seed=0, log=None)
     two = ft.sweep_configs(ft.TrainConfig(epochs=1, patience=0, img_size=32), [3e-4, 1e-3], [0.01], [8])

@@ -4,8 +4,7 @@ The whole step through the command (notebook 05 from `usfmae finetune --profile 
 tests/test_reproduce.py, over the smoke study's outputs."""
 import pytest
 
-from usfmae_lib import cli, runner
-from usfmae_lib.study import _parameters_source
+from usfmae_lib import cli, parameters
 
 STEPS = {"curate": "01_curation", "clean": "02_preprocessing", "pretrain": "03_mae_pretraining",
          "finetune": "05_finetuning"}
@@ -22,7 +21,7 @@ def test_help_shows_defaults_and_the_notebook_parameters(command, capsys):
         assert "--mask-ratio N (default 0.25)" in text and "--epochs N (default 100)" in text
         return
     assert "(default: " in text  # the command's own options
-    source = _parameters_source((runner.NOTEBOOKS_DIR / f"{STEPS[command]}.py").read_text(), ".py")
+    source = parameters.parameters_source((parameters.NOTEBOOKS_DIR / f"{STEPS[command]}.py").read_text(), ".py")
     for line in source.splitlines():  # the notebook's parameters cell, every name with its default
         if line.strip():
             assert " ".join(line.split()) in text, line
@@ -63,8 +62,9 @@ def test_every_folder_of_evaluation_sets_is_called_data_root():
     """One name per folder concept: data_roots (notebook 01's pretraining roots), data_root (the
     folder holding BUSBRA/, OTU_2d/, usd514_jpeg_roi/) in every notebook that reads those sets."""
     names = {}
-    for step in runner.STEPS:
-        params = runner.cell_parameters(_parameters_source((runner.NOTEBOOKS_DIR / f"{step}.py").read_text(), ".py"))
+    for step in parameters.STEPS:
+        text = (parameters.NOTEBOOKS_DIR / f"{step}.py").read_text()
+        params = parameters.cell_parameters(parameters.parameters_source(text, ".py"))
         names[step] = {k for k in params if k.endswith(("root", "roots"))}
     assert names["01_curation"] == {"data_roots", "data_root"}
     for step in ("04_reconstruction", "05_finetuning", "07_ablations"):

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from usfmae_lib import mae, reconstruction, teaching
+from usfmae_lib import checkpoints, mae, reconstruction, teaching
 from usfmae_lib.synth_scenes import ANATOMIES
 
 PER_ANATOMY = 12  # held-out scans per anatomy: seconds to render, enough for paired intervals
 
 
 def test_weights_load_without_pickle_and_match_the_card():
-    path = teaching.checkpoint()
-    assert mae._file_kind(path) == "safetensors"  # no pickle anywhere in the file
+    path = reconstruction.teaching_checkpoint()
+    assert checkpoints.file_kind(path) == "safetensors"  # no pickle anywhere in the file
     card = json.loads((teaching.FOLDER / "card.json").read_text())
     assert hashlib.sha256(path.read_bytes()).hexdigest() == card["sha256"]
     assert path.stat().st_size <= 25e6
@@ -39,7 +39,7 @@ def heldout():
 
 def test_it_beats_flat_fill_and_inpainting_on_unseen_scans(heldout):
     anatomies, images = heldout
-    model = mae.load_model(teaching.checkpoint()).eval()
+    model = mae.load_model(reconstruction.teaching_checkpoint()).eval()
     table = teaching.evaluate(model, anatomies, images)
     lower = table[table.verdict == "lower error"]
     for baseline in reconstruction.BASELINES:

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import UsfmaeError, mae, pretrain, stats
+from . import UsfmaeError, checkpoints, pretrain, stats
 from . import finetune as ft
+from .classifiers import build_classifier, pick_device
 from .metrics import classification_metrics
 from .results import DATASET_TITLES, percent, unjudged, verdict_row
 
@@ -40,8 +41,8 @@ def frozen_encoder(checkpoint, img_size: int, random_init: bool = False, seed: i
     """The encoder of an MAE checkpoint as a timm ViT in eval mode (random_init: its architecture
     with seeded random weights, the scratch control)."""
     torch.manual_seed(seed)
-    model, _, _ = ft.build_classifier("scratch" if random_init else "usf-mae", 2, img_size, checkpoint, pool=pool)
-    return model.to(ft.pick_device(device) if isinstance(device, str) else device).eval()
+    model, _, _ = build_classifier("scratch" if random_init else "usf-mae", 2, img_size, checkpoint, pool=pool)
+    return model.to(pick_device(device) if isinstance(device, str) else device).eval()
 
 
 def split_features(model, data: ft.Data, cache: dict | None = None) -> dict[str, np.ndarray]:
@@ -76,7 +77,7 @@ def _probe_proba(train_x, train_y, feats, y_val, n_classes, positive, seed):
         prob[:, train_y[0]] = 1
         return prob
     clf = ft.fit_probe(train_x, train_y, feats["val"], y_val, n_classes, positive, seed)[2]
-    return ft._full_proba(clf, feats["test"], n_classes)
+    return ft.full_proba(clf, feats["test"], n_classes)
 
 
 N_RESAMPLES = 1000  # bootstrap resamples of the test images per split (as results.add_replicates)
@@ -168,7 +169,7 @@ def reuse(scores: pd.DataFrame, names: dict, fraction: float = 1.0) -> pd.DataFr
 def pretrain_variant(checkpoint, store_dir, run_dir, progress: bool = False, **changes) -> Path:
     """Notebook 03's run again with `changes` (e.g. mask_ratio=0.75): every other parameter is the
     checkpoint's own, so the runs differ only there. Resumable; returns its checkpoint-last.pth."""
-    params = mae._read_checkpoint(checkpoint).get("params")
+    params = checkpoints.read_checkpoint(checkpoint).get("params")
     if not isinstance(params, dict):
         raise UsfmaeError(f"{checkpoint}: no pretraining parameters recorded (a bare state dict); the ablation "
                           "needs notebook 03's checkpoint-last.pth to repeat its recipe")

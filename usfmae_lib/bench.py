@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import UsfmaeError, mae
+from .classifiers import pick_device
 
 
 def _sync(device: torch.device):
@@ -23,7 +24,7 @@ def _sync(device: torch.device):
 
 
 def _pick(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device or "auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsfmaeError("--device cuda: no CUDA device here; use --device cpu")
     if dtype == "auto":

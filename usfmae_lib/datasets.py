@@ -438,6 +438,22 @@ LOADERS = {"bus-bra": load_busbra, "mmotu-2d": load_mmotu, "gist514": load_gist5
 SYNTHETIC_FOLDERS = {"bus-bra": "BUSBRA", "mmotu-2d": "OTU_2d", "gist514": "usd514_jpeg_roi"}
 
 
+def resolve_root(dataset: str, root=None, out_dir=None) -> Path:
+    """The dataset root: `root` if given, else the synthetic twin written by notebook 01."""
+    if root:
+        return Path(root)
+    from .synthetic import tree_dir
+
+    synthetic = tree_dir(out_dir)
+    if dataset not in SYNTHETIC_FOLDERS:
+        raise UsfmaeError(f"dataset {dataset!r} has no synthetic twin; pass its root")
+    path = synthetic / SYNTHETIC_FOLDERS[dataset]
+    if not path.exists():
+        raise UsfmaeError(f"{path} not found: run notebook 01 (curation, which writes the synthetic tree) "
+                          f"for this out_dir first, or pass data_root / --root")
+    return path
+
+
 # The paper evaluates BUS-BRA "on the official split in 5-fold cross-validation": every fold is a
 # test set once. GIST514-DB ships five split files (train/val_anno_crop_split_0..4.json); the paper
 # does not say how it used them: the study runs all five by default (gist_splits=[0] runs one). The

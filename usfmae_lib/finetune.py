@@ -3,29 +3,19 @@
     usfmae finetune --dataset bus-bra --root data/BUSBRA --model usf-mae \\
         --checkpoint outputs/quick/03_mae_pretraining/checkpoints/checkpoint-last.pth --out runs
 
-Models (`build_classifier`), all timm:
-    usf-mae    timm VisionTransformer with the MAE config's dims, encoder weights from the MAE
-               checkpoint (strict: only the new head may be missing); cls token -> head as in the
-               paper, or global average pooling (pool="avg": the encoder's final norm becomes fc_norm)
-    scratch    the same architecture, random init: the control that says what pretraining adds
-    vit-b      vit_base_patch16_224.augreg_in1k   resnet-50  resnet50.tv_in1k   vgg-19  vgg19.tv_in1k
-               (ImageNet-1k weights, as the paper describes its baselines; each fed inputs normalised
-               with its own tag's mean/std, e.g. 0.5 for the ViT)
-    ultrasam   samvit_base_patch16 (SAM ViT-B image encoder + neck) from a user-supplied UltraSam or
-               SAM checkpoint; see load_sam_encoder for the key layouts read
-ImageNet weights come from a local file (`weights=`) or timm's Hugging Face cache (looked up offline);
-otherwise the model starts from random weights, a warning is printed, and the `init` column says so
-(or, with missing_weights="skip", it is not run).
+Models (`build_classifier`: USF-MAE's encoder, the scratch control, the ImageNet baselines, UltraSam), their
+weights and input statistics: usfmae_lib.classifiers. The inputs of notebook 05's grid (its MAE checkpoints,
+the ImageNet weights of weights_dir, the baselines left out under missing_weights="skip"): resolve_inputs.
 
 Data: every image of a split is decoded and resized once (cv2.INTER_AREA, squashed to a square as the
 paper does) into a uint8 cache [N, 3, S, S]; training batches are augmented per sample (rotation
 0-90 deg, flips, resized crop) by the pretraining step's batched affine resample (store.augment_batch)
 on the training device, and normalised with the model's own input statistics (ImageNet's for
 USF-MAE and scratch, as the paper says).
-Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), linear warmup then cosine per
-step, early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
+Training: AdamW (no decay on biases and norms; optional layer-wise lr decay), linear warmup from 0 then
+half-cycle cosine per step (pretrain.lr_factor, the reference MAE's schedule, as pretraining), early stopping on a validation score (balanced accuracy by default: positive-class F1 rewards calling
 everything positive) with the best weights kept, bf16 autocast on CUDA. `head_norm` puts MAE's linear-probe
-BatchNorm in front of the head (see add_head_norm for why the quick checkpoint needs it). The seed sets
+BatchNorm in front of the head (see classifiers.add_head_norm for why the quick checkpoint needs it). The seed sets
 init, data order and augmentation. A split without a validation part (MMOTU-2D under mmotu_selection="all")
 runs a fixed schedule: every epoch, the last one tested, the first config of the grid (fixed_schedule).
 Selection of the sweep's config: per fold (select_config) or one per model and dataset, the best mean
@@ -34,17 +24,15 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import itertools
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -54,27 +42,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import UsfmaeError, atomic_write_text, help_with_defaults, mae
-from .datasets import SYNTHETIC_FOLDERS, Split, load_split
+from .classifiers import (IMAGENET_MEAN, IMAGENET_STATS, IMAGENET_STD, MISSING_WEIGHTS, MODELS, PAPER_IMG_SIZE,
+                          TIMM_NAMES, InputStats, add_head_norm, build_classifier, file_id, imagenet_weights_available,
+                          imagenet_weights_file, input_size, input_stats, mae_checkpoint_info, pick_device)
+from .datasets import Split, load_split
 from .metrics import bootstrap_intervals, classification_metrics
+from .pretrain import lr_factor  # one warmup-cosine for both trainings (the reference MAE's)
 from .store import N_AUG, AugmentConfig, augment_batch
 
-MODELS = ("usf-mae", "scratch", "vit-b", "resnet-50", "vgg-19", "ultrasam")
-# The exact timm tag of each baseline: the ImageNet-1k weights it loads, and so the input statistics
-# (pretrained_cfg mean/std) it is fed. The paper: VGG-19 and ResNet-50 "pre-trained on ImageNet ILSVRC-2012",
-# ViT-Base "pre-trained on ImageNet (the same 1.2M images, 1000-class dataset)". See docs/finetuning.md.
-#   vit-b      vit_base_patch16_224.augreg_in1k  ViT-B/16 trained on ImageNet-1k only (AugReg); mean/std 0.5
-#   resnet-50  resnet50.tv_in1k                  torchvision's classic ResNet-50 (V1); ImageNet mean/std
-#   vgg-19     vgg19.tv_in1k                     torchvision's plain VGG-19 (no batch norm); ImageNet mean/std
-#   ultrasam   samvit_base_patch16               architecture only: the weights come from --checkpoint
-TIMM_NAMES = {"vit-b": "vit_base_patch16_224.augreg_in1k", "resnet-50": "resnet50.tv_in1k",
-              "vgg-19": "vgg19.tv_in1k", "ultrasam": "samvit_base_patch16"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# A baseline whose ImageNet weights are neither given nor in the cache: "random" trains it from random
-# init (init column "random: no ImageNet weights found ..."), "skip" leaves it out (build_classifier raises
-# MissingWeights; callers check imagenet_weights_available first).
-MISSING_WEIGHTS = ("random", "skip")
-PAPER_IMG_SIZE = 224  # the paper resizes every image to 224 x 224 (section 2.2)
 # the paper's baseline sweep (STUDY.md section 5)
 SWEEP = dict(lr=[3e-4, 1e-3], weight_decay=[0.01, 0.001], batch_size=[32, 64])
 LABEL_FRACTIONS = (0.01, 0.1, 0.25, 1.0)
@@ -97,33 +72,6 @@ def check_choice(name: str, value, choices) -> None:
     """A parameter with a fixed set of values: anything else is an error naming the parameter."""
     if value not in choices:
         raise UsfmaeError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-_said_once: collections.Counter | None = None  # inside warnings_once: message -> times it came
-
-
-def warn(message: str):
-    """A visible line in notebooks and logs (no silent fallbacks); inside warnings_once, counted and
-    said once at its end."""
-    if _said_once is not None:
-        _said_once[message] += 1
-        return
-    print(f"WARNING: {message}", flush=True)
-
-
-@contextlib.contextmanager
-def warnings_once():
-    """Within: each distinct warning is said once, when the block ends, with the number of runs it
-    came from ("... [15 runs]"), instead of once per run (notebook 05's loops: one baseline without
-    ImageNet weights warns in every fold)."""
-    global _said_once
-    outer, _said_once = _said_once, collections.Counter()
-    try:
-        yield
-    finally:
-        said, _said_once = _said_once, outer
-        for message, n in said.items():
-            warn(f"{message} [{n} runs]" if n > 1 else message)
 
 
 def run_tally(rows: pd.DataFrame, runs, since: float) -> str:
@@ -200,409 +148,6 @@ def sweep_configs(base: TrainConfig, lrs=None, weight_decays=None, batch_sizes=N
                              batch_sizes or SWEEP["batch_size"])
     return [TrainConfig(**{**asdict(base), "lr": float(lr), "weight_decay": float(wd), "batch_size": int(bs)})
             for lr, wd, bs in grid]
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-# ============================================================================ models
-def _file_id(path) -> str:
-    """Path + size + mtime: a changed checkpoint makes finished runs stale."""
-    st = Path(path).stat()
-    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def mae_checkpoint_info(checkpoint) -> tuple[dict, str, int, dict]:
-    """(state dict, MAE config name, pretraining img_size, constructor overrides) of an MAE checkpoint."""
-    obj = mae._read_checkpoint(checkpoint)
-    state = mae._unwrap(obj, checkpoint)
-    params = obj.get("params") if isinstance(obj.get("params"), dict) else {}
-    name = params.get("model") or mae._infer_config(state, checkpoint)
-    if name not in mae.CONFIGS:
-        raise UsfmaeError(f"checkpoint {checkpoint} names MAE config {name!r}; valid: {', '.join(mae.CONFIGS)}")
-    overrides = dict(params.get("model_overrides") or {}) if name == params.get("model") else {}
-    patch = overrides.get("patch_size", mae.CONFIGS[name]["patch_size"])
-    if not params.get("img_size") and "pos_embed" not in state:
-        raise UsfmaeError(f"checkpoint {checkpoint}: not an MAE checkpoint: no pos_embed to read its image size "
-                          "from; pass an MAE checkpoint (notebook 03's checkpoint-last.pth or the released weights)")
-    size = params.get("img_size") or mae._grid_of(state["pos_embed"]) * patch
-    return state, name, int(size), overrides
-
-
-def mae_vit(config: str, num_classes: int, img_size: int, pool: str = "token", overrides: dict | None = None):
-    """timm VisionTransformer with the encoder dims of a named MAE config (+ the checkpoint's
-    constructor overrides); LayerNorm eps 1e-6 and qkv bias, as the MAE encoder."""
-    import timm.models.vision_transformer as tvit
-    if pool not in ("token", "avg"):
-        raise UsfmaeError(f"pool must be 'token' or 'avg', got {pool!r}")
-    cfg = {**mae.CONFIGS[config], **(overrides or {})}
-    return tvit.VisionTransformer(img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-                                  depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
-                                  qkv_bias=True, num_classes=num_classes, global_pool=pool)
-
-
-def load_mae_encoder(model: nn.Module, checkpoint) -> nn.Module:
-    """Copy the MAE encoder of `checkpoint` into a timm VisionTransformer; only the new head
-    (head.*) may stay missing, any other missing or unexpected key is an error."""
-    state = mae.encoder_state_dict(mae.load_checkpoint(checkpoint))
-    state = mae.interpolate_pos_embed(state, model)  # another img_size: bicubic, as the reference
-    if isinstance(model.fc_norm, nn.LayerNorm):  # global average pooling: norm after the pool
-        state = {("fc_norm." + k[5:] if k.startswith("norm.") else k): v for k, v in state.items()}
-    wrong = _shape_mismatches(model, state)
-    if wrong:
-        raise UsfmaeError(f"{checkpoint}: the MAE encoder does not fit the classifier (wrong shapes: "
-                          f"{'; '.join(wrong[:3])}); pass the checkpoint's own config")
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - {"head.weight", "head.bias"}
-    if missing or result.unexpected_keys:
-        raise UsfmaeError(f"{checkpoint}: the MAE encoder does not fit the classifier (missing "
-                          f"{sorted(missing)[:4]}, unexpected {sorted(result.unexpected_keys)[:4]}); "
-                          "pass the checkpoint's own config")
-    return model
-
-
-def _shape_mismatches(model: nn.Module, state: dict) -> list[str]:
-    """'key: file [..], model [..]' for every tensor of `state` the model holds in another shape."""
-    expected = model.state_dict()
-    return [f"{k}: file {list(v.shape)}, model {list(expected[k].shape)}" for k, v in sorted(state.items())
-            if k in expected and v.shape != expected[k].shape]
-
-
-class MissingWeights(UsfmaeError):
-    """A baseline's ImageNet weights are not available and missing_weights="skip" was asked for."""
-
-
-@dataclass(frozen=True)
-class InputStats:
-    """How a model's inputs are normalised, as its weights were trained: (x / 255 - mean) / std per
-    channel. interpolation and crop_pct are the tag's, for the record only: images here are squashed to a
-    square with cv2.INTER_AREA (read_image), as the paper resizes them, never centre-cropped."""
-    mean: tuple
-    std: tuple
-    source: str
-    interpolation: str = ""
-    crop_pct: float | None = None
-
-
-IMAGENET_STATS = InputStats(IMAGENET_MEAN, IMAGENET_STD, "ImageNet mean/std (the paper's, section 2.2)")
-STATS_ATTR = "usfmae_input_stats"  # the model attribute build_classifier sets
-
-
-def input_stats(model: nn.Module) -> InputStats:
-    """The statistics `model` is fed (set by build_classifier); ImageNet's for a model built elsewhere."""
-    return getattr(model, STATS_ATTR, None) or IMAGENET_STATS
-
-
-def set_input_stats(model: nn.Module, stats: InputStats) -> nn.Module:
-    """Attach the input statistics to the model (in place): normalise/train/predict/features read them."""
-    setattr(model, STATS_ATTR, stats)  # a plain attribute: not a parameter, not in the state dict
-    return model
-
-
-def _pretrained_cfg(timm_name: str):
-    import timm
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    if cfg is None:
-        raise UsfmaeError(f"timm {timm.__version__} knows no pretrained weights {timm_name!r}; "
-                          f"pick one of timm.list_pretrained({timm_name.partition('.')[0] + '*'!r})")
-    return cfg
-
-
-def timm_tag(timm_name: str) -> str:
-    """'arch.tag' of the weights timm resolves `timm_name` to (an untagged name gets timm's default tag)."""
-    cfg = _pretrained_cfg(timm_name)
-    arch = timm_name.partition(".")[0]
-    return f"{arch}.{cfg.tag}" if cfg.tag else arch
-
-
-def in1k_only(timm_name: str) -> bool:
-    """True for weights trained on ImageNet-1k alone (tag ends in in1k, no in21k/in12k or fine-tune step)."""
-    parts = (_pretrained_cfg(timm_name).tag or "").split("_")
-    return parts[-1] == "in1k" and "ft" not in parts and not {"in21k", "in22k", "in12k"} & set(parts)
-
-
-def _weights_label(timm_name: str) -> str:
-    return "imagenet-1k" if in1k_only(timm_name) else "imagenet"
-
-
-def tag_input_stats(timm_name: str) -> InputStats:
-    """The mean/std (and interpolation, crop) in the pretrained_cfg of the exact tag `timm_name`."""
-    cfg = _pretrained_cfg(timm_name)
-    return InputStats(tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std),
-                      f"pretrained_cfg of {timm_tag(timm_name)}", cfg.interpolation or "", cfg.crop_pct)
-
-
-def _hub_repo(timm_name: str) -> str:
-    """The Hugging Face repo of the tag's weights ('' when timm names none)."""
-    cfg = _pretrained_cfg(timm_name)
-    repo = (getattr(cfg, "hf_hub_id", None) or "").partition("@")[0]
-    if repo.endswith("/"):  # timm's shorthand "timm/" + model name
-        repo += timm_tag(timm_name)
-    return repo
-
-
-def find_imagenet_weights(timm_name: str) -> Path | None:
-    """The file of the tag's weights already in the Hugging Face cache, in its layout
-    (hub/models--timm--<arch>.<tag>/snapshots/<rev>/model.safetensors); never downloads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from huggingface_hub import try_to_load_from_cache
-    repo = _hub_repo(timm_name)
-    if not repo:
-        return None
-    extra = getattr(_pretrained_cfg(timm_name), "hf_hub_filename", None)
-    for filename in ("model.safetensors", "pytorch_model.bin", *([extra] if extra else [])):
-        hit = try_to_load_from_cache(repo, filename)
-        if isinstance(hit, str) and Path(hit).is_file():  # a link to a deleted blob is no file
-            return Path(hit)
-    return None
-
-
-def imagenet_weights_available(model_name: str, weights=None) -> bool:
-    """Whether build_classifier would start `model_name` from the weights it is meant to have: always
-    for usf-mae, scratch and ultrasam (no ImageNet weights involved: their checkpoint is required
-    elsewhere); for a timm baseline, a given `weights` file exists or the cache holds its tag's file."""
-    if model_name in ("usf-mae", "scratch", "ultrasam"):
-        return True
-    if model_name not in TIMM_NAMES:
-        raise UsfmaeError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
-    if weights:
-        return Path(weights).is_file()
-    return find_imagenet_weights(TIMM_NAMES[model_name]) is not None
-
-
-def input_size(model_name: str, requested: int = 0, checkpoint=None) -> int:
-    """The input side: `requested` when > 0, else the model's own: the MAE checkpoint's pretraining size
-    for usf-mae and scratch (224, the paper's, for scratch without a checkpoint), the tag's
-    pretrained_cfg input_size for vit-b / resnet-50 / vgg-19, and 224 for ultrasam (SAM's native 1024 is
-    ~20x the compute; the paper resizes every image to 224: pass requested=1024 for SAM's own)."""
-    if requested and requested > 0:
-        return int(requested)
-    if model_name in ("usf-mae", "scratch"):
-        if checkpoint:
-            return mae_checkpoint_info(checkpoint)[2]
-        if model_name == "usf-mae":
-            raise UsfmaeError("model usf-mae needs --checkpoint (its input size is the checkpoint's)")
-        return PAPER_IMG_SIZE
-    if model_name == "ultrasam":
-        return PAPER_IMG_SIZE
-    if model_name not in TIMM_NAMES:
-        raise UsfmaeError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
-    return int(_pretrained_cfg(TIMM_NAMES[model_name]).input_size[-1])
-
-
-def _resize_sam_state(state: dict, model: nn.Module) -> dict:
-    """SAM tables are sized for 1024 px: resample pos_embed [1, H, W, C] and the global blocks'
-    relative position tables [2G-1, C] to the model's grid (linear, as SAM's get_rel_pos does)."""
-    from timm.layers import resample_abs_pos_embed_nhwc
-    target = model.state_dict()
-    out = {}
-    for k, v in state.items():
-        if k in target and v.shape != target[k].shape:
-            if k == "pos_embed":
-                v = resample_abs_pos_embed_nhwc(v.float(), list(target[k].shape[1:3]))
-            elif k.endswith(("rel_pos_h", "rel_pos_w")):
-                v = F.interpolate(v.float().T[None], size=target[k].shape[0], mode="linear")[0].T
-        out[k] = v
-    return out
-
-
-def load_sam_encoder(model: nn.Module, checkpoint) -> nn.Module:
-    """Load a SAM ViT-B image encoder into timm's samvit_base_patch16. Key layouts read:
-    timm (blocks.*, neck.*), original SAM (image_encoder.*, mlp.lin1/2) and mmdet/mmpretrain, the
-    format of the released UltraSam.pth (backbone.patch_embed.projection, backbone.layers.N.ln1/ln2,
-    attn.*, ffn.layers.0.0 / ffn.layers.1, backbone.neck.*). Everything but the head must load."""
-    raw = mae._read_checkpoint(checkpoint, fix="pass the UltraSam weights (UltraSam.pth) or a SAM ViT-B checkpoint")
-    state = raw.get("state_dict") if isinstance(raw.get("state_dict"), dict) else mae._unwrap(raw, checkpoint)
-    state = {(k[4:] if k.startswith("sam.") else k): v for k, v in state.items()}
-    renamed = {}
-    for k, v in state.items():
-        if k.startswith("image_encoder."):  # original SAM
-            k = k[len("image_encoder."):].replace("mlp.lin", "mlp.fc")
-        elif k.startswith("backbone."):  # mmdet / mmpretrain (UltraSam)
-            k = (k[len("backbone."):].replace("patch_embed.projection", "patch_embed.proj")
-                 .replace("layers.", "blocks.", 1).replace(".ln1.", ".norm1.").replace(".ln2.", ".norm2.")
-                 .replace(".ffn.layers.0.0.", ".mlp.fc1.").replace(".ffn.layers.1.", ".mlp.fc2."))
-        elif not k.startswith(("blocks.", "patch_embed.", "pos_embed", "neck.")):
-            continue  # prompt encoder, mask decoder, optimiser...
-        renamed[k] = v
-    renamed = _resize_sam_state(renamed, model)
-    wrong = _shape_mismatches(model, renamed)
-    if wrong:  # e.g. a SAM ViT-L or ViT-H checkpoint
-        raise UsfmaeError(f"{checkpoint}: not a SAM ViT-B image encoder: {len(wrong)} tensors have other shapes "
-                          f"({'; '.join(wrong[:3])}); pass the UltraSam weights or a SAM ViT-B checkpoint")
-    result = model.load_state_dict(renamed, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("head.")]
-    if missing or result.unexpected_keys or not renamed:
-        raise UsfmaeError(f"{checkpoint}: not a SAM ViT-B image encoder in a layout this loader reads "
-                          f"(missing {missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}); "
-                          "see usfmae_lib.finetune.load_sam_encoder for the supported key layouts")
-    return model
-
-
-def build_classifier(name: str, num_classes: int, img_size: int, checkpoint=None, weights=None,
-                     pool: str = "token", mae_config: str | None = None,
-                     missing_weights: str = "random") -> tuple[nn.Module, str, str]:
-    """(model, init, weights_id). `init` says where the weights came from, for every results row:
-    "usf-mae: <checkpoint>", "random (scratch control, <config>)", "imagenet-1k <tag> (file: ...)",
-    "imagenet-1k <tag> (timm cache: ...)", "random: no ImageNet weights found (<tag>)",
-    "ultrasam: <checkpoint>". The model carries its input statistics (input_stats(model)): ImageNet
-    mean/std for usf-mae and scratch (the paper's), the tag's pretrained_cfg mean/std for a timm baseline,
-    SAM's (ImageNet's) for ultrasam. A baseline without weights: missing_weights="random" trains it from
-    random init, loudly; "skip" raises MissingWeights."""
-    import timm
-    if missing_weights not in MISSING_WEIGHTS:
-        raise UsfmaeError(f"missing_weights must be one of {', '.join(MISSING_WEIGHTS)}, got {missing_weights!r}")
-    if name in ("usf-mae", "scratch"):
-        if name == "usf-mae" and not checkpoint:
-            raise UsfmaeError("model usf-mae needs --checkpoint (an MAE checkpoint from notebook 03, e.g. "
-                              "OUT/03_mae_pretraining/checkpoints/checkpoint-last.pth)")
-        config, overrides = (mae_checkpoint_info(checkpoint)[1::2] if checkpoint
-                             else (mae_config or mae.CPU_CONFIG, {}))
-        model = set_input_stats(mae_vit(config, num_classes, img_size, pool, overrides), IMAGENET_STATS)
-        if name == "scratch":
-            changed = "".join(f", {k}={v}" for k, v in sorted(overrides.items()))  # e.g. the quick profile's depth=6
-            return model, f"random (scratch control, {config}{changed})", f"random:{config}"
-        return load_mae_encoder(model, checkpoint), f"usf-mae: {checkpoint}", _file_id(checkpoint)
-    if name not in TIMM_NAMES:
-        raise UsfmaeError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    timm_name = TIMM_NAMES[name]
-    stats = tag_input_stats(timm_name)
-    kwargs = dict(num_classes=num_classes)
-    if name in ("vit-b", "ultrasam"):
-        kwargs["img_size"] = img_size
-    if name == "vit-b":
-        kwargs["global_pool"] = pool
-    if name == "ultrasam":
-        if not checkpoint:
-            raise UsfmaeError("model ultrasam needs --checkpoint: the UltraSam weights (UltraSam.pth from "
-                              "github.com/CAMMA-public/UltraSam, saved as a plain state dict) or any SAM ViT-B "
-                              "checkpoint; no public copy is fetched")
-        model = set_input_stats(timm.create_model(timm_name, **kwargs), stats)  # SAM's pixel mean/std: ImageNet's
-        return load_sam_encoder(model, checkpoint), f"ultrasam: {checkpoint}", _file_id(checkpoint)
-    tag = timm_tag(timm_name)
-    source = Path(weights) if weights else find_imagenet_weights(timm_name)
-    if weights and not source.is_file():
-        raise UsfmaeError(f"ImageNet weights file {weights} for {name} does not exist; fix the path or leave it "
-                          f"empty (it must hold {_expected_imagenet_file(timm_name)})")
-    if source is None:
-        where = f"no --weights file, and not in the Hugging Face cache as {_hub_repo(timm_name) or 'any repo'}"
-        if missing_weights == "skip":
-            raise MissingWeights(f"{name}: no ImageNet weights {tag}: {where}; skipped (missing_weights='skip')")
-        warn(f"{name}: no ImageNet weights {tag}: {where}; starting from RANDOM weights (init column says so); "
-             f"pass {_expected_imagenet_file(timm_name)} as --weights, or skip missing baselines")
-        model = set_input_stats(timm.create_model(timm_name, **kwargs), stats)
-        return model, f"random: no ImageNet weights found ({tag})", f"random:{tag}"
-    model = _timm_with_imagenet_weights(name, timm_name, source, from_cache=not weights, **kwargs)
-    kind = f"file: {source}, taken to hold {tag}" if weights else f"timm cache: {source}"
-    return set_input_stats(model, stats), f"{_weights_label(timm_name)} {tag} ({kind})", f"{tag}:{_file_id(source)}"
-
-
-def _expected_imagenet_file(timm_name: str) -> str:
-    """What an ImageNet weights file for `timm_name` is, for messages: the exact tag and its Hugging Face repo."""
-    repo = _hub_repo(timm_name)
-    data = "ImageNet-1k" if in1k_only(timm_name) else "ImageNet"
-    return (f"timm's {timm_tag(timm_name)} {data} weights"
-            + (f" (model.safetensors of Hugging Face {repo})" if repo else ""))
-
-
-def _timm_with_imagenet_weights(name: str, timm_name: str, source: Path, from_cache: bool, **kwargs) -> nn.Module:
-    """timm's model with the ImageNet weights of `source`, read safely (mae._read_checkpoint) and
-    passed to timm as a state dict (so its filters still resize position tables and drop the 1000-class
-    head). A file that is unreadable, or whose tensors do not become the model's, is an error naming
-    the keys and the file it should be."""
-    import logging
-
-    import timm
-    expected = _expected_imagenet_file(timm_name)
-    fix = (f"delete it from the Hugging Face cache and download {expected} again" if from_cache
-           else f"--weights for {name} must be {expected} (read as that tag's weights, fed its input statistics)")
-    raw = mae._read_checkpoint(source, fix=fix)
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the wrappers timm reads
-        if isinstance(raw.get(key), dict):
-            raw = raw[key]
-            break
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in raw.items()}
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsfmaeError(f"ImageNet weights {source} hold no state dict of tensors (keys: "
-                          f"{', '.join(map(str, list(raw)[:6]))}); {fix}")
-    # timm would log every unexpected key of a foreign file; the check below reports what matters
-    builder_log = logging.getLogger("timm.models._builder")
-    level = builder_log.level
-    builder_log.setLevel(logging.ERROR)
-    try:
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=dict(state)),
-                                  **kwargs)
-    except (RuntimeError, KeyError, ValueError, IndexError) as err:  # size mismatch, or a filter choking on the file
-        fresh = timm.create_model(timm_name, **kwargs)
-        raise UsfmaeError(_weights_mismatch(source, name, fresh, state, fix, err)) from err
-    finally:
-        builder_log.setLevel(level)
-    if _unloaded_keys(model, state):  # timm loads non-strictly once the head differs: check every tensor arrived
-        raise UsfmaeError(_weights_mismatch(source, name, model, state, fix))
-    return model
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or "head"
-    return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
-
-
-def _unloaded_keys(model: nn.Module, state: dict) -> list[str]:
-    """Model tensors (not the new head) that did not come from `state`: absent by name, and not a
-    renamed or reshaped copy of a file tensor (as timm's filters make, e.g. VGG's pre_logits)."""
-    by_numel = {}
-    for v in state.values():
-        by_numel.setdefault(v.numel(), []).append(v)
-    unloaded = []
-    for k, v in model.state_dict().items():
-        if k in state or k.startswith(_classifier_prefixes(model)) or k.endswith("num_batches_tracked"):
-            continue
-        if not any(torch.equal(v.flatten().cpu(), f.flatten().to(v.dtype)) for f in by_numel.get(v.numel(), [])):
-            unloaded.append(k)
-    return unloaded
-
-
-def _weights_mismatch(source: Path, name: str, model: nn.Module, state: dict, fix: str, err=None) -> str:
-    """The message for ImageNet weights that do not fit: which keys are missing, extra, or of other shapes."""
-    expected = model.state_dict()
-    head = _classifier_prefixes(model)
-    missing = _unloaded_keys(model, state)
-    unexpected = [k for k in state if k not in expected and not k.startswith(head)]
-    wrong = [w for w in _shape_mismatches(model, state) if not w.startswith(head) and "pos_embed" not in w]
-    lines = [f"ImageNet weights {source} do not fit {name} ({model.pretrained_cfg.get('architecture')}):"]
-    if missing:
-        lines.append(f"  model tensors not in the file: {mae._describe(missing)}")
-    if unexpected:
-        lines.append(f"  file tensors the model lacks: {mae._describe(unexpected)}")
-    if wrong:
-        lines.append(f"  wrong shapes: {len(wrong)} (e.g. {wrong[0]})")
-    if err is not None and not (missing or unexpected or wrong):
-        lines.append(f"  timm: {(str(err).strip().splitlines() or [''])[0][:300]}")
-    lines.append(f"  fix: {fix}")
-    return "\n".join(lines)
-
-
-def add_head_norm(model: nn.Module) -> nn.Module:
-    """Put BatchNorm1d(affine=False) in front of the classifier of a timm model (in place).
-
-    MAE features share a large image-independent component: on the quick checkpoint the cls token
-    varies ~1% as much across images as across channels, so a plain linear head sees a near-constant
-    input, its gradient mostly moves the bias, and the encoder gets gradients ~30x smaller than a
-    random-init one. Standardising each feature over the batch (what MAE's linear probe does, and
-    what the logistic-regression probe here does with its scaler) lets the head see the differences."""
-    name = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
-    *parents, leaf = name.split(".")
-    owner = model
-    for part in parents:
-        owner = getattr(owner, part)
-    head = getattr(owner, leaf)
-    if not isinstance(head, nn.Linear):
-        raise UsfmaeError(f"head_norm needs a linear classifier at {name!r}, found {type(head).__name__}")
-    setattr(owner, leaf, nn.Sequential(nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head))
-    return model
 
 
 # ============================================================================ data
@@ -770,13 +315,6 @@ def features(model, images: torch.Tensor, device, batch_size: int = 128) -> np.n
     return pooled.numpy()
 
 
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """lr multiplier: linear warmup, then half-cycle cosine to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 def make_optimiser(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm AdamW: no weight decay on biases and norms; with cfg.layer_decay < 1, block k of a ViT
     (of `depth`) gets lr x layer_decay ** (depth + 1 - k), the head the full lr (MAE's fine-tuning recipe)."""
@@ -817,7 +355,7 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     total = steps_per_epoch * passes * cfg.epochs
     optimiser = make_optimiser(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: warmup_cosine(s, total, max(1, int(cfg.warmup_fraction * total))))
+        optimiser, lambda s: lr_factor(s, max(1, int(cfg.warmup_fraction * total)), total))  # pretraining's schedule
     augment = make_augment(cfg)
     y_val = data.labels["val"].numpy()
     best = dict(score=-float("inf"), loss=float("inf"), epoch=-1, state=None, val=None)
@@ -932,11 +470,11 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
     directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "finetune", cfg.tag(), seed, fraction,
                         split.images, has_validation(data))
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
-    weights_id = (_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
+    weights_id = (file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
     identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
                     tag=TIMM_NAMES.get(model_name),  # the weights' tag sets the input statistics
                     weights=weights_id, mae_config=mae_config if model_name == "scratch" else None,
-                    n_bootstrap=n_bootstrap)
+                    n_bootstrap=n_bootstrap, schedule="lr_factor")  # runs of the old warmup ((step+1)/warmup) are redone
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as stored
     done = _finished(directory, identity)
     if done:
@@ -973,16 +511,17 @@ def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs,
 def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, weights=None, mae_config=None,
                  pool: str = "token", device="auto", n_bootstrap: int = 1000, cs=(0.01, 0.1, 1.0, 10.0),
                  log=print, run_name: str | None = None) -> dict:
-    """Frozen encoder -> features -> LogisticRegression (C picked on validation F1; without a validation
-    part, the first C of `cs`: fit_probe); resumable. run_name: as finetune_run's."""
+    """Frozen encoder -> features -> LogisticRegression (C picked on validation balanced accuracy, as
+    fine-tuning selects; without a validation part, the first C of `cs`: fit_probe); resumable.
+    run_name: as finetune_run's."""
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
     directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "probe", tag, seed, 1.0, split.images,
                         has_validation(data))
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
-                    tag=TIMM_NAMES.get(model_name),
-                    weights=(_file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights)))
+                    tag=TIMM_NAMES.get(model_name), select_on="balanced_accuracy",  # a probe chosen on F1 is redone
+                    weights=(file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights)))
     done = _finished(directory, identity)
     if done:
         if log and directory not in _trained_here:
@@ -995,26 +534,29 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     parts = ("train", "val", "test") if has_validation(data) else ("train", "test")
     feats = {part: features(model, data.images[part], device) for part in parts}
     y = {part: data.labels[part].numpy() for part in feats}
-    val_f1, c, clf = fit_probe(feats["train"], y["train"], feats.get("val"), y.get("val"), len(split.classes),
-                               split.positive, seed, cs)
-    prob = _full_proba(clf, feats["test"], len(split.classes))
+    val_score, c, clf = fit_probe(feats["train"], y["train"], feats.get("val"), y.get("val"), len(split.classes),
+                                  split.positive, seed, cs)
+    prob = full_proba(clf, feats["test"], len(split.classes))
     if log:
-        chosen = f"val f1 {val_f1:.3f}" if has_validation(data) else "the first of its grid: no validation set"
+        chosen = (f"val balanced accuracy {val_score:.3f}" if has_validation(data)
+                  else "the first of its grid: no validation set")
         log(f"{split.dataset} {model_name} linear probe: C={c:g}, {chosen}; init {init}")
     row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
                mode="probe", init=init,
                seed=seed,
                fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-               img_size=data.img_size, probe_C=c, pool=pool, val_f1=val_f1, run=directory.relative_to(runs).as_posix())
+               img_size=data.img_size, probe_C=c, pool=pool, val_balanced_accuracy=val_score, run=directory.relative_to(runs).as_posix())
     return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
 
 
 def fit_probe(train_x, train_y, val_x, val_y, n_classes: int, positive, seed: int,
               cs=(0.01, 0.1, 1.0, 10.0)) -> tuple[float, float, object]:
-    """(validation F1, C, fitted pipeline) of the logistic regression on standardised features whose
-    C (of `cs`) scores the best validation F1: the linear probe of notebooks 05 and 07. Without
-    validation features (None or none: MMOTU-2D under mmotu_selection="all") nothing can pick C: the
-    first of `cs`, as the sweep takes the first config of its grid (fixed_schedule); F1 NaN."""
+    """(validation balanced accuracy, C, fitted pipeline) of the logistic regression on standardised
+    features whose C (of `cs`) scores the best validation balanced accuracy, the score fine-tuning
+    selects on (F1 of the positive class rewards calling everything positive): the linear probe of
+    notebooks 05 and 07; ties: the first C. Without validation features (None or none: MMOTU-2D under
+    mmotu_selection="all") nothing can pick C: the first of `cs`, as the sweep takes the first config
+    of its grid (fixed_schedule); the score NaN."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -1025,13 +567,13 @@ def fit_probe(train_x, train_y, val_x, val_y, n_classes: int, positive, seed: in
     for c in cs:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
         clf.fit(train_x, train_y)
-        f1 = classification_metrics(val_y, _full_proba(clf, val_x, n_classes), positive)["f1"]
-        if best is None or f1 > best[0]:
-            best = (f1, c, clf)
+        score = classification_metrics(val_y, full_proba(clf, val_x, n_classes), positive)["balanced_accuracy"]
+        if best is None or score > best[0]:
+            best = (score, c, clf)
     return best
 
 
-def _full_proba(clf, x, n_classes) -> np.ndarray:
+def full_proba(clf, x, n_classes) -> np.ndarray:
     """predict_proba over all classes, zeros for classes absent from the training labels."""
     prob = np.zeros((len(x), n_classes))
     prob[:, clf.classes_] = clf.predict_proba(x)
@@ -1152,6 +694,46 @@ def mmotu_note(mmotu_selection: str, configs: list[TrainConfig], n_train: int | 
             f"batch {first.batch_size} (no validation to choose by: no sweep), and the probe's C the first of its grid")
 
 
+class Inputs(NamedTuple):
+    """What notebook 05's grid starts from (resolve_inputs)."""
+    models: list  # the models to fine-tune (under missing_weights="skip", without those lacking ImageNet weights)
+    probe_models: list  # the encoders to probe (likewise)
+    mae_checkpoints: list  # the last checkpoint of every pretraining run, the first run's first (starts)
+    mae_checkpoint: Path  # the first of them (where notebook 03 leaves it when there is none)
+    mae_size: int  # its pretraining image size (PAPER_IMG_SIZE when no model needs an MAE checkpoint)
+    checkpoints: dict  # model -> checkpoint: usf-mae and scratch the first MAE checkpoint, ultrasam its own
+    weights: dict  # model -> its ImageNet weights file in weights_dir, or None (timm's cache, else random)
+
+
+def resolve_inputs(out_dir, models, probe_models=(), checkpoint=None, ultrasam_checkpoint=None, weights_dir=None,
+                   missing_weights: str = "random") -> Inputs:
+    """Notebook 05's checkpoints and weights (and so `usfmae finetune -f / -p / --profile`'s, which runs it):
+    the MAE checkpoints are [checkpoint] when given, else every pretraining run notebook 03 wrote under
+    out_dir (pretrain.pretraining_runs; none while usf-mae or scratch is to run, fine-tuned or probed, is
+    an error); each model's ImageNet weights file is looked up in weights_dir (imagenet_weights_file);
+    under missing_weights="skip" the models and probe models whose ImageNet weights are neither there nor
+    in timm's cache are left out, and one line says which."""
+    from .pretrain import CHECKPOINT, pretraining_runs
+
+    models, probe_models = list(models), list(probe_models)
+    step_dir = Path(out_dir) / "03_mae_pretraining"
+    needs_mae = bool({"usf-mae", "scratch"} & set(models + probe_models))
+    mae_checkpoints = [Path(checkpoint)] if checkpoint else pretraining_runs(step_dir)
+    mae_checkpoint = mae_checkpoints[0] if mae_checkpoints else step_dir / "checkpoints" / CHECKPOINT
+    if needs_mae and not mae_checkpoint.exists():
+        raise UsfmaeError(f"{mae_checkpoint} not found: run notebook 03 (MAE pretraining) for this out_dir first, "
+                          "or set the checkpoint parameter")
+    mae_size = mae_checkpoint_info(mae_checkpoint)[2] if needs_mae else PAPER_IMG_SIZE
+    weights = {m: imagenet_weights_file(weights_dir, m) for m in models}
+    checkpoints = {"usf-mae": mae_checkpoint, "scratch": mae_checkpoint, "ultrasam": ultrasam_checkpoint}
+    unavailable = [m for m in dict.fromkeys(models + probe_models) if not imagenet_weights_available(m, weights.get(m))]
+    if unavailable and missing_weights == "skip":
+        print(f"skipped, no ImageNet weights here (missing_weights = 'skip'): {', '.join(unavailable)}")
+        models = [m for m in models if m not in unavailable]
+        probe_models = [m for m in probe_models if m not in unavailable]
+    return Inputs(models, probe_models, mae_checkpoints, mae_checkpoint, mae_size, checkpoints, weights)
+
+
 def starts(models, checkpoints: dict, pretraining_runs: list) -> list[tuple[str, str | None, Path | None]]:
     """(model, run_name, checkpoint) of every model to train: USF-MAE once per pretraining run (the
     first in the plain usf-mae run folders, the others in usf-mae-run2, usf-mae-run3, ...), every other
@@ -1176,22 +758,6 @@ def label_efficiency(data: Data, model_name: str, cfg: TrainConfig, runs, fracti
     """Test metrics at each fraction of training labels (stratified, >= 1 per class), n_seeds each."""
     return pd.DataFrame([finetune_run(data, model_name, cfg, s, runs, fraction=f, **kw)
                          for f in fractions for s in range(n_seeds)])
-
-
-def resolve_root(dataset: str, root=None, out_dir=None) -> Path:
-    """The dataset root: `root` if given, else the synthetic twin written by notebook 01."""
-    if root:
-        return Path(root)
-    from .synthetic import tree_dir
-
-    synthetic = tree_dir(out_dir)
-    if dataset not in SYNTHETIC_FOLDERS:
-        raise UsfmaeError(f"dataset {dataset!r} has no synthetic twin; pass its root")
-    path = synthetic / SYNTHETIC_FOLDERS[dataset]
-    if not path.exists():
-        raise UsfmaeError(f"{path} not found: run notebook 01 (curation, which writes the synthetic tree) "
-                          f"for this out_dir first, or pass data_root / --root")
-    return path
 
 
 # ============================================================================ command line

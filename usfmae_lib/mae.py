@@ -1,4 +1,4 @@
-"""The masked autoencoder (MAE) of USF-MAE: model, named configs, checkpoints, encoder export.
+"""The masked autoencoder (MAE) of USF-MAE: model, named configs, loading checkpoints, encoder export.
 
 `MaskedAutoencoderViT` computes what the reference MAE (facebookresearch/mae, `models_mae.py`,
 He et al. 2021) computes, given the same weights, images and per-patch noise, and uses its
@@ -14,11 +14,13 @@ because the reference pins timm 0.3.2 and no longer imports (see docs/mae.md).
 
 Shapes: N images, L = (H/p)^2 patches of p*p*3 values, D encoder width, Dd decoder width,
 K = int(L * (1 - mask_ratio)) visible patches.
+
+Reading and writing checkpoint files (safely: nothing pickled ever runs) is `checkpoints.py`'s;
+what their tensors mean for this model (its config, its position tables) is here.
 """
 from __future__ import annotations
 
 import math
-import pickle
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 
-from . import UsfmaeError, atomic_write
+from . import UsfmaeError, checkpoints
 
 # ============================================================================ named configs
 # name -> constructor kwargs (img_size is chosen per use: 224 for the paper, 32-112 on a CPU).
@@ -275,233 +277,8 @@ def build_model(name: str = CPU_CONFIG, img_size: int = 224, **overrides) -> Mas
     return MaskedAutoencoderViT(**kwargs)
 
 
-# ============================================================================ checkpoints
-# the first bytes of each file format a checkpoint may come in
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6: a zip holding data.pkl and the tensors
-LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."  # older torch.save: a pickled magic number first
-DEFAULT_FIX = "re-download or re-export it"
-PICKLE_FIX = ("if you trust the file, re-save only its state dict (torch.save(model.state_dict(), ...)) or "
-              "convert it to safetensors; otherwise do not use it")
-
-
-def _read_checkpoint(path, fix: str | None = None) -> dict:
-    """The raw object in a checkpoint file, read without running any pickled code.
-
-    A file that cannot be read raises UsfmaeError naming the file, the cause (missing, empty or
-    truncated, corrupt, not a checkpoint at all, refused because it holds pickled code) and what
-    to do: `fix`, else a default for the cause; fix="" leaves it to the caller to add."""
-    path = Path(path)
-    if not path.exists():
-        raise UsfmaeError(_with_fix(f"checkpoint {path} does not exist", fix,
-                                    "check the path (or download the weights)"))
-    if not path.is_file():
-        raise UsfmaeError(_with_fix(f"checkpoint {path} is a folder, not a file", fix,
-                                    "pass the checkpoint file inside it"))
-    kind = _file_kind(path)
-    if kind in ("empty", "unknown"):
-        raise UsfmaeError(_with_fix(f"checkpoint {path}: {_unknown_format_cause(path, kind)}", fix, DEFAULT_FIX))
-    try:
-        if kind == "safetensors":
-            obj = _read_safetensors(path)
-        else:
-            # weights_only: tensors and plain python containers only; anything that would call
-            # code while unpickling (e.g. a __reduce__ payload) is refused instead of executed.
-            # mmap (zip files): tensors are read when used, so a caller that needs the encoder of a
-            # ViT-B training checkpoint (1.3 GB with its optimiser state) does not read all of it
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
-    except Exception as err:  # every way a damaged or hostile file fails; diagnosed from its bytes
-        cause = _unreadable_cause(path, kind, err)
-        default_fix = PICKLE_FIX if cause.startswith("refused") else DEFAULT_FIX
-        raise UsfmaeError(_with_fix(f"checkpoint {path}: {cause}", fix, default_fix)) from err
-    if not isinstance(obj, dict):
-        raise UsfmaeError(_with_fix(f"checkpoint {path}: not a checkpoint: it holds a {type(obj).__name__}, "
-                                    "not a state dict or {'model': state_dict}", fix,
-                                    "save model.state_dict() instead"))
-    return obj
-
-
-RECORD_KEY = "usfmae_record"  # safetensors metadata: the constructor record save_model writes
-
-
-def _read_safetensors(path: Path) -> dict:
-    """A safetensors file's tensors; with the constructor record save_model writes into its
-    metadata (model, overrides, img_size, ...), {'model': tensors, **record},
-    so load_model rebuilds models that no named config describes."""
-    import json
-
-    import safetensors
-    import safetensors.torch
-
-    state = safetensors.torch.load_file(str(path))
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        record = (f.metadata() or {}).get(RECORD_KEY)
-    return {"model": state, **json.loads(record)} if record else state
-
-
-def _with_fix(message: str, fix: str | None, default: str) -> str:
-    return message if fix == "" else f"{message}; {fix or default}"
-
-
-def _file_kind(path: Path) -> str:
-    """The format a file's first bytes announce: zip, legacy (both torch.save), pickle (a plain
-    python pickle), safetensors (8-byte header length, then a JSON header), empty or unknown."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if not head:
-        return "empty"
-    if head.startswith(ZIP_MAGIC):
-        return "zip"
-    if head.startswith(LEGACY_MAGIC[:9]):
-        return "legacy"
-    if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:  # PROTO opcode of pickle protocols 2-5
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2 ** 30:
-        return "safetensors"
-    return "unknown"
-
-
-def _unknown_format_cause(path: Path, kind: str) -> str:
-    if kind == "empty":
-        return ("truncated: the file is empty (0 bytes), so its write or copy was cut off "
-                "(a full disk or a killed job?)")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    is_text = all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head)
-    looks = " (text, e.g. an HTML page: a failed download?)" if is_text else ""
-    return ("not a checkpoint: neither a torch.save file (zip or legacy pickle) nor safetensors; "
-            f"it starts with {head!r}{looks}")
-
-
-def _unreadable_cause(path: Path, kind: str, err: Exception) -> str:
-    """Why a file that announces a checkpoint format failed to load: truncated, corrupt, or
-    refused because its pickle imports code. Reads bytes and pickle opcodes only, never unpickles."""
-    import zipfile
-
-    size = path.stat().st_size
-    if kind == "safetensors":
-        return _safetensors_cause(path, size, err)
-    if kind == "zip":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                pickles = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
-                if not pickles:
-                    return "not a checkpoint: a zip archive without the data.pkl that torch.save writes"
-                damaged = archive.testzip()  # CRC of every member
-                if damaged:  # members sit in a folder named after the file torch.save first wrote
-                    return f"corrupt: {damaged.split('/', 1)[-1]} inside fails its checksum (damaged bytes)"
-                imports, complete = _pickle_imports(archive.read(pickles[0]))
-        except (zipfile.BadZipFile, EOFError, OSError):
-            return (f"truncated: a torch.save zip file of {size} bytes whose end (the zip directory) is "
-                    "missing or damaged; the write or copy was cut off")
-    else:  # legacy torch.save (several pickles in a row) or a plain pickle (one)
-        with open(path, "rb") as f:
-            imports, complete = _pickle_imports(f, n_pickles=5 if kind == "legacy" else 1)
-    unsafe = [name for name in imports if not _allowed_global(name)]
-    if unsafe:
-        return (f"refused: it holds pickled code or python objects ({', '.join(sorted(set(unsafe))[:4])}) that "
-                "loading would run, so it was not unpickled")
-    if not complete:
-        return (f"truncated or corrupt: its pickle stream ({size} bytes) ends early or holds bytes that are "
-                "no pickle opcode; the write or copy was cut off or damaged")
-    if kind == "pickle":
-        return "not a checkpoint: a plain python pickle, not a torch.save or safetensors file"
-    first_line = (str(err).strip().splitlines() or [""])[0][:200]
-    return f"corrupt or truncated: torch cannot read it ({type(err).__name__}: {first_line})"
-
-
-def _safetensors_cause(path: Path, size: int, err: Exception) -> str:
-    """Truncated (shorter than its header says) or corrupt safetensors file."""
-    import json
-
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(header_len))
-            end = 8 + header_len + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                                       default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            end = None
-    if 8 + header_len > size or (end is not None and end > size):
-        return (f"truncated: a safetensors file of {size} bytes whose header describes "
-                f"{end or 8 + header_len} bytes; the write or copy was cut off")
-    return f"corrupt safetensors file ({str(err).splitlines()[0][:200]})"
-
-
-def _pickle_imports(data, n_pickles: int = 1) -> tuple[list[str], bool]:
-    """(module.name of every global the pickle(s) import, whether each pickle reached STOP), found
-    by reading opcodes with pickletools (nothing is executed). `data`: bytes or a binary file."""
-    import io
-    import pickletools
-
-    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-    names = []
-    try:
-        for _ in range(n_pickles):
-            memo, top, strings = {}, None, []  # enough stack tracking to name STACK_GLOBAL's module and name
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name == "STOP":
-                    break
-                if op.name in ("GLOBAL", "INST"):
-                    names.append(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL":
-                    names.append(".".join(map(str, strings[-2:])))
-                elif op.name == "MEMOIZE":
-                    memo[len(memo)] = top
-                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = top
-                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-                    top = memo.get(arg)
-                    strings.append(top)
-                elif isinstance(arg, str) and "UNICODE" in op.name:
-                    top = arg
-                    strings.append(arg)
-                else:
-                    top = None
-            if n_pickles > 1:  # legacy torch.save: another pickle follows, unless the file ends here
-                if not stream.read(1):
-                    break
-                stream.seek(-1, io.SEEK_CUR)
-    except (ValueError, EOFError, pickle.UnpicklingError):  # ends before STOP: truncated or damaged
-        return names, False
-    return names, True
-
-
-def _allowed_global(name: str) -> bool:
-    """Whether torch's weights_only unpickler accepts this global (tensor rebuilders, dtypes, ...)."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals  # private: a fallback if it moves
-    except ImportError:
-        return name.startswith(("torch.", "collections.OrderedDict", "_codecs.encode"))
-    return name in _get_allowed_globals()
-
-
-def _unwrap(obj: dict, path) -> dict:
-    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
-    # DDP ('module.') and torch.compile ('_orig_mod.') wrappers prefix every key
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsfmaeError(f"checkpoint {path} holds no state dict of tensors (keys: "
-                          f"{', '.join(list(map(str, obj))[:8])}); expected a bare state dict or {{'model': ...}}")
-    return state
-
-
-def load_checkpoint(path, fix: str | None = None) -> dict:
-    """State dict from a bare dict (released USF-MAE weights), a {'model': ...} checkpoint
-    (reference MAE and our pretraining) or a safetensors file; never runs pickled code.
-    `fix`: what an error message tells the user to do about an unreadable file."""
-    return _unwrap(_read_checkpoint(path, fix), path)
-
-
-def checkpoint_params(path) -> dict:
-    """The recipe a checkpoint records ('params' of our pretraining: model, img_size, mask_ratio,
-    pos_embed, ...); {} for a bare state dict such as the released weights."""
-    obj = _read_checkpoint(path)
-    return dict(obj["params"]) if isinstance(obj.get("params"), dict) else {}
-
-
-def _infer_config(state: dict, path) -> str:
+# ============================================================================ loading a checkpoint
+def infer_config(state: dict, path) -> str:
     """The named config whose shapes fit `state` (head counts cannot be read from shapes)."""
     try:
         d = state["pos_embed"].shape[-1]
@@ -521,7 +298,8 @@ def _infer_config(state: dict, path) -> str:
     return fits[0]
 
 
-def _grid_of(pos_embed: torch.Tensor) -> int:
+def pos_embed_grid(pos_embed: torch.Tensor) -> int:
+    """The side of the square patch grid a position table [1, 1 + side**2, D] (cls row first) covers."""
     return int(round(math.sqrt(pos_embed.shape[1] - 1)))
 
 
@@ -538,11 +316,6 @@ def interpolate_pos_embed(state: dict, model: MaskedAutoencoderViT) -> dict:
     return state
 
 
-def _describe(keys, n=4) -> str:
-    keys = sorted(keys)
-    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
-
-
 def load_model(path, config: str | None = None, img_size: int | None = None) -> MaskedAutoencoderViT:
     """Build the model a checkpoint was trained with and load it with strict=True.
 
@@ -551,15 +324,15 @@ def load_model(path, config: str | None = None, img_size: int | None = None) -> 
     shapes fit. img_size defaults to the checkpoint's; a different one
     resizes the position tables like the reference's interpolate_pos_embed (bicubic).
     """
-    obj = _read_checkpoint(path)
-    state = _unwrap(obj, path)
+    obj = checkpoints.read_checkpoint(path)
+    state = checkpoints.unwrap_state_dict(obj, path)
     params = obj.get("params") if isinstance(obj.get("params"), dict) else {}
-    name = config or params.get("model") or _infer_config(state, path)
+    name = config or params.get("model") or infer_config(state, path)
     if name not in CONFIGS:
         raise UsfmaeError(f"checkpoint {path} names MAE config {name!r}, which is unknown; "
                           f"valid names: {', '.join(CONFIGS)}")
     patch = CONFIGS[name]["patch_size"]
-    ckpt_size = params.get("img_size") or (_grid_of(state["pos_embed"]) * patch if "pos_embed" in state else 224)
+    ckpt_size = params.get("img_size") or (pos_embed_grid(state["pos_embed"]) * patch if "pos_embed" in state else 224)
     overrides = dict(params.get("model_overrides") or {}) if name == params.get("model") else {}
     overrides["norm_pix_loss"] = bool(params.get("norm_pix_loss", overrides.get("norm_pix_loss", False)))
     overrides["pos_embed"] = params.get("pos_embed", overrides.get("pos_embed", "fixed"))  # a bare state dict: fixed
@@ -573,9 +346,9 @@ def load_model(path, config: str | None = None, img_size: int | None = None) -> 
     if missing or unexpected or wrong_shape:
         lines = [f"checkpoint {path} does not fit MAE config {name!r} (strict load):"]
         if missing:
-            lines.append(f"  missing keys: {_describe(missing)}")
+            lines.append(f"  missing keys: {checkpoints.describe_keys(missing)}")
         if unexpected:
-            lines.append(f"  unexpected keys: {_describe(unexpected)}")
+            lines.append(f"  unexpected keys: {checkpoints.describe_keys(unexpected)}")
         if wrong_shape:
             k = sorted(wrong_shape)[0]
             lines.append(f"  wrong shapes: {len(wrong_shape)} (e.g. {k}: file {list(state[k].shape)}, "
@@ -615,22 +388,7 @@ def export_encoder(model_or_state, path) -> Path:
     timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
                       pretrained_cfg_overlay=dict(file=path)).
     Written atomically (temp file + rename)."""
-    import safetensors.torch
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in encoder_state_dict(model_or_state).items()}
-    metadata = {"format": "pt", "source": "usfmae MAE encoder"}
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
-
-
-def save_model(model: nn.Module, path, record: dict, source: str = "usfmae MAE") -> Path:
-    """The whole MAE (encoder and decoder) as safetensors, with `record` ({'params': {'model',
-    'model_overrides', 'img_size', ...}}) in its metadata so that load_model rebuilds it without a
-    named config and without any pickle. Written atomically."""
-    import json
-
-    import safetensors.torch
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "source": source, RECORD_KEY: json.dumps(record)}
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata=metadata))
+    return checkpoints.save_safetensors(encoder_state_dict(model_or_state), path, {"source": "usfmae MAE encoder"})
 
 
 # ============================================================================ FLOPs

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import UsfmaeError, atomic_write, mae
+from . import UsfmaeError, atomic_write, checkpoints, mae
 from .safety import check_output, folder_lock
 from .store import AugmentConfig, EpochSampler, StoreDataset, augment_batch, make_loader, pack_store
 
@@ -119,6 +119,12 @@ def resolve_params(**params) -> dict:
     return out
 
 
+def params_of(namespace: dict) -> dict:
+    """The pretraining parameters a namespace defines (notebook 03's globals: its parameters cell),
+    by DEFAULTS' names; the rest of the namespace is left out. What notebook 03 passes to `train`."""
+    return {name: namespace[name] for name in DEFAULTS if name in namespace}
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
     """Learning rate / peak at `step` (0-based): linear warmup from 0, then half-cycle cosine down
     to min_factor at total_steps (the reference MAE's schedule, evaluated per step)."""
@@ -172,7 +178,7 @@ def load_init_checkpoint(model: torch.nn.Module, path) -> None:
     """Start from a local MAE checkpoint (e.g. the ImageNet MAE the official code starts from).
     Position tables are resized to this img_size; an encoder-only file leaves the decoder fresh;
     any other mismatch is an error naming the keys."""
-    state = mae.interpolate_pos_embed(mae.load_checkpoint(path), model)
+    state = mae.interpolate_pos_embed(checkpoints.load_checkpoint(path), model)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -554,9 +560,9 @@ RUN_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "rng
 
 
 def _read_run_checkpoint(path) -> dict:
-    """A pretraining checkpoint, read safely (mae._read_checkpoint); UsfmaeError (without a fix)
+    """A pretraining checkpoint, read safely (checkpoints.read_checkpoint); UsfmaeError (without a fix)
     when it is unreadable or lacks what _save writes."""
-    ckpt = mae._read_checkpoint(path, fix="")
+    ckpt = checkpoints.read_checkpoint(path, fix="")
     missing = [k for k in RUN_CHECKPOINT_KEYS if k not in ckpt]
     if missing or not isinstance(ckpt["params"], dict) or not isinstance(ckpt["step"], int):
         raise UsfmaeError(f"checkpoint {path}: not a pretraining checkpoint: it lacks "
@@ -684,6 +690,37 @@ def _last_logged_loss(log_file: Path) -> float:
 
 
 # ============================================================================ figures
+def plot_augmentation(dataset: StoreDataset, indices, augment: AugmentConfig, img_size: int, epochs: int = 5):
+    """Each stored image of `indices` (a row), as packed, then its views in the first `epochs` epochs
+    (each sample's transform depends only on seed, epoch and index), then a fixed 2x zoom-out."""
+    import matplotlib.pyplot as plt  # imported on use: training itself needs no display
+
+    from .store import IMAGENET_MEAN, IMAGENET_STD, N_AUG
+
+    def as_picture(x):  # normalised [3, H, W] -> displayable [H, W, 3]
+        x = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        return x.clamp(0, 1).permute(1, 2, 0).numpy()
+
+    zoom_out = AugmentConfig(rot_degrees=(0, 0), flip_p=0, crop_scale=(2, 2), crop_ratio=(1, 1))
+    fig, axes = plt.subplots(len(indices), epochs + 2, figsize=(2 * (epochs + 2), 2.1 * len(indices)), squeeze=False)
+    for r, i in enumerate(indices):
+        stored = dataset.__getitems__([(0, int(i))])["images"]
+        views = [augment_batch(stored, torch.zeros(1, N_AUG), None, img_size)[0]]
+        for epoch in range(epochs):
+            batch = dataset.__getitems__([(epoch, int(i))])
+            views.append(augment_batch(batch["images"], batch["aug"], augment, img_size)[0])
+        views.append(augment_batch(stored, torch.rand(1, N_AUG), zoom_out, img_size)[0])
+        for c, v in enumerate(views):
+            axes[r, c].imshow(as_picture(v))
+            axes[r, c].set_axis_off()
+    for c, title in enumerate(["stored image"] + [f"epoch {e}" for e in range(epochs)] + ["scale 2.0 (zoom-out)"]):
+        axes[0, c].set_title(title, fontsize=9)
+    fig.suptitle(f"Pretraining augmentation: rotation {augment.rot_degrees[0]:g}-{augment.rot_degrees[1]:g} deg, "
+                 f"flips p {augment.flip_p:g}, crop {augment.crop_scale[0]:g}x-{augment.crop_scale[1]:g}x (black padding)")
+    fig.tight_layout()
+    return fig
+
+
 def smoothing_window(n_steps: int) -> int:
     """Steps in the loss curve's running mean: ~2% of the run; 1 (none) under 100 steps."""
     return max(1, n_steps // 50)
@@ -748,7 +785,7 @@ def _add_arguments(p: argparse.ArgumentParser):
                    help="parameter file, e.g. params/quick/03_mae_pretraining.yaml (repeatable)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override one parameter (YAML value: 3, 1e-3, true, [0.9, 0.999])")
-    from .runner import PROFILES  # light: runner imports nbformat and papermill only where it runs a notebook
+    from .parameters import PROFILES
 
     p.add_argument("--profile", choices=PROFILES,
                    help="start from params/<profile>/03_mae_pretraining.yaml (then -f files, then -p)")
@@ -771,7 +808,7 @@ def _add_arguments(p: argparse.ArgumentParser):
 
 
 def _run_cli(args) -> int:
-    from .runner import check_params, load_params, parse_value, with_profile
+    from .parameters import check_params, load_params, parse_value, with_profile
 
     params, origin = load_params(with_profile(STEP, args.profile, args.params_file), args.param)
     for key, default in DEFAULTS.items():

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import UsfmaeError, atomic_write, store
+from .classifiers import pick_device
 from .mae import MaskedAutoencoderViT, load_model
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from . import stats
@@ -42,29 +43,36 @@ ALL = "all"  # the anatomy label of the rows that pool every image
 
 
 # ============================================================================ model
+# The shipped teaching MAE (made by usfmae_lib/teaching.py, which imports this module): what
+# notebooks 03 and 04 show when a run has no model of its own, or when asked to.
+TEACHING = "teaching"  # the value of notebook 04's `checkpoint` parameter that selects it
+TEACHING_FOLDER = Path(__file__).resolve().parent / "data" / "teaching_mae"
+TEACHING_WEIGHTS = TEACHING_FOLDER / "mae.safetensors"
+
+
+def teaching_checkpoint() -> Path:
+    """The shipped teaching MAE's weights; an error naming the regeneration command if absent."""
+    if not TEACHING_WEIGHTS.is_file():
+        raise UsfmaeError(f"the teaching MAE {TEACHING_WEIGHTS} is missing from this checkout; restore it with git "
+                          "(git checkout -- usfmae_lib/data/teaching_mae) or regenerate it with "
+                          "usfmae teaching-mae --work outputs/teaching-mae")
+    return TEACHING_WEIGHTS
+
+
 def resolve_checkpoint(checkpoint, out_dir) -> Path:
     """The checkpoint file to inspect: `checkpoint`; "" / None = notebook 03's under out_dir, or,
     when that run has none, the shipped teaching MAE; "teaching" = the shipped teaching MAE."""
-    from . import teaching
-
-    if checkpoint == teaching.NAME:
-        return teaching.checkpoint()
+    if checkpoint == TEACHING:
+        return teaching_checkpoint()
     if checkpoint in (None, ""):
         path = Path(out_dir) / DEFAULT_CHECKPOINT
-        return path if path.is_file() else teaching.checkpoint()
+        return path if path.is_file() else teaching_checkpoint()
     path = Path(checkpoint).expanduser()
     if not path.is_file():
-        raise UsfmaeError(f"checkpoint {path} does not exist; check the path (any file load_checkpoint "
+        raise UsfmaeError(f"checkpoint {path} does not exist; check the path (any file checkpoints.load_checkpoint "
                           "reads works: ours, a reference MAE {'model': ...} file, the released USF-MAE "
                           "weights, .safetensors), or pass checkpoint='teaching' for the shipped teaching MAE")
     return path
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' = the GPU when there is one, else the CPU; otherwise any torch device string."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | None = None,
@@ -83,9 +91,7 @@ def load_inspection_model(checkpoint="", out_dir="outputs/quick", config: str | 
         model.norm_pix_loss = bool(norm_pix_loss)
     model = model.to(pick_device(device)).eval()
     enc = model.blocks[0].attn
-    from . import teaching
-
-    is_teaching = path.resolve() == (teaching.FOLDER / teaching.WEIGHTS).resolve()
+    is_teaching = path.resolve() == TEACHING_WEIGHTS.resolve()
     info = dict(checkpoint=TEACHING_LABEL if is_teaching else _short_path(path, out_dir), teaching=is_teaching,
                 trained_mask_ratio=model.trained_params.get("mask_ratio"),
                 img_size=model.patch_embed.img_size[0], patch_size=model.patch_size,

@@ -389,7 +389,7 @@ def unjudged(profile: str | None) -> str | None:
     return UNJUDGED.get(profile)
 
 
-RANDOM_INIT = "random: no ImageNet"  # a baseline that found no ImageNet weights (finetune.build_classifier)
+RANDOM_INIT = "random: no ImageNet"  # a baseline that found no ImageNet weights (classifiers.build_classifier)
 
 
 def _n_classes(rows: pd.DataFrame) -> pd.Series:
@@ -781,7 +781,8 @@ def _executed_parameters(notebook: Path) -> dict:
     injected (metadata.papermill.parameters); {} when there is no executed notebook."""
     if not notebook.is_file():
         return {}
-    from .runner import notebook_parameters, read_notebook
+    from .parameters import notebook_parameters
+    from .runner import read_notebook
 
     nb = read_notebook(notebook)
     injected = nb.metadata.get("papermill", {}).get("parameters", {})
@@ -794,7 +795,7 @@ def pipeline_config(out_dir, finetune_dir=None) -> dict:
     their side) and executed notebook (cleaner preset), the recipe notebook 03's checkpoint records
     (encoder, decoder, mask ratio, position tables, loss), 05_finetuning's setup.json and results.csv
     (datasets, classes, splits, models, head; or `finetune_dir`'s). A step not run leaves its keys out."""
-    from . import mae
+    from . import checkpoints, mae
 
     out, cfg = Path(out_dir), {}
     curation = out / "01_curation"
@@ -815,13 +816,13 @@ def pipeline_config(out_dir, finetune_dir=None) -> dict:
         cfg["clean_side"] = None if first is None else int(first.shape[0])
         cfg["cleaner"] = _executed_parameters(out / "02_preprocessing" / "02_preprocessing.ipynb").get("cleaner")
     checkpoint = out / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
-    recipe = mae.checkpoint_params(checkpoint) if checkpoint.is_file() else {}
+    recipe = checkpoints.checkpoint_params(checkpoint) if checkpoint.is_file() else {}
     if recipe.get("model") in mae.CONFIGS:
         model = {**mae.CONFIGS[recipe["model"]], **(recipe.get("model_overrides") or {})}
         cfg.update(model=recipe["model"], img_size=int(recipe["img_size"]), patch=int(model["patch_size"]),
                    encoder=(model["depth"], model["embed_dim"], model["num_heads"]),
                    decoder=(model["decoder_depth"], model["decoder_embed_dim"], model["decoder_num_heads"]),
-                   mask_ratio=float(recipe["mask_ratio"]), pos_embed=recipe.get("pos_embed", "fixed"),
+                   mask_ratio=recipe.get("mask_ratio"), pos_embed=recipe.get("pos_embed", "fixed"),
                    norm_pix_loss=bool(recipe.get("norm_pix_loss", False)), epochs=recipe.get("epochs"),
                    batch_size=recipe.get("batch_size"))
     finetune = Path(finetune_dir) if finetune_dir else out / "05_finetuning"
@@ -830,8 +831,14 @@ def pipeline_config(out_dir, finetune_dir=None) -> dict:
         cfg["models"] = list(setup.get("models", []))
         cfg["head_norm"] = bool(setup.get("head_norm", False))
         cfg["pool"] = str(rows["pool"].dropna().iloc[0]) if "pool" in rows and rows["pool"].notna().any() else "token"
-        cfg["tasks"] = [dict(dataset=d, classes=int(g["n_classes"].iloc[0]), splits=int(g["fold"].nunique()),
-                             images=int((g["n_train"] + g["n_val"] + g["n_test"]).iloc[0]))
+        parts = [c for c in ("n_train", "n_val", "n_test") if c in rows]  # a hand-made folder may lack some
+
+        def first(g, column):
+            return int(g[column].iloc[0]) if column in g and g[column].notna().any() else None
+
+        cfg["tasks"] = [dict(dataset=d, classes=first(g, "n_classes"),
+                             splits=int(g["fold"].nunique()) if "fold" in g else None,
+                             images=int(g[parts].iloc[0].sum()) if parts else None)
                         for d, g in rows.groupby("dataset", sort=False)]
     return cfg
 
@@ -851,11 +858,12 @@ def _pipeline_texts(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, s
                                   if cfg.get("clean_side") else None,
                                   f"cleaner: {cfg['cleaner']}" if cfg.get("cleaner") else None))]
     if "encoder" in cfg:
-        grid = cfg["img_size"] // cfg["patch"]
-        visible = int(grid * grid * (1 - cfg["mask_ratio"]))
+        grid, ratio = cfg["img_size"] // cfg["patch"], cfg["mask_ratio"]
         top += [("3 · Patches and mask", lines(f"{grid} x {grid} = {grid * grid} patches of {cfg['patch']} px",
-                                               f"{cfg['mask_ratio']:.0%} hidden at random",
-                                               f"{visible} visible")),
+                                               f"{ratio:.0%} hidden at random" if ratio is not None
+                                               else "mask ratio not recorded",
+                                               f"{int(grid * grid * (1 - ratio))} visible" if ratio is not None
+                                               else None)),
                 ("4 · ViT encoder", lines(f"{cfg['encoder'][0]} blocks x {cfg['encoder'][1]}, {cfg['encoder'][2]} heads",
                                           f"{cfg['pos_embed']} position tables", "reads visible patches only")),
                 ("5 · Decoder", lines(f"{cfg['decoder'][0]} blocks x {cfg['decoder'][1]}, {cfg['decoder'][2]} heads",
@@ -871,9 +879,14 @@ def _pipeline_texts(cfg: dict) -> tuple[list[tuple[str, str]], list[tuple[str, s
                              "softmax over classes"))]
     tasks = cfg.get("tasks", [])
     if tasks:
-        bottom.append(("Tasks", "\n".join(f"{DATASET_TITLES.get(t['dataset'], t['dataset'])}: {t['classes']} classes\n"
-                                          f"{t['images']:,} images, {t['splits']} split{'s' if t['splits'] > 1 else ''}"
-                                          for t in tasks)))
+        def task(t):
+            counts = [f"{t['images']:,} images" if t["images"] is not None else None,
+                      f"{t['splits']} split{'s' if t['splits'] > 1 else ''}" if t["splits"] is not None else None]
+            return (f"{DATASET_TITLES.get(t['dataset'], t['dataset'])}"
+                    + (f": {t['classes']} classes" if t["classes"] is not None else "")
+                    + "\n" + ", ".join(c for c in counts if c))
+
+        bottom.append(("Tasks", "\n".join(task(t) for t in tasks)))
         bottom.append(("Test metrics", lines("precision, recall, F1", "on each split's test images",
                                              "95% interval of each mean")))
     if cfg.get("models"):

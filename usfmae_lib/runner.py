@@ -2,7 +2,8 @@
 
 Notebooks live in `notebooks/` as jupytext `py:percent` files (the source of truth) paired with
 `.ipynb` copies that carry no outputs. Each has one cell tagged `parameters` holding literal
-defaults; `params/<profile>/<notebook>.yaml` overrides them per profile.
+defaults; `params/<profile>/<notebook>.yaml` overrides them per profile (usfmae_lib/parameters.py
+reads and checks them, and holds the repository's folders, profiles and steps).
 
 What papermill leaves loose, this module makes strict:
 - an unknown parameter name is an error listing the valid names (papermill only warns);
@@ -13,7 +14,7 @@ What papermill leaves loose, this module makes strict:
 - paths: `--out` and a relative path given with `-p` are relative to the current folder (made
   absolute here); relative paths in parameter files and cells are relative to the repository root
   (`study.setup` in each notebook); no output folder goes inside notebooks/;
-- the injected parameters carry a marker (`study.MARKER`) so the notebook applies no profile
+- the injected parameters carry a marker (`parameters.MARKER`) so the notebook applies no profile
   file of its own (it does in a live kernel, see usfmae_lib/study.py);
 - a stored `.ipynb` twin with outputs is reported (JupyterLab strips them on save when started
   with the repository's jupyter_server_config.py).
@@ -29,9 +30,9 @@ Layout of an output folder DIR (default `outputs/<profile>/`):
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -39,32 +40,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import logging
-
-import yaml  # nbformat is imported where it is used: it takes seconds, and notebooks import this module
-
-from usfmae_lib import UsfmaeError, atomic_write_text, study
+# nbformat, jupytext and papermill are imported where they are used: they take seconds, and the step
+# commands (`usfmae curate | clean | finetune`) import this module for their options and --help
+from usfmae_lib import UsfmaeError, atomic_write_text, parameters, study
 from usfmae_lib.safety import folder_lock
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
-PARAMS_DIR = REPO_ROOT / "params"
-# paper: the paper's text on a GPU; official: the same except the MAE recipe (and notebook 02's
-# resize filter), which follow the official code (75% mask, from the ImageNet MAE, ...); see README
-PROFILES = ("smoke", "quick", "paper", "official")
-DEFAULT_PROFILE = "quick"  # what `usfmae reproduce` runs: a laptop CPU, under an hour
-STEPS = (  # notebooks in the order data flows through them
-    "01_curation",
-    "02_preprocessing",
-    "03_mae_pretraining",
-    "04_reconstruction",
-    "05_finetuning",
-    "06_results",
-    "07_ablations",
-)
-# `usfmae reproduce --dry-run`: params/dry_run/<notebook>.yaml, applied after the profile's file,
-# shrinks a profile to a step or two of each of its code paths on a small synthetic tree
-DRY_RUN = "dry_run"
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 TABLE_SUFFIXES = (".csv", ".md", ".tex")
 KERNEL_NAME = "usfmae-python"
@@ -132,136 +112,9 @@ def notebook_difference(a: nbformat.NotebookNode, b: nbformat.NotebookNode) -> s
     for i, (ca, cb) in enumerate(zip(a.cells, b.cells)):
         if ca.cell_type != cb.cell_type or ca.source.strip() != cb.source.strip():
             return f"cell {i} differs"
-        if ("parameters" in _tags(ca)) != ("parameters" in _tags(cb)):
+        if ("parameters" in parameters.cell_tags(ca)) != ("parameters" in parameters.cell_tags(cb)):
             return f"cell {i}: 'parameters' tag differs"
     return ""
-
-
-def _tags(cell) -> list[str]:
-    return list(cell.get("metadata", {}).get("tags", []))
-
-
-def parameters_cell(nb: nbformat.NotebookNode, name: str = "notebook") -> int:
-    """Index of the single cell tagged `parameters`."""
-    found = [i for i, c in enumerate(nb.cells) if "parameters" in _tags(c)]
-    if len(found) != 1:
-        raise UsfmaeError(f"{name}: expected exactly one cell tagged 'parameters', found {len(found)}")
-    return found[0]
-
-
-def notebook_parameters(nb: nbformat.NotebookNode, name: str = "notebook") -> dict:
-    """The parameters cell's defaults, as {name: value}. Each must be `name = <literal>`."""
-    return cell_parameters(nb.cells[parameters_cell(nb, name)].source, name)
-
-
-def cell_parameters(source: str, name: str = "notebook") -> dict:
-    """{name: value} of a parameters cell's source; each line must be `name = <literal>`."""
-    defaults = {}
-    for node in ast.parse(source).body:
-        if not (isinstance(node, (ast.Assign, ast.AnnAssign))):
-            raise UsfmaeError(f"{name}: the parameters cell may hold only assignments (line {node.lineno})")
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
-            raise UsfmaeError(f"{name}: parameters must be plain `name = value` (line {node.lineno})")
-        try:
-            defaults[targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise UsfmaeError(
-                f"{name}: parameter {targets[0].id!r} must have a literal default (line {node.lineno})"
-            ) from None
-    return defaults
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def parse_value(text: str):
-    """`-p key=value` value: YAML scalar/list/dict (`3`, `0.5`, `true`, `[1, 2]`), `1e-3` as float."""
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as err:
-        raise UsfmaeError(f"value {text!r} is not valid YAML{_yaml_error_text(err)}; quote it (key='\"text\"') "
-                          "or fix the brackets") from None
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads '1e-3' as a string; users mean a number
-            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
-        except ValueError:
-            return value
-    return value
-
-
-def load_params(files=(), overrides=()) -> tuple[dict, dict]:
-    """Merge YAML files in order, then `key=value` overrides. Returns (params, where each came from)."""
-    params, origin = {}, {}
-    for f in files:
-        f = Path(f)
-        if not f.is_file():
-            raise UsfmaeError(f"{f}: parameter file not found" + (" (it is a folder)" if f.is_dir() else ""))
-        try:
-            data = yaml.safe_load(f.read_text()) or {}
-        except UnicodeDecodeError as err:
-            raise UsfmaeError(f"{f}: not a text file ({err.reason} at byte {err.start}); pass a YAML file") from err
-        except yaml.YAMLError as err:
-            raise UsfmaeError(f"{f}{_yaml_error_text(err)}; fix the YAML there (a space after ':', "
-                              "closed brackets and quotes, spaces not tabs)") from err
-        if not isinstance(data, dict):
-            raise UsfmaeError(f"{f}: a parameter file must be a YAML mapping of name: value")
-        params.update(data)
-        origin.update({k: str(f) for k in data})
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise UsfmaeError(f"-p {item!r}: expected key=value")
-        params[key.strip()] = parse_value(text)
-        origin[key.strip()] = "-p"
-    return params, origin
-
-
-def _yaml_error_text(err: yaml.YAMLError) -> str:
-    """', line L, column C: <problem> (<context> at line L2)' from a PyYAML error (lines from 1)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-    if context and context_mark is not None:
-        problem += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
-    elif context:
-        problem += f" ({context})"
-    return f"{where}: YAML syntax error: {problem}"
-
-
-def check_params(params: dict, defaults: dict, notebook: str, origin: dict | None = None) -> dict:
-    """Refuse unknown names and wrong types; return params with ints widened where floats are due."""
-    origin = origin or {}
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        where = ", ".join(f"{k} (from {origin.get(k, '?')})" for k in unknown)
-        raise UsfmaeError(
-            f"{notebook}: unknown parameter(s) {where}. Valid parameters: {', '.join(sorted(defaults))}"
-        )
-    checked = {}
-    for key, value in params.items():
-        expected = defaults[key]
-        ok, value = _fits(value, expected)
-        if not ok:
-            raise UsfmaeError(
-                f"{notebook}: parameter {key!r} (from {origin.get(key, '?')}) must be "
-                f"{type(expected).__name__} like its default {expected!r}, got {type(value).__name__} {value!r}"
-            )
-        checked[key] = value
-    return checked
-
-
-def _fits(value, expected) -> tuple[bool, object]:
-    if expected is None:  # a None default accepts anything (e.g. an optional path)
-        return True, value
-    if value is None:  # optional values can always be switched off
-        return True, value
-    if isinstance(expected, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(expected, bool), value
-    if isinstance(expected, float) and isinstance(value, int):
-        return True, float(value)
-    return isinstance(value, type(expected)), value
 
 
 # ----------------------------------------------------------------------------- execution
@@ -312,15 +165,15 @@ def run_notebook(
     notebook = Path(notebook)
     nb = read_notebook(notebook)
     stem = notebook.stem
-    defaults = notebook_parameters(nb, str(notebook))
-    params, origin = load_params(param_files, overrides)
+    defaults = parameters.notebook_parameters(nb, str(notebook))
+    params, origin = parameters.load_params(param_files, overrides)
     if "out_dir" in params:
         raise UsfmaeError(f"{notebook}: set the output folder with --out DIR, not as the parameter out_dir")
-    params = check_params(params, defaults, str(notebook), origin)
+    params = parameters.check_params(params, defaults, str(notebook), origin)
     for key, value in params.items():  # typed on a command line: relative to the current folder
-        if origin.get(key) == "-p" and study.is_path_parameter(key):
-            params[key] = study.resolve_path_value(value, Path.cwd())
-    profile = params.get("profile", defaults.get("profile", DEFAULT_PROFILE))
+        if origin.get(key) == "-p" and parameters.is_path_parameter(key):
+            params[key] = parameters.resolve_path_value(value, Path.cwd())
+    profile = params.get("profile", defaults.get("profile", parameters.DEFAULT_PROFILE))
     out_dir = output_folder(out_dir, str(profile))
     if "out_dir" in defaults:
         params["out_dir"] = str(out_dir)
@@ -341,7 +194,7 @@ def run_notebook(
                 papermill.execute_notebook(
                     str(source),
                     str(executed),
-                    parameters={**params, study.MARKER: marker},
+                    parameters={**params, parameters.MARKER: marker},
                     kernel_name=KERNEL_NAME,
                     language="python",
                     progress_bar=progress,
@@ -361,13 +214,13 @@ def output_folder(out_dir, name: str, notebooks_dir: Path | None = None) -> Path
     """The study folder, absolute: `out_dir` (relative: to the current folder), else outputs/<name>
     under the current folder, or under the repository root when that is inside notebooks/. A folder
     inside notebooks/ is refused: outputs never land beside the notebooks."""
-    notebooks_dir = Path(notebooks_dir or NOTEBOOKS_DIR).resolve()
+    notebooks_dir = Path(notebooks_dir or parameters.NOTEBOOKS_DIR).resolve()
     if out_dir is None:
         here = Path.cwd().resolve()
-        base = notebooks_dir.parent if study.inside(here, notebooks_dir) else here
+        base = notebooks_dir.parent if parameters.inside(here, notebooks_dir) else here
         return base / "outputs" / name
     path = Path(out_dir).expanduser().resolve()
-    if study.inside(path, notebooks_dir):
+    if parameters.inside(path, notebooks_dir):
         raise UsfmaeError(f"--out {path} is inside {notebooks_dir}: outputs never go beside the notebooks; "
                           f"the default is outputs/{name} under the repository root")
     return path
@@ -392,9 +245,9 @@ def _code_fingerprint() -> str:
     """Hash of the library's source and shipped data (the teaching MAE's weights included): a change
     redoes every step."""
     h = hashlib.sha256()
-    library = REPO_ROOT / "usfmae_lib"
+    library = parameters.REPO_ROOT / "usfmae_lib"
     for f in sorted([*library.rglob("*.py"), *(library / "data").rglob("*.*")]):
-        h.update(f.relative_to(REPO_ROOT).as_posix().encode())
+        h.update(f.relative_to(parameters.REPO_ROOT).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
@@ -403,7 +256,7 @@ def _step_fingerprint(nb: nbformat.NotebookNode, params_files, overrides, upstre
     """Hash of what a step computes from: its cells, parameter files (the profile's, then the dry
     run's), overrides, the step before it and the library's code."""
     h = hashlib.sha256()
-    cells = [(c.cell_type, c.source, _tags(c)) for c in nb.cells]  # not cell ids: jupytext makes them up
+    cells = [(c.cell_type, c.source, parameters.cell_tags(c)) for c in nb.cells]  # not cell ids: jupytext makes them up
     files = [params_files] if isinstance(params_files, Path) else list(params_files)
     texts = [f.read_text() for f in files]
     for part in (cells, texts[0] if len(texts) == 1 else texts, list(overrides), upstream, code):
@@ -421,13 +274,13 @@ def step_outputs(step_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 def reproduce(
-    profile: str = DEFAULT_PROFILE,
+    profile: str = parameters.DEFAULT_PROFILE,
     out_dir: str | Path | None = None,
     force: bool = False,
-    steps=STEPS,
+    steps=parameters.STEPS,
     overrides=(),
-    notebooks_dir: Path = NOTEBOOKS_DIR,
-    params_dir: Path = PARAMS_DIR,
+    notebooks_dir: Path = parameters.NOTEBOOKS_DIR,
+    params_dir: Path = parameters.PARAMS_DIR,
     progress: bool = True,
     dry_run: bool = False,
 ) -> Path:
@@ -442,8 +295,8 @@ def reproduce(
     `overrides`): the profile's models and code paths for a step or two each, on a small synthetic
     tree (docs/dry_run.md). Its default folder is `outputs/<profile>-dry-run/`, never a real run's.
     """
-    if profile not in PROFILES:
-        raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if profile not in parameters.PROFILES:
+        raise UsfmaeError(f"unknown profile {profile!r}; choose one of {', '.join(parameters.PROFILES)}")
     out_dir = output_folder(out_dir, f"{profile}-dry-run" if dry_run else profile, notebooks_dir)
     state_dir = out_dir / ".usfmae" / "reproduce"
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -456,13 +309,13 @@ def reproduce(
         if not params_file.exists():
             raise UsfmaeError(f"{params_file}: missing parameter file for profile {profile!r}, step {step}")
         params_files = [params_file]
-        dry_file = params_dir / DRY_RUN / f"{step}.yaml"
+        dry_file = params_dir / parameters.DRY_RUN / f"{step}.yaml"
         if dry_run and dry_file.exists():  # a step without one runs as the profile says
             params_files.append(dry_file)
-        defaults = notebook_parameters(nb, str(notebook))
+        defaults = parameters.notebook_parameters(nb, str(notebook))
         if len(params_files) > 1:  # a dry-run file that does not fit its notebook stops before any step runs
-            merged, origin = load_params(params_files)
-            check_params(merged, defaults, str(notebook), origin)
+            merged, origin = parameters.load_params(params_files)
+            parameters.check_params(merged, defaults, str(notebook), origin)
         plan.append((step, notebook, nb, params_files, set(defaults)))
     valid = set().union(*(names for *_, names in plan))
     unknown = sorted({o.partition("=")[0].strip() for o in overrides} - valid)
@@ -478,8 +331,8 @@ def dry_run_changes(nb: nbformat.NotebookNode, params_files, name: str = "notebo
     """What the dry run's file (the last of params_files) changes, one line per parameter:
     'name: <the profile's value> -> <the dry run's> (<the file's comment>)'."""
     *profile_files, dry_file = params_files
-    before = {**notebook_parameters(nb, name), **load_params(profile_files)[0]}
-    after = load_params([dry_file])[0]
+    before = {**parameters.notebook_parameters(nb, name), **parameters.load_params(profile_files)[0]}
+    after = parameters.load_params([dry_file])[0]
     comments = {}
     for line in dry_file.read_text().splitlines():
         key, sep, rest = line.partition(":")
@@ -535,8 +388,8 @@ def write_index(out_dir: Path, profile: str, records, dry_run: bool = False) -> 
         "Written by `usfmae reproduce" + (" --dry-run" if dry_run else "") + "`. Paths are relative to this folder.",
         "",
         *([f"**A dry run**: the `{profile}` profile's models and code paths for a step or two each, on a small "
-           f"synthetic tree (`params/{DRY_RUN}/` over `params/{profile}/`; docs/dry_run.md). Its numbers check "
-           "that the code runs; they measure nothing.", ""] if dry_run else []),
+           f"synthetic tree (`params/{parameters.DRY_RUN}/` over `params/{profile}/`; docs/dry_run.md). Its numbers "
+           "check that the code runs; they measure nothing.", ""] if dry_run else []),
         "| step | status | time (s) | figures | tables |",
         "|---|---|---|---|---|",
     ]
@@ -580,11 +433,11 @@ def add_cli(subparsers) -> None:
         description="Regenerate every figure and table of the study for one profile. Steps whose "
         "notebook, parameters, code and upstream steps did not change are skipped.",
     )
-    rep.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE)
+    rep.add_argument("--profile", choices=parameters.PROFILES, default=parameters.DEFAULT_PROFILE)
     rep.add_argument("--out", default=None, metavar="DIR",
                      help="output folder (default outputs/<profile>/; with --dry-run outputs/<profile>-dry-run/)")
     rep.add_argument("--force", action="store_true", help="redo every step even if unchanged")
-    rep.add_argument("--steps", nargs="+", choices=STEPS, default=None,
+    rep.add_argument("--steps", nargs="+", choices=parameters.STEPS, default=None,
                      help="run only these steps (default: all; with -p checkpoint=FILE, weights pretrained elsewhere "
                           "such as the released USF-MAE: 04-06, skipping curation, cleaning and pretraining)")
     rep.add_argument("-p", "--param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -616,24 +469,18 @@ def add_step_options(parser: argparse.ArgumentParser, step: str) -> None:
                        help=f"parameter file with the notebook's names, e.g. params/smoke/{step}.yaml (repeatable)")
     group.add_argument("-p", "--step-param", dest="step_params", action="append", default=[],
                        metavar="KEY=VALUE", help="override one of the notebook's parameters (YAML value)")
-    group.add_argument("--profile", choices=PROFILES, default=None,
+    group.add_argument("--profile", choices=parameters.PROFILES, default=None,
                        help=f"start from params/<profile>/{step}.yaml (then -f files, then -p)")
     parser.epilog = f"notebook {step}'s parameters and their defaults (its parameters cell):\n" + parameters_text(step)
 
 
 def parameters_text(step: str) -> str:
     """The parameters cell of notebooks/<step>.py as it reads (name = default  # what it is), indented."""
-    path = NOTEBOOKS_DIR / f"{step}.py"
+    path = parameters.NOTEBOOKS_DIR / f"{step}.py"
     if not path.is_file():
         return f"  ({path} not found: the notebooks come with a clone of the repository)"
-    source = study._parameters_source(path.read_text(), ".py") or ""
+    source = parameters.parameters_source(path.read_text(), ".py") or ""
     return "\n".join(f"  {line}" for line in source.splitlines() if line.strip())
-
-
-def with_profile(step: str, profile: str | None, files=()) -> list:
-    """Parameter files in the order they apply: params/<profile>/<step>.yaml (when a profile is given),
-    then `files`; -p overrides come after all of them."""
-    return ([PARAMS_DIR / profile / f"{step}.yaml"] if profile else []) + list(files)
 
 
 def step_mode(args: argparse.Namespace) -> bool:
@@ -649,8 +496,8 @@ def run_step_cli(args: argparse.Namespace, step: str) -> int:
     if given:
         raise UsfmaeError(f"{', '.join(given)}: not with -f / -p / --profile, which run notebook {step} with its own "
                           f"parameter names (listed by --help); give those as -p KEY=VALUE")
-    result = run_notebook(NOTEBOOKS_DIR / f"{step}.py", with_profile(step, args.profile, args.step_files),
-                          args.step_params, args.out)
+    files = parameters.with_profile(step, args.profile, args.step_files)
+    result = run_notebook(parameters.NOTEBOOKS_DIR / f"{step}.py", files, args.step_params, args.out)
     print(f"executed {result.notebook} in {result.seconds:.1f} s -> {result.executed}")
     return 0
 
@@ -665,10 +512,10 @@ def default_steps(overrides=()) -> tuple[str, ...]:
     """Every step; but with `-p checkpoint=FILE` the MAE was pretrained elsewhere (the released
     weights), so curation, cleaning and pretraining are skipped and 04-06 run on that checkpoint."""
     if any(o.partition("=")[0].strip() == "checkpoint" and o.partition("=")[2].strip() for o in overrides):
-        skipped = STEPS[:3]
+        skipped = parameters.STEPS[:3]
         print(f"checkpoint given: skipping {', '.join(skipped)} (pass --steps to choose)", flush=True)
-        return STEPS[3:]
-    return STEPS
+        return parameters.STEPS[3:]
+    return parameters.STEPS
 
 
 def _reproduce_cli(args: argparse.Namespace) -> int:

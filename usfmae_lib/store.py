@@ -48,11 +48,10 @@ import torch
 import torch.nn.functional as F
 
 from . import UsfmaeError, atomic_write, atomic_write_text
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD  # paper section 2.2, applied as images are read
 
 STORE_VERSION = 2  # 2: grey images in one channel
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 N_AUG = 7  # uniforms per sample: angle, hflip, vflip, scale, ratio, x offset, y offset
 
 

@@ -15,7 +15,8 @@ The same notebook runs in three places, and this makes it compute the same thing
   or file) is made absolute against the repository root, whatever the kernel's working folder
   (JupyterLab started in notebooks/ runs its kernels there); `out_dir` inside notebooks/ is
   refused; `interactive = None` becomes True in a Jupyter kernel not started by `usfmae run`,
-  False elsewhere.
+  False elsewhere; run as plain Python, the notebook is not run again by the worker processes the
+  library spawns (cleaning, curation, the synthetic tree), as in a kernel.
 
 Also here: `strip_outputs_before_save`, the JupyterLab save hook (jupyter_server_config.py) that
 keeps outputs out of the stored notebooks/*.ipynb, and `python -m usfmae_lib.study FILE.ipynb ...`,
@@ -24,44 +25,25 @@ which clears the outputs of notebooks saved without it.
 
 from __future__ import annotations
 
-import json
+import importlib.machinery
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
-# injected by usfmae run / reproduce (runner.py) beside the parameters: the files and -p they came from
-MARKER = "_usfmae_run"
+from usfmae_lib import UsfmaeError, parameters
+from usfmae_lib.parameters import MARKER, inside, is_path_parameter, resolve_path_value
+
 FRONT_END = ("interactive",)  # None = auto; in a live kernel set by the front end, never by a profile file
-_PATH_NAME = re.compile(r"(^|_)(dir|dirs|root|roots|checkpoint|path|file|files)$")
-
-
-def is_path_parameter(name: str) -> bool:
-    """A parameter holding a path (or a list of them): its name ends in dir, root(s), checkpoint, path or file."""
-    return bool(_PATH_NAME.search(name))
-
-
-# values of path parameters that name something instead of a file (notebook 04's checkpoint)
-NAMED_VALUES = ("teaching",)
-
-
-def resolve_path_value(value, base: Path):
-    """A relative path (a string, or a list of them) made absolute against base; "", None, names in
-    NAMED_VALUES and absolute paths stay as given ("~" is expanded)."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(resolve_path_value(v, base) for v in value)
-    if isinstance(value, str) and value.strip() and value not in NAMED_VALUES:
-        path = Path(value).expanduser()
-        return path.as_posix() if path.is_absolute() else os.path.normpath(Path(base) / path)
-    return value
 
 
 def setup(namespace: dict, step: str) -> None:
     """Settle the parameters in `namespace` (the notebook's globals()) in place; see the module's doc."""
-    from usfmae_lib import UsfmaeError, runner
-
-    root = runner.REPO_ROOT
+    if namespace.get("__name__") == "__main__" and namespace.get("__file__") and namespace.get("__spec__") is None:
+        # plain Python runs the notebook as a script: each worker process the library spawns would run the
+        # whole notebook again first (multiprocessing imports a script's __main__) and stop. Named as
+        # `python -m` names a package's __main__, it is imported by none, as in a kernel.
+        namespace["__spec__"] = importlib.machinery.ModuleSpec("__main__", None)
+    root = parameters.REPO_ROOT
     injected = namespace.get(MARKER)
     if injected is not None:  # usfmae run / reproduce: its values are final
         names = list(injected.get("parameters", [])) if isinstance(injected, dict) else []
@@ -69,15 +51,15 @@ def setup(namespace: dict, step: str) -> None:
         shown = [short_path(source, root) for source in sources]  # params/smoke/..., not the clone's path
         print(f"parameters: the cell's, then usfmae run's {', '.join(shown) or '(none)'}")
     else:
-        saved, committed = _notebook_defaults(step)
+        saved, committed = parameters.notebook_defaults(step)
         names = list(saved)
         _apply_profile(namespace, step, saved, committed)
     for name in names:
         if is_path_parameter(name) and name in namespace:
             namespace[name] = resolve_path_value(namespace[name], root)
     out = namespace.get("out_dir")
-    if isinstance(out, str) and out and inside(Path(out), runner.NOTEBOOKS_DIR):
-        raise UsfmaeError(f"out_dir {out} is inside {runner.NOTEBOOKS_DIR}: outputs never go beside the "
+    if isinstance(out, str) and out and inside(Path(out), parameters.NOTEBOOKS_DIR):
+        raise UsfmaeError(f"out_dir {out} is inside {parameters.NOTEBOOKS_DIR}: outputs never go beside the "
                           f"notebooks; use outputs/<profile> (relative paths start at the repository root {root})")
     for name in FRONT_END:
         if name in names and namespace.get(name) is None:  # None = auto: on in a Jupyter kernel, off under usfmae run
@@ -130,31 +112,23 @@ def show_image(path) -> None:
         display(Image(filename=str(path)))
 
 
-def inside(path: Path, folder: Path) -> bool:
-    """path is folder or lies below it (links resolved)."""
-    path, folder = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
-    return path == folder or folder in path.parents
-
-
 def _apply_profile(ns: dict, step: str, saved: dict, committed: dict) -> None:
     """A live kernel: params/<profile>/<step>.yaml over the values the cell leaves at their defaults."""
-    from usfmae_lib import UsfmaeError, runner
-
     profile = ns.get("profile")
     default = {**saved, **committed}  # committed where git knows the notebook, else as saved
     if not profile:  # None or "": the cell as it stands
         print("profile: none, the parameters cell as it stands")
         return
-    folder = runner.PARAMS_DIR / str(profile)
+    folder = parameters.PARAMS_DIR / str(profile)
     if not folder.is_dir():
-        known = sorted(p.name for p in runner.PARAMS_DIR.iterdir() if (p / f"{step}.yaml").is_file())
+        known = sorted(p.name for p in parameters.PARAMS_DIR.iterdir() if (p / f"{step}.yaml").is_file())
         raise UsfmaeError(f"profile {profile!r}: no folder {folder}; profiles with a file for {step}: "
                           f"{', '.join(known) or 'none'}")
     file = folder / f"{step}.yaml"
     applied, kept = [], []
     if file.is_file():
-        values, origin = runner.load_params([file])
-        values = runner.check_params(values, saved, f"{step} (profile {profile})", origin)
+        values, origin = parameters.load_params([file])
+        values = parameters.check_params(values, saved, f"{step} (profile {profile})", origin)
         for key, value in values.items():
             if key == "profile" or key in FRONT_END:
                 continue
@@ -165,70 +139,13 @@ def _apply_profile(ns: dict, step: str, saved: dict, committed: dict) -> None:
             if ns.get(key) != value:
                 applied.append(f"{key}={value!r}")
             ns[key] = value
-        where = os.path.relpath(file, runner.REPO_ROOT) if inside(file, runner.REPO_ROOT) else file
+        where = os.path.relpath(file, parameters.REPO_ROOT) if inside(file, parameters.REPO_ROOT) else file
         print(f"profile {profile}: applied {where}" + (f" ({', '.join(applied)})" if applied else " (no change)")
               + (f"; kept your cell's {', '.join(kept)}" if kept else ""))
     else:
         print(f"profile {profile}: no {file}, the parameters cell as it stands")
     if "out_dir" in default and ns.get("out_dir") == default["out_dir"]:
         ns["out_dir"] = f"outputs/{profile}"  # the runner's default folder for this profile
-
-
-def _notebook_defaults(step: str) -> tuple[dict, dict]:
-    """(defaults as saved, defaults as last committed, {} when git cannot tell) of notebooks/<step>.
-    Read without jupytext or nbformat, which take seconds to import."""
-    from usfmae_lib import UsfmaeError, runner
-
-    for suffix in (".py", ".ipynb"):
-        path = runner.NOTEBOOKS_DIR / f"{step}{suffix}"
-        if path.exists():
-            break
-    else:
-        raise UsfmaeError(f"study.setup: no notebook {runner.NOTEBOOKS_DIR / step}.py or .ipynb; "
-                          "pass the notebook's own name (STEP)")
-    source = _parameters_source(path.read_text(), suffix)
-    if source is None:
-        raise UsfmaeError(f"{path}: expected exactly one cell tagged 'parameters'")
-    saved = runner.cell_parameters(source, str(path))
-    committed, text = {}, _committed_text(path)
-    source = _parameters_source(text, suffix) if text is not None else None
-    if source is not None:
-        try:
-            committed = runner.cell_parameters(source, f"{path} (HEAD)")
-        except UsfmaeError:  # an older commit with a cell the runner would refuse: the saved file decides
-            committed = {}
-    return saved, committed
-
-
-def _parameters_source(text: str, suffix: str) -> str | None:
-    """The source of the one cell tagged `parameters` in a py:percent or .ipynb text, or None."""
-    if suffix == ".ipynb":
-        try:
-            cells = json.loads(text).get("cells", [])
-        except ValueError:
-            return None
-        found = ["".join(c["source"]) if isinstance(c.get("source"), list) else c.get("source", "")
-                 for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    else:
-        cells, body = [], None
-        for line in text.splitlines(keepends=True):
-            if line.startswith("# %%"):
-                body = []
-                cells.append((line, body))
-            elif body is not None:
-                body.append(line)
-        found = ["".join(body) for header, body in cells if re.search(r'tags=\[[^\]]*"parameters"', header)]
-    return found[0] if len(found) == 1 else None
-
-
-def _committed_text(path: Path) -> str | None:
-    """The file as git HEAD holds it, or None (no git, not a checkout, not committed yet)."""
-    try:
-        proc = subprocess.run(["git", "-C", str(path.parent), "show", f"HEAD:./{path.name}"],
-                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
 
 
 # ----------------------------------------------------------------------------- outputs out of stored notebooks
@@ -255,12 +172,10 @@ def clear_outputs(nb: dict) -> None:
 def strip_outputs_before_save(model: dict, path: str, contents_manager, **kwargs) -> None:
     """Jupyter server pre-save hook (jupyter_server_config.py): a notebook saved into this
     repository's notebooks/ folder is written without outputs; any other notebook as it is."""
-    from usfmae_lib import runner
-
     if model.get("type") != "notebook" or not isinstance(model.get("content"), dict):
         return
     folder = (Path(getattr(contents_manager, "root_dir", ".")) / path.strip("/")).parent
-    if os.path.realpath(folder) == os.path.realpath(runner.NOTEBOOKS_DIR):
+    if os.path.realpath(folder) == os.path.realpath(parameters.NOTEBOOKS_DIR):
         clear_outputs(model["content"])
 
 

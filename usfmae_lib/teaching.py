@@ -7,7 +7,7 @@ the project's own synthetic ultrasound with the project's own code (`store.pack_
 `pretrain.train`), and ships its weights (encoder and decoder) as safetensors beside a model
 card. Notebooks 03 and 04 show it when a run has no checkpoint of its own, or when asked to.
 
-    path = teaching.checkpoint()                         # usfmae_lib/data/teaching_mae/mae.safetensors
+    path = reconstruction.teaching_checkpoint()          # usfmae_lib/data/teaching_mae/mae.safetensors
     model = mae.load_model(path)                         # safetensors: never unpickles anything
     usfmae teaching-mae --work outputs/teaching-mae      # regenerate (resumable; hours on 1 core)
 
@@ -26,12 +26,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from . import UsfmaeError, atomic_write, atomic_write_text
+from . import UsfmaeError, atomic_write, atomic_write_text, reconstruction
 
-FOLDER = Path(__file__).resolve().parent / "data" / "teaching_mae"
-WEIGHTS = "mae.safetensors"
+FOLDER = reconstruction.TEACHING_FOLDER  # where the weights (reconstruction.TEACHING_WEIGHTS) and the card go
 CARD = "MODEL_CARD.md"
-NAME = "teaching"  # the value of notebook 04's `checkpoint` parameter that selects this model
 EVAL_PER_ANATOMY = 30  # held-out scans per anatomy in the model card
 
 # the recipe: small patches on a small image, so that a hidden patch is a small hole whose
@@ -45,16 +43,6 @@ RECIPE = dict(model="mae_vit_tiny_patch16_dec128d2b",
               # rotated or mirrored copies (the study's recipe rotates 0-90 deg, flips and zooms out)
               rot_degrees=[0.0, 0.0], flip_p=0.0, crop_scale=[0.5, 1.0],
               heldout_per_anatomy=0, snapshot_epochs=[], log_every=20, workers=0)
-
-
-def checkpoint() -> Path:
-    """The shipped teaching MAE's weights; an error naming the regeneration command if absent."""
-    path = FOLDER / WEIGHTS
-    if not path.is_file():
-        raise UsfmaeError(f"the teaching MAE {path} is missing from this checkout; restore it with git "
-                          "(git checkout -- usfmae_lib/data/teaching_mae) or regenerate it with "
-                          "usfmae teaching-mae --work outputs/teaching-mae")
-    return path
 
 
 # ============================================================================ corpus
@@ -115,8 +103,6 @@ def heldout_scans(per_anatomy: int, seed: int = 0) -> tuple[list[str], np.ndarra
 def evaluate(model, anatomies, images: np.ndarray, seed: int = 0) -> pd.DataFrame:
     """The model against the flat fill and OpenCV's inpainting at the mask ratio it was trained at,
     per anatomy and pooled, paired by image (reconstruction.sweep_verdicts)."""
-    from . import reconstruction
-
     ratio = RECIPE["mask_ratio"]
     imgs = reconstruction.normalize_images(images)
     per_image, _ = reconstruction.mask_ratio_sweep(model, imgs, anatomies, [ratio], seed=seed)
@@ -126,7 +112,7 @@ def evaluate(model, anatomies, images: np.ndarray, seed: int = 0) -> pd.DataFram
 # ============================================================================ the model
 def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progress: bool = True) -> Path:
     """Render the corpus, pack it, pretrain (resumable), and write weights and card to FOLDER."""
-    from . import mae, pretrain, store
+    from . import checkpoints, mae, pretrain, store
 
     work_dir = Path(work_dir)
     corpus = make_corpus(work_dir / "corpus", CORPUS["seed"], CORPUS["per_anatomy"], CORPUS["render_size"],
@@ -142,7 +128,7 @@ def make(work_dir, threads: int = 1, workers: int = 1, max_steps: int = 0, progr
     log = pd.read_csv(work_dir / "run" / "log.csv")
     record = dict(params={k: RECIPE[k] for k in ("model", "model_overrides", "img_size", "norm_pix_loss",
                                                    "mask_ratio")})
-    weights = mae.save_model(model, FOLDER / WEIGHTS, record, source="usfmae teaching MAE")
+    weights = checkpoints.save_model(model, reconstruction.TEACHING_WEIGHTS, record, source="usfmae teaching MAE")
     card = dict(corpus=CORPUS, recipe=RECIPE, images=summary["images"], steps=summary["steps"],
                 final_loss=float(log.loss.tail(50).mean()), first_loss=float(log.loss.head(50).mean()),
                 train_seconds=_train_seconds(log, summary["global_batch"]),

@@ -161,7 +161,8 @@ def _worker_init():
     os.environ["OMP_THREAD_LIMIT"] = "1"  # Tesseract's OpenMP threads, read by the tesseract program
 
 
-def _pool_worker_init():
+def pool_worker_init():
+    """A worker process of a cleaning pool (here and in evaluate.py): one thread, ends with its parent."""
     end_with_parent()  # a killed run leaves no worker behind
     _worker_init()
 
@@ -278,7 +279,7 @@ def _clean_jobs(jobs, out_dir: Path, cfg: CleanConfig, workers: int, report: Pat
 
             # spawn, not fork: a forked child can inherit locked OpenCV / OpenMP thread pools
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_init) as ex:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=pool_worker_init) as ex:
                 for row in ex.map(_run_job, args, chunksize=max(1, min(16, len(args) // (8 * workers)))):
                     done(row)
     finally:

@@ -345,7 +345,7 @@ def text_candidates(tophat: np.ndarray, contrast: int = 80, min_height: int = 5,
     return boxes
 
 
-def _ocr_words(grey: np.ndarray, psm: int, oem: int) -> list[tuple[str, float, int, int, int, int]]:
+def tesseract_words(grey: np.ndarray, psm: int, oem: int) -> list[tuple[str, float, int, int, int, int]]:
     """(text, conf, left, top, width, height) of every non-empty word Tesseract reads."""
     import pytesseract
 
@@ -379,7 +379,8 @@ def ocr_words(rgb: np.ndarray, regions: str = "candidates", scale: float = 2.0, 
     if regions == "full":
         grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         big = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC) if scale != 1 else grey
-        return [(t, c, l / scale, tp / scale, w / scale, h / scale) for t, c, l, tp, w, h in _ocr_words(big, psm, oem)]
+        return [(t, c, l / scale, tp / scale, w / scale, h / scale)
+                for t, c, l, tp, w, h in tesseract_words(big, psm, oem)]
     if not boxes:
         return []
     bright = rgb.max(axis=2)  # [H, W]: coloured text as legible as white text
@@ -395,7 +396,7 @@ def ocr_words(rgb: np.ndarray, regions: str = "candidates", scale: float = 2.0, 
     for r, (ry, *_) in zip(rows, offsets):
         mosaic[ry:ry + r.shape[0], 10:10 + r.shape[1]] = r
     words = []
-    for t, c, l, tp, w, h in _ocr_words(mosaic, psm, oem):
+    for t, c, l, tp, w, h in tesseract_words(mosaic, psm, oem):
         cy = tp + h / 2  # the row the word's centre falls in
         for ry, x0, y0, rh in offsets:
             if ry <= cy < ry + rh:

@@ -14,9 +14,9 @@ import cv2
 import numpy as np
 
 from .. import UsfmaeError
-from .batch import _pool_worker_init, cpu_count, read_image
-from .detectors import (DETECTORS, IMAGE_SUFFIXES, CleanConfig, _ocr_words, check_tesseract, clean_image,
-                        combine_masks, detect, inpaint)
+from .batch import cpu_count, pool_worker_init, read_image
+from .detectors import (DETECTORS, IMAGE_SUFFIXES, CleanConfig, check_tesseract, clean_image, combine_masks, detect,
+                        inpaint, tesseract_words)
 
 
 # ============================================================================ evaluation
@@ -211,7 +211,7 @@ def _pool_map(fn, args: list, workers: int, progress: bool, desc: str) -> list:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_worker_init) as ex:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=pool_worker_init) as ex:
             for r in ex.map(fn, args, chunksize=2):
                 out.append(r)
                 bar and bar.update(1)
@@ -279,7 +279,7 @@ def read_words(rgb: np.ndarray, psm: int = 11, scale: float = 2.0, min_chars: in
     cleaning. At low confidence Tesseract also 'reads' speckle ('SS', 'ae'), which is not text."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     big = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC) if scale != 1 else grey
-    return [(t, c, l / scale, tp / scale, w / scale, h / scale) for t, c, l, tp, w, h in _ocr_words(big, psm, 3)
+    return [(t, c, l / scale, tp / scale, w / scale, h / scale) for t, c, l, tp, w, h in tesseract_words(big, psm, 3)
             if sum(ch.isalnum() for ch in t) >= min_chars]
 
 
