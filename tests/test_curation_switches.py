@@ -14,25 +14,11 @@ import yaml
 
 from usfmae_lib import UsfmaeError, cli, curation, parameters
 from usfmae_lib.curation_readers import read_file
+from test_curation import noise_frames, write_video  # the same planted frames and clip as test_curation
 
 PAPER = Path(__file__).resolve().parents[1].parent / "shared" / "docs" / "seeds" / "usf-mae-paper.md"
 NOT_BOLD = {"Cactus Dataset", "CAMUS_public", "Ultrasound Fetus Dataset"}  # Table 1's only rows not in bold
 SWITCHES = {"deduplicate": "duplicates", "remove_leakage": "leakage"}
-
-
-def noise_frames(n, h, w, seed):
-    """Distinct random frames with large-scale structure (as in test_curation.py: pHash sees it)."""
-    rng = np.random.default_rng(seed)
-    return [cv2.resize(rng.integers(0, 256, (h // 8, w // 8), dtype=np.uint8), (w, h), interpolation=cv2.INTER_CUBIC)
-            for _ in range(n)]
-
-
-def write_video(path, n_frames, fps, seed, size=(64, 80)):
-    vw = cv2.VideoWriter(str(path), cv2.CAP_OPENCV_MJPEG, cv2.VideoWriter_fourcc(*"MJPG"), fps, size[::-1], True)
-    assert vw.isOpened()
-    for f in noise_frames(n_frames, *size, seed):
-        vw.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR))
-    vw.release()
 
 
 @pytest.fixture(scope="module")
