@@ -7,9 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import cv2
 import matplotlib
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -137,9 +135,9 @@ def _run_records(out: Path, mask_ratio=0.25, pos_embed="learnable") -> Path:
     pd.DataFrame(dict(dataset=["a", "b", "c", "BUS-BRA"], is_eval=[False, False, False, True],
                       kept=[1000, 234, 0, 0])).to_csv(out / "01_curation" / "datasets.csv", index=False)
     clean = out / "02_preprocessing" / "clean"
-    (clean / "a").mkdir(parents=True)
-    cv2.imwrite(str(clean / "a" / "0.png"), np.zeros((224, 224, 3), np.uint8))
+    clean.mkdir(parents=True)
     pd.DataFrame(dict(path=["a/0.png"] * 1234)).to_csv(clean / "index.csv", index=False)
+    (clean / "clean_config.json").write_text(json.dumps(dict(cleaner="official", image_size=224)))
     (out / "03_mae_pretraining" / "checkpoints").mkdir(parents=True)
     recipe = dict(model="mae_vit_base_patch16_dec512d8b", model_overrides={"decoder_num_heads": 8}, img_size=224,
                   mask_ratio=mask_ratio, pos_embed=pos_embed, norm_pix_loss=False, epochs=100, batch_size=64)
@@ -159,7 +157,7 @@ def _texts(fig) -> str:
 def test_fig3_draws_the_numbers_of_the_run_it_is_given(tmp_path):
     fig = res.draw_pipeline(res.pipeline_config(_run_records(tmp_path / "paper")))
     text = _texts(fig)
-    for expected in ("1,234 frames", "from 2 datasets", "videos at 3 frames/s", "1,234 PNG, 224 x 224 px",
+    for expected in ("1,234 frames", "from 2 datasets", "videos at 3 frames/s", "1,234 PNG, 224 x 224 px", "cleaner: official",
                      "14 x 14 = 196 patches of 16 px", "25% hidden at random", "147 visible",
                      "12 blocks x 768, 12 heads", "learnable position tables", "8 blocks x 512, 8 heads",
                      "raw pixels", "100 epochs, batch 64", "cls token ->", "linear",

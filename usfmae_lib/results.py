@@ -776,24 +776,11 @@ def plot_label_efficiency(label_curve: pd.DataFrame, metric: str = "f1"):
 
 
 # ============================================================================ Fig. 3
-def _executed_parameters(notebook: Path) -> dict:
-    """The parameters an executed notebook ran with: its parameters cell, then what papermill
-    injected (metadata.papermill.parameters); {} when there is no executed notebook."""
-    if not notebook.is_file():
-        return {}
-    from .parameters import notebook_parameters
-    from .runner import read_notebook
-
-    nb = read_notebook(notebook)
-    injected = nb.metadata.get("papermill", {}).get("parameters", {})
-    return {**notebook_parameters(nb, notebook.name), **{k: v for k, v in injected.items() if not k.startswith("_")}}
-
-
 def pipeline_config(out_dir, finetune_dir=None) -> dict:
     """What Fig. 3 draws, read from the run's own records, never from the paper: 01_curation's
-    summary.json and datasets.csv (frames kept, datasets), 02_preprocessing's clean tree (images,
-    their side) and executed notebook (cleaner preset), the recipe notebook 03's checkpoint records
-    (encoder, decoder, mask ratio, position tables, loss), 05_finetuning's setup.json and results.csv
+    summary.json and datasets.csv (frames kept, datasets), 02_preprocessing's clean/index.csv and
+    clean/clean_config.json (images, their side, cleaner preset), the recipe notebook 03's checkpoint
+    records (encoder, decoder, mask ratio, position tables, loss), 05_finetuning's setup.json and results.csv
     (datasets, classes, splits, models, head; or `finetune_dir`'s). A step not run leaves its keys out."""
     from . import checkpoints, mae
 
@@ -808,13 +795,10 @@ def pipeline_config(out_dir, finetune_dir=None) -> dict:
             cfg["datasets"] = int(((~per["is_eval"].astype(bool)) & (per["kept"] > 0)).sum())
     clean = out / "02_preprocessing" / "clean"
     if (clean / "index.csv").is_file():
-        import cv2
-
-        index = pd.read_csv(clean / "index.csv")
-        cfg["clean_images"] = len(index)
-        first = cv2.imread(str(clean / index["path"].iloc[0])) if len(index) else None
-        cfg["clean_side"] = None if first is None else int(first.shape[0])
-        cfg["cleaner"] = _executed_parameters(out / "02_preprocessing" / "02_preprocessing.ipynb").get("cleaner")
+        cfg["clean_images"] = len(pd.read_csv(clean / "index.csv"))
+        config = clean / "clean_config.json"  # written by the cleaning, every setting and the preset's name
+        settings = json.loads(config.read_text()) if config.is_file() else {}
+        cfg["clean_side"], cfg["cleaner"] = settings.get("image_size"), settings.get("cleaner")
     checkpoint = out / "03_mae_pretraining" / "checkpoints" / "checkpoint-last.pth"
     recipe = checkpoints.checkpoint_params(checkpoint) if checkpoint.is_file() else {}
     if recipe.get("model") in mae.CONFIGS:
@@ -907,8 +891,8 @@ def draw_pipeline(cfg: dict):
     ax.set_xlim(0, n)
     ax.set_ylim(0, 2.2)
     ax.axis("off")
-    for row, (boxes, y, label, colour) in enumerate([(top, 1.25, "1) pretraining (self-supervised)", "#dbe8f5"),
-                                                     (bottom, 0.1, "2) fine-tuning (labelled)", "#f5e6d3")]):
+    for boxes, y, label, colour in [(top, 1.25, "1) pretraining (self-supervised)", "#dbe8f5"),
+                                    (bottom, 0.1, "2) fine-tuning (labelled)", "#f5e6d3")]:
         ax.text(0.05, y + 0.88, label, fontsize=10, weight="bold", va="bottom")
         for i, (title, body) in enumerate(boxes):
             ax.add_patch(FancyBboxPatch((i + 0.06, y), 0.88, 0.8, boxstyle="round,pad=0.02,rounding_size=0.05",
