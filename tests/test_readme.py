@@ -6,6 +6,7 @@ from usfmae_lib import parameters
 
 README = (parameters.REPO_ROOT / "README.md").read_text()
 CI = (parameters.REPO_ROOT / ".ci" / "run").read_text()
+MAKEFILE = (parameters.REPO_ROOT / "Makefile").read_text()
 
 
 def first_command(section: str) -> str:
@@ -13,10 +14,34 @@ def first_command(section: str) -> str:
     return re.search(r"```bash\n(.+?)\n```", body, flags=re.S).group(1).strip()
 
 
+def make_rule(target: str) -> tuple[list[str], list[str]]:
+    """The Makefile's prerequisites and recipe lines of `target`, its variables expanded."""
+    variables = dict(re.findall(r"^(\w+)\s*[:?]?=\s*(.*?)\s*$", MAKEFILE, flags=re.M))
+    text = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], MAKEFILE)
+    rule = re.search(rf"^{re.escape(target)}:(.*)\n((?:\t.*\n?)*)", text, flags=re.M)
+    assert rule, f"Makefile has no rule for {target}"
+    return rule.group(1).split(), [line[1:] for line in rule.group(2).splitlines()]
+
+
 def test_ci_runs_the_readme_setup_and_test_commands():
-    assert first_command("Setup") in CI.splitlines()
-    assert first_command("Tests") in CI.splitlines()
-    assert CI.index(first_command("Setup")) < CI.index(first_command("Tests"))
+    # .ci/run: make setup, then make test; the Makefile runs exactly README's two commands
+    lines = CI.splitlines()
+    assert "make setup" in lines and "make test" in lines
+    assert lines.index("make setup") < lines.index("make test")
+    (marker,), setup_recipe = make_rule("setup")
+    assert setup_recipe == []  # a name for the file target below
+    assert make_rule(marker) == (["requirements.lock", "setup.sh"], [first_command("Setup")])
+    assert make_rule("test") == ([marker], [first_command("Tests")])
+
+
+def test_the_two_commands_open_the_readme():
+    top = README.split("\n## ", 1)[0]
+    commands = re.search(r"```bash\n(.+?)\n```", top, flags=re.S).group(1).splitlines()
+    assert [c.split("#")[0].strip() for c in commands] == ["make reproduce", "make test"]
+    prerequisites, recipe = make_rule("reproduce")
+    assert recipe == [".venv/bin/usfmae reproduce --profile smoke"]  # PROFILE's default
+    assert f"`{recipe[0]}`" in top and f"`{first_command('Tests')}`" in top
+    assert prerequisites == make_rule("test")[0]  # both set up .venv first
 
 
 def test_main_command_is_reproduce_with_a_cpu_default_profile():
