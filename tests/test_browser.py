@@ -11,7 +11,9 @@ chromedriver (no browser download at run time), does what a user does:
 - notebook 06 (over fine-tuning results made by hand where notebook 05 leaves them): set to the smoke
   profile and run, its figures (confusion matrices, label efficiency) are drawn in the lab, not only
   saved;
-- the outputs land in <repo>/outputs/smoke/, nothing under notebooks/ but the notebooks.
+- the outputs land in <repo>/outputs/smoke/, nothing under notebooks/ but the notebooks;
+- the report `usfmae reproduce` writes (index.html, usfmae_lib/report.py), opened from disk: every
+  image drawn, nothing fetched from the network (no JupyterLab needed for this one).
 Screenshots go to the test's folder (pytest --basetemp, or the path printed with -s).
 
 Needs `chromium` and `chromium-driver` (Debian/Ubuntu packages) and the `selenium` package (dev
@@ -154,8 +156,8 @@ def lab(browser_ready, repo, tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def driver(lab):
+def _chrome():
+    """Headless Chromium through Debian's chromedriver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -168,6 +170,12 @@ def driver(lab):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service(DRIVER), options=options)
     browser.set_page_load_timeout(120)
+    return browser
+
+
+@pytest.fixture(scope="module")
+def driver(lab):
+    browser = _chrome()
     yield browser
     browser.quit()
 
@@ -361,3 +369,28 @@ def test_notebook_06_draws_its_figures_in_jupyterlab(driver, lab, repo, tmp_path
     step = repo / "outputs" / "smoke" / "06_results"
     for name in ("confusion_matrices.png", "label_efficiency.png", "verdicts.csv", "table2.md"):
         assert (step / name).is_file(), name
+
+
+def test_report_draws_every_image_offline(browser_ready, tmp_path):
+    """Issue 30: index.html (report.write_report over a small study folder made by hand), opened as a file,
+    draws every image it has (figures displayed by the notebooks, and one a markdown cell gives by its
+    path), with nothing fetched: the page holds them all."""
+    from test_report import make_out
+
+    from usfmae_lib import report
+
+    records, current = make_out(tmp_path)
+    page = report.write_report(tmp_path, "smoke", records, current=current)
+    browser = _chrome()
+    try:
+        browser.get(page.as_uri())
+        images = _wait(lambda: (found := browser.execute_script(
+            "return [...document.images].map(i => [i.complete && i.naturalWidth > 0, i.src.slice(0, 30)])"))
+            and all(ok for ok, _ in found) and found, 30, "every image of the report to be drawn", browser,
+            tmp_path / "report_images.png")
+        assert len(images) >= 1
+        fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert not [name for name in fetched if not name.startswith(("data:", "file:"))], fetched
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    finally:
+        browser.quit()

@@ -21,9 +21,12 @@ What papermill leaves loose, this module makes strict:
 
 Layout of an output folder DIR (default `outputs/<profile>/`):
     DIR/<notebook>/<notebook>.ipynb   executed copy
-    DIR/<notebook>/*.png|pdf|svg      its figures, and *.csv|md|tex its tables (listed in index.md)
+    DIR/<notebook>/provenance.json    what made it: commit, versions, device, parameters' hash (provenance.py)
+    DIR/<notebook>/*.png|pdf|svg      its figures (a PNG and its PDF count once), and *.csv|md|tex its
+                                      tables (listed in index.md)
     DIR/<notebook>/<subfolder>/       data it makes (not listed)
-    DIR/index.md                      written by `reproduce`: every figure and table, with times
+    DIR/index.md                      written by `reproduce`: provenance, every figure and table, with times
+    DIR/index.html                    written by `reproduce` after it: the report a person opens (report.py)
     DIR/.usfmae/                      bookkeeping (fingerprints of finished steps)
 """
 
@@ -42,12 +45,14 @@ from pathlib import Path
 
 # nbformat, jupytext and papermill are imported where they are used: they take seconds, and the step
 # commands (`usfmae curate | clean | finetune`) import this module for their options and --help
-from usfmae_lib import UsfmaeError, atomic_write_text, parameters, study
+from usfmae_lib import UsfmaeError, atomic_write_text, parameters, provenance, report, study
+# what a step's folder holds for a reader (its figures, a PNG and its PDF once; its tables), shared with the
+# report (report.py imports no runner: nbconvert is imported there only when a report is written)
+from usfmae_lib.report import FIGURE_SUFFIXES, TABLE_SUFFIXES, dry_run_note, figure_formats, step_outputs  # noqa: F401
 from usfmae_lib.safety import folder_lock
 
-FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
-TABLE_SUFFIXES = (".csv", ".md", ".tex")
 KERNEL_NAME = "usfmae-python"
+PROVENANCE_FILE = provenance.FILE  # in each step's folder, written by run_notebook
 
 
 class _DropPapermillParameterWarnings(logging.Filter):
@@ -179,10 +184,14 @@ def run_notebook(
         params["out_dir"] = str(out_dir)
     step_dir = out_dir / stem
     step_dir.mkdir(parents=True, exist_ok=True)
-    executed = step_dir / f"{stem}.ipynb"
+    shard = parameters.parse_shard(params.get("shard"))  # (I, N) of a grid's share, or None
+    executed = step_dir / (f"{stem}.shard{shard[0]}of{shard[1]}.ipynb" if shard else f"{stem}.ipynb")
 
-    with folder_lock(out_dir, f"usfmae run {stem}"):  # one run writes a study folder at a time
+    # one run writes a study folder at a time; the shards of one grid together (each claims its runs)
+    with folder_lock(out_dir, f"usfmae run {stem}" + (f" shard {shard[0]}/{shard[1]}" if shard else ""), shared=bool(shard)):
         start = time.perf_counter()
+        provenance_file = step_dir / (f"provenance.shard{shard[0]}of{shard[1]}.json" if shard else PROVENANCE_FILE)
+        provenance_file.unlink(missing_ok=True)  # a failed run leaves none: the outputs are no longer the last run's
         with tempfile.TemporaryDirectory(prefix="usfmae-run-") as tmp:
             source = Path(tmp) / f"{stem}.ipynb"
             nbformat.write(nb, source)
@@ -207,7 +216,20 @@ def run_notebook(
                     os.environ.pop("JUPYTER_PATH", None)
                 else:
                     os.environ["JUPYTER_PATH"] = old_path
-    return RunResult(notebook, executed, step_dir, time.perf_counter() - start, params)
+        seconds = time.perf_counter() - start
+        write_provenance(provenance_file, params, str(profile))
+    return RunResult(notebook, executed, step_dir, seconds, params)
+
+
+def write_provenance(path: Path, params: dict, profile: str) -> Path:
+    """A step's provenance.json once its notebook ran: provenance.record of its parameters (without
+    `out_dir`, so that the same run in another folder has the same hash), read in this process (torch is
+    imported here to name the device, the one the notebook's kernel saw). A step that `reproduce` skips
+    keeps the file of the run that made it."""
+    rec = provenance.record(params={k: v for k, v in params.items() if k != "out_dir"}, profile=profile,
+                            device="auto")
+    _write_json_atomic(path, rec)
+    return path
 
 
 def output_folder(out_dir, name: str, notebooks_dir: Path | None = None) -> Path:
@@ -264,15 +286,6 @@ def _step_fingerprint(nb: nbformat.NotebookNode, params_files, overrides, upstre
     return h.hexdigest()
 
 
-def step_outputs(step_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Figures and tables a step wrote: the files at the top of its folder. Subfolders hold data
-    (e.g. the synthetic tree's PNGs and CSVs), which are not figures or tables of the study."""
-    files = sorted(p for p in step_dir.glob("*") if p.is_file())
-    figures = [p for p in files if p.suffix.lower() in FIGURE_SUFFIXES]
-    tables = [p for p in files if p.suffix.lower() in TABLE_SUFFIXES]
-    return figures, tables
-
-
 def reproduce(
     profile: str = parameters.DEFAULT_PROFILE,
     out_dir: str | Path | None = None,
@@ -288,8 +301,8 @@ def reproduce(
 
     A step is skipped when its notebook, parameter file, overrides, the library's code and every
     step before it are unchanged since it last succeeded (`force=True` redoes it). Writes
-    `DIR/index.md` and returns its path. A second reproduce (or run) into the same DIR while one
-    is going stops with a message.
+    `DIR/index.md`, then the report `DIR/index.html` (report.write_report), and returns index.md's
+    path. A second reproduce (or run) into the same DIR while one is going stops with a message.
 
     dry_run: apply `params/dry_run/<notebook>.yaml` after the profile's file (and before
     `overrides`): the profile's models and code paths for a step or two each, on a small synthetic
@@ -367,29 +380,48 @@ def _reproduce_steps(plan, overrides, profile: str, out_dir: Path, state_dir: Pa
                 result = run_notebook(notebook, params_files, step_overrides, out_dir, progress=progress)
             except UsfmaeError as err:
                 records.append((step, f"FAILED: {str(err).splitlines()[0]}", None))
-                write_index(out_dir, profile, records, dry_run)
+                _write_indexes(out_dir, profile, records, dry_run, failed=True)
                 raise
             state = {"fingerprint": fingerprint, "seconds": result.seconds, "params": result.params}
             _write_json_atomic(state_file, state)
             records.append((step, "ran", result.seconds))
         upstream = fingerprint
-    return write_index(out_dir, profile, records, dry_run)
+    return _write_indexes(out_dir, profile, records, dry_run)
+
+
+def _write_indexes(out_dir: Path, profile: str, records, dry_run: bool, failed: bool = False) -> Path:
+    """index.md, then the report index.html (report.py), from the same provenance record; index.md's path.
+    After a failed step the report is still written (it shows the failing cell's traceback), but a
+    problem with it does not hide the step's error."""
+    current = provenance.folder_record(out_dir, profile, [step for step, *_ in records])
+    index = write_index(out_dir, profile, records, dry_run, current=current)
+    try:
+        report.write_report(out_dir, profile, records, dry_run, current=current)
+    except Exception as err:  # noqa: BLE001 - only after a failed step, whose error is the one to raise
+        if not failed:
+            raise
+        print(f"report not written: {type(err).__name__}: {err}", file=sys.stderr)
+    return index
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=str))
 
 
-def write_index(out_dir: Path, profile: str, records, dry_run: bool = False) -> Path:
-    """DIR/index.md: per step, its status and time, then every figure and table it made."""
+def write_index(out_dir: Path, profile: str, records, dry_run: bool = False, current: dict | None = None) -> Path:
+    """DIR/index.md: the provenance of this run (provenance.folder_markdown: `current`, by default
+    provenance.folder_record's, and which steps differ from it), then per step its status and time,
+    then every figure (with its other formats, the PDF beside the PNG) and table it made."""
+    current = current or provenance.folder_record(out_dir, profile, [step for step, *_ in records])
     lines = [
         f"# usfmae outputs: profile `{profile}`" + (" (DRY RUN)" if dry_run else ""),
         "",
-        "Written by `usfmae reproduce" + (" --dry-run" if dry_run else "") + "`. Paths are relative to this folder.",
+        "Written by `usfmae reproduce" + (" --dry-run" if dry_run else "") + "`. Paths are relative to this folder; "
+        "`index.html` beside it is the same study as one page to read, every notebook with its figures and tables.",
         "",
-        *([f"**A dry run**: the `{profile}` profile's models and code paths for a step or two each, on a small "
-           f"synthetic tree (`params/{parameters.DRY_RUN}/` over `params/{profile}/`; docs/dry_run.md). Its numbers "
-           "check that the code runs; they measure nothing.", ""] if dry_run else []),
+        *([dry_run_note(profile), ""] if dry_run else []),
+        provenance.folder_markdown(out_dir, [step for step, *_ in records], current),
+        "",
         "| step | status | time (s) | figures | tables |",
         "|---|---|---|---|---|",
     ]
@@ -399,7 +431,10 @@ def write_index(out_dir: Path, profile: str, records, dry_run: bool = False) -> 
         took = f"{seconds:.1f}" if seconds is not None else "-"
         lines.append(f"| [{step}]({step}/{step}.ipynb) | {status} | {took} | {len(figures)} | {len(tables)} |")
         details += ["", f"## {step}", ""]
-        details += [f"- figure: [{p.relative_to(out_dir)}]({p.relative_to(out_dir)})" for p in figures]
+        for p in figures:
+            rel = p.relative_to(out_dir).as_posix()
+            others = "".join(f" ([{o.suffix[1:]}]({o.relative_to(out_dir).as_posix()}))" for o in figure_formats(p))
+            details.append(f"- figure: [{rel}]({rel}){others}")
         details += [f"- table: [{p.relative_to(out_dir)}]({p.relative_to(out_dir)})" for p in tables]
         if not figures and not tables:
             details.append("- (no figures or tables)")
@@ -521,5 +556,5 @@ def default_steps(overrides=()) -> tuple[str, ...]:
 def _reproduce_cli(args: argparse.Namespace) -> int:
     steps = args.steps or default_steps(args.overrides)
     index = reproduce(args.profile, args.out, args.force, steps, args.overrides, dry_run=args.dry_run)
-    print(f"index of figures and tables: {index}")
+    print(f"report (open it in a browser): {index.with_name('index.html')}; figures and tables listed in {index}")
     return 0

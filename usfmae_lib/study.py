@@ -84,12 +84,15 @@ def short_path(path, out_dir) -> str:
 
 
 def show_figure(fig, path, dpi: int = 120) -> None:
-    """Save a matplotlib figure as PNG at `path`, close it, and display that file once.
+    """Save a matplotlib figure as PNG at `path` and as PDF beside it (same stem), close it, and
+    display the PNG file once.
 
     The one rule for figures in the notebooks: the picture a reader sees is the saved file itself
     (the same bytes), shown once in the cell that makes it; closing the figure keeps the inline
-    backend from showing it a second time. Outside IPython nothing is displayed. Returns nothing,
-    so that a call can end a cell without printing anything.
+    backend from showing it a second time. The PDF is the same figure as vectors, for a paper or
+    slides (index.md lists it beside its PNG); it carries no creation date, so the same figure
+    gives the same bytes. Outside IPython nothing is displayed. Returns nothing, so that a call
+    can end a cell without printing anything.
     """
     import matplotlib.pyplot as plt
 
@@ -97,6 +100,9 @@ def show_figure(fig, path, dpi: int = 120) -> None:
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight"))
+    if path.suffix.lower() == ".png":
+        atomic_write(path.with_suffix(".pdf"),
+                     lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"CreationDate": None}))
     plt.close(fig)
     show_image(path)
 
