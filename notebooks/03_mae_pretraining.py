@@ -30,7 +30,8 @@
 #    resumably: re-running continues from the last checkpoint, or does nothing when finished; with
 #    `pretrain_seeds` > 1 it pretrains that many times with different seeds, so that notebooks 05-07
 #    can say how much of a result is the luck of one pretraining run;
-# 5. plots the loss and learning-rate curves and exports the encoder to safetensors for timm.
+# 5. plots the loss and learning-rate curves and exports the encoder as a folder timm loads alone,
+#    with its model card.
 #
 # Cells tagged `exercise` ask you to predict, change one value, run and compare; the answer is in
 # the markdown cell below each.
@@ -84,9 +85,8 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
-from safetensors.torch import load_file
 
-from usfmae_lib import UsfmaeError, mae, pretrain, reconstruction, store, study
+from usfmae_lib import UsfmaeError, mae, model_card, pretrain, reconstruction, store, study
 
 STEP = "03_mae_pretraining"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -322,19 +322,28 @@ pd.DataFrame([{**summary, "loss_first_steps": first, "loss_last_steps": last}]).
     step_dir / "pretraining_summary.csv", index=False)
 
 # %% [markdown]
-# ## 5. The encoder, for fine-tuning
+# ## 5. The encoder, for fine-tuning and for anyone
 #
-# The encoder alone (no decoder, no mask token) is written in timm's `VisionTransformer` key
-# layout; notebook 05 fine-tunes from it. Loading it back into a timm ViT with strict=True checks
-# that nothing is missing or left over.
+# The encoder alone (no decoder, no mask token) goes to `encoder/`, a folder that timm loads by itself
+# (`model_card.export_encoder_folder`): `model.safetensors` in timm's `VisionTransformer` key layout,
+# `config.json` (every constructor value, the input size, and the ImageNet mean and std that
+# pretraining normalised with) and `README.md`, the model card: what the model is, the data that made
+# it (synthetic data said plainly), the recipe, the final loss, this run (profile, folder, commit,
+# versions), the licence and the limits; notebook 06 adds the fine-tuning results with their
+# intervals. Below it is loaded back as a receiver would, with the one documented call: timm matches
+# the keys strictly, and its features must equal the MAE encoder's. (Notebook 05 fine-tunes from
+# `checkpoints/checkpoint-last.pth` itself.)
 
 # %%
-checkpoint = step_dir / "checkpoints" / pretrain.CHECKPOINT
-trained = mae.load_model(checkpoint)
-encoder_file = mae.export_encoder(trained, step_dir / "checkpoints" / "encoder.safetensors")
-cfg = {**mae.CONFIGS[model], **model_overrides}
-vit = timm.models.vision_transformer.VisionTransformer(
-    img_size=img_size, patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
-    num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"], num_classes=0)
-vit.load_state_dict(load_file(encoder_file), strict=True)
-print(f"encoder -> {encoder_file.relative_to(step_dir)} ({encoder_file.stat().st_size / 1e6:.1f} MB), loads into timm VisionTransformer")
+trained = mae.load_model(step_dir / "checkpoints" / pretrain.CHECKPOINT).eval()
+encoder_dir = model_card.export_encoder_folder(trained, step_dir / model_card.FOLDER,
+                                               model_card.run_facts(step_dir, params, profile, summary))
+vit = timm.create_model(f"local-dir:{encoder_dir.resolve()}", pretrained=True).eval()  # what a receiver runs
+x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+n = trained.patch_embed.num_patches
+with torch.no_grad():  # no masking, patches in order: the MAE encoder is the ViT
+    torch.testing.assert_close(vit.forward_features(x), trained.forward_encoder(
+        x, 0.0, noise=torch.arange(float(n)).expand(2, n))[0], atol=1e-5, rtol=1e-5)
+size_mb = (encoder_dir / model_card.WEIGHTS).stat().st_size / 1e6
+print(f"encoder -> {encoder_dir.relative_to(step_dir)}/ ({size_mb:.1f} MB of weights, config.json, README.md): "
+      f"timm.create_model(\"local-dir:<that folder>\", pretrained=True) gives the MAE encoder's features")

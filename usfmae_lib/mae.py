@@ -387,7 +387,9 @@ def export_encoder(model_or_state, path) -> Path:
     """Write the encoder alone to a safetensors file in timm's VisionTransformer key layout, e.g.
     timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
                       pretrained_cfg_overlay=dict(file=path)).
-    Written atomically (temp file + rename)."""
+    Written atomically (temp file + rename). For a folder that timm loads alone (weights, config.json
+    and a model card: timm.create_model('local-dir:<folder>', pretrained=True)), see
+    model_card.export_encoder_folder."""
     return checkpoints.save_safetensors(encoder_state_dict(model_or_state), path, {"source": "usfmae MAE encoder"})
 
 
