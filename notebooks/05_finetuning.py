@@ -77,6 +77,8 @@ mmotu_selection = "carve"  # MMOTU-2D: carve (val_fraction validates) or all (al
 clean_eval = False  # True: evaluation images lose burned-in annotations first, like the pretraining corpus (paper: silent)
 n_bootstrap = 200  # bootstrap resamples for the 95% intervals (paper profile: 1000)
 device = "auto"  # auto = cuda when available
+precision = "auto"  # auto | bf16 | fp16 | fp32: bf16 autocast on a GPU (fp16 + GradScaler without bf16), fp32 on a CPU
+shard = None  # "I/N": this process's share of the grid first, then what is left (usfmae finetune --shard I/N; docs/gpu.md)
 max_steps = 0  # optimiser steps per fine-tuning run, then validate and stop (0 = no limit; the dry run: 1)
 max_images = 0  # images per part (train, val, test) of each split, a seeded sample by class (0 = all; dry run)
 
@@ -89,7 +91,7 @@ import pandas as pd
 from IPython.display import display
 from tqdm.auto import tqdm
 
-from usfmae_lib import classifiers, study
+from usfmae_lib import amp, atomic_write_text, classifiers, provenance, study
 from usfmae_lib import finetune as ft
 from usfmae_lib.datasets import SYNTHETIC_FOLDERS, cap_split, load_split, official_folds, resolve_root
 from usfmae_lib.results import relative_init
@@ -172,26 +174,22 @@ if no_validation & set(datasets):
     print(ft.mmotu_note(mmotu_selection, configs, len(splits[("mmotu-2d", 0)].train)))
 t0 = time.time()
 data = {key: ft.prepare_data(split, size) for key, split in splits.items()}  # decoded and resized once
-grid = [(key, start) for key in splits for start in ft.starts(models, checkpoints, mae_checkpoints)]
-sweeps, cells = {}, []
-with classifiers.warnings_once(), tqdm(total=2 * len(grid), desc="grid", disable=headless) as bar:  # one warning per baseline
-    def run_kw(m, name, ckpt):  # one start's arguments of every run
-        return dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
-                    run_name=name)
+shard_ = ft.parse_shard(shard)  # (I, N) or None
+computes_in = amp.precision_name(amp.autocast_dtype(precision, classifiers.pick_device(device)))
+print(f"fine-tuning on {classifiers.pick_device(device)} in {computes_in}"
+      + (f"; shard {shard}: this process's share first, then what the other shards leave" if shard_ else ""))
 
-    for (d, k), (m, name, ckpt) in grid:  # the sweep: seed 0 of every config on every fold
-        sweeps[(d, k, m, name)] = ft.select_config(data[(d, k)], m, grids[d], runs, **run_kw(m, name, ckpt))[1]
-        bar.update()
-    chosen = ft.choose_configs(sweeps, grids, select_per)  # per fold, or one per (dataset, model) over its folds
-    for (d, k), (m, name, ckpt) in grid:  # the chosen config's seeds (seed 0: the sweep's run, reused)
-        cfg = chosen[(d, k, m, name)]
-        cell = pd.DataFrame([ft.finetune_run(data[(d, k)], m, cfg, s, runs, **run_kw(m, name, ckpt))
-                             for s in range(seeds[d])])
-        cell["selected"] = cfg.tag()
-        cells.append(cell.assign(**ft.selection(select_per, select_on, n_folds[d], len(configs), d not in no_validation)))
-        bar.update()
-results = pd.concat(cells, ignore_index=True)
-print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat([*sweeps.values(), *cells]), runs, t0)}")
+
+def run_kw(m, name, ckpt):  # one start's arguments of every run
+    return dict(checkpoint=ckpt, weights=weights.get(m), device=device, n_bootstrap=n_bootstrap, log=None,
+                run_name=name, precision=precision)
+
+
+with classifiers.warnings_once():  # one warning per baseline without ImageNet weights
+    sweeps, results = ft.run_grid(data, ft.starts(models, checkpoints, mae_checkpoints), grids, seeds, runs,
+                                  select_per, run_kw, shard_, progress=not headless)
+chosen = ft.choose_configs(sweeps, grids, select_per)  # as run_grid chose: per fold, or one per (dataset, model)
+print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat([*sweeps.values(), results]), runs, t0)}")
 relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "selected", "selected_per",
                                  "val_balanced_accuracy", "val_f1", "precision", "recall", "f1", "f1_low", "f1_high",
                                  "accuracy", "roc_auc"]].round(3)
@@ -204,14 +202,18 @@ relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "se
 # representation itself separates the classes.
 
 # %%
-probes, t0 = [], time.time()
-with classifiers.warnings_once():
-    for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits
-                                        for start in ft.starts(probe_models, checkpoints, mae_checkpoints)],
-                                       desc="probes", disable=headless):
-        kw = dict(checkpoint=ckpt, weights=weights.get(m) if m in weights else None, device=device,
-                  n_bootstrap=n_bootstrap, log=None, run_name=name)
-        probes.append(ft.linear_probe(data[(d, k)], m, seed, runs, pool=pool, **kw))
+t0 = time.time()
+probe_tasks = [(key, start) for key in splits for start in ft.starts(probe_models, checkpoints, mae_checkpoints)]
+
+
+def probe_run(task, wait):
+    key, (m, name, ckpt) = task
+    return ft.linear_probe(data[key], m, seed, runs, pool=pool, checkpoint=ckpt, weights=weights.get(m), device=device,
+                           n_bootstrap=n_bootstrap, log=None, run_name=name, wait=wait)
+
+
+with classifiers.warnings_once(), tqdm(total=len(probe_tasks), desc="probes", disable=headless) as bar:
+    probes = ft.run_shared(probe_tasks, probe_run, shard_, bar)
 probe = pd.DataFrame(probes)
 if len(probe):
     print(f"probes: {ft.run_tally(probe, runs, t0)}")
@@ -227,15 +229,22 @@ if len(probe):
 # `min_steps` gives the small training sets several passes per epoch: 10% of ~400 images is one batch.
 
 # %%
-curves, t0 = [], time.time()
-for (d, k), (m, name, ckpt) in tqdm([(key, start) for key in splits if label_fractions
-                                    for start in ft.starts(["usf-mae", "scratch"], checkpoints, mae_checkpoints)],
-                                   desc="label efficiency", disable=headless):
-    cfg = chosen.get((d, k, m, name)) or grids[d][0]
-    curves.append(ft.label_efficiency(data[(d, k)], m, cfg, runs, fractions=label_fractions, n_seeds=seeds[d],
-                                      checkpoint=ckpt, device=device, n_bootstrap=n_bootstrap, log=None,
-                                      run_name=name))
-label_curve = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+t0 = time.time()
+curve_tasks = [(key, start, f, s) for key in splits if label_fractions
+               for start in ft.starts(["usf-mae", "scratch"], checkpoints, mae_checkpoints)
+               for f in label_fractions for s in range(seeds[key[0]])]
+
+
+def curve_run(task, wait):
+    key, (m, name, ckpt), fraction, s = task
+    cfg = chosen.get((*key, m, name)) or grids[key[0]][0]
+    return ft.finetune_run(data[key], m, cfg, s, runs, fraction=fraction, checkpoint=ckpt, device=device,
+                           n_bootstrap=n_bootstrap, log=None, run_name=name, precision=precision, wait=wait)
+
+
+with tqdm(total=len(curve_tasks), desc="label efficiency", disable=headless) as bar:
+    curves = ft.run_shared(curve_tasks, curve_run, shard_, bar)
+label_curve = pd.DataFrame(curves)
 if len(label_curve):  # the 100% points are the grid's own runs: reused here
     print(f"label efficiency: {ft.run_tally(label_curve, runs, t0)}")
 if not label_fractions:
@@ -250,7 +259,8 @@ label_curve.groupby(["dataset", "model", "fraction"])[["n_train", "steps_run", "
 # %%
 for name, table in [("results", results), ("sweep", pd.concat(list(sweeps.values()), ignore_index=True)), ("probe", probe),
                     ("label_efficiency", label_curve)]:
-    relative_init(table, out_dir).to_csv(step_dir / f"{name}.csv", index=False)  # no machine's folder in a table
+    # no machine's folder in a table; atomic: a grid's shards each write the same complete tables at their end
+    atomic_write_text(step_dir / f"{name}.csv", relative_init(table, out_dir).to_csv(index=False))
 setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoint=str(mae_checkpoint),
              pretraining_runs=[str(c) for c in mae_checkpoints],
              img_size=size, datasets=datasets, models=models, n_seeds=n_seeds, min_runs=min_runs, seeds=seeds,
@@ -262,6 +272,8 @@ setup = dict(profile=profile, synthetic=synthetic, data_root=data_root, checkpoi
                          for d in datasets},
              sweep=dict(lr=lrs, weight_decay=weight_decays, batch_size=batch_sizes), epochs=epochs,
              patience=patience, select_on=select_on, head_norm=head_norm, layer_decay=layer_decay,
-             label_fractions=label_fractions, n_bootstrap=n_bootstrap, max_steps=max_steps, max_images=max_images)
-(step_dir / "setup.json").write_text(json.dumps(setup, indent=1))
+             label_fractions=label_fractions, n_bootstrap=n_bootstrap, max_steps=max_steps, max_images=max_images,
+             precision=precision, computed_in=computes_in)
+setup["provenance"] = provenance.record(params=setup, profile=profile, device=device)  # code, versions, device
+atomic_write_text(step_dir / "setup.json", json.dumps(setup, indent=1))
 print(sorted(p.name for p in step_dir.iterdir()))

@@ -24,6 +24,20 @@ def checkpoint(tmp_path_factory):
     return path, state
 
 
+def count_optimiser_steps(monkeypatch) -> list:
+    """A list that gains an item at every optimiser step fine-tuning takes (not at a skipped one)."""
+    steps = []
+    make = ft.make_optimiser
+
+    def counting(model, cfg):
+        optimiser = make(model, cfg)
+        optimiser.register_step_pre_hook(lambda *_: steps.append(1))
+        return optimiser
+
+    monkeypatch.setattr(ft, "make_optimiser", counting)
+    return steps
+
+
 @pytest.fixture(scope="module")
 def tiny_data(clean_tree):
     split = load_split("folder", clean_tree, positive="busi", seed=0)
@@ -236,15 +250,7 @@ def test_layer_decay_gives_lower_blocks_smaller_learning_rates(checkpoint):
 # ---------------------------------------------------------------------------- max_steps, max_images (the dry run)
 def test_max_steps_stops_training_validates_that_epoch_and_keeps_the_best(tiny_data, checkpoint, monkeypatch):
     path, _ = checkpoint
-    steps = []
-    make = ft.make_optimiser
-
-    def counting(model, cfg):
-        optimiser = make(model, cfg)
-        optimiser.register_step_pre_hook(lambda *_: steps.append(1))
-        return optimiser
-
-    monkeypatch.setattr(ft, "make_optimiser", counting)
+    steps = count_optimiser_steps(monkeypatch)
     torch.manual_seed(0)
     model, _, _ = classifiers.build_classifier("usf-mae", len(tiny_data.split.classes), 32, checkpoint=path)
     per_epoch = len(tiny_data.split.train) // 8

@@ -24,10 +24,13 @@ test_predictions.csv} atomically (metrics.json last) and is skipped when present
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import math
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -41,11 +44,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import UsfmaeError, atomic_write_text, help_with_defaults, mae
+from . import UsfmaeError, amp, atomic_write_text, help_with_defaults, mae, provenance
 from .classifiers import (IMAGENET_MEAN, IMAGENET_STATS, IMAGENET_STD, MISSING_WEIGHTS, MODELS, PAPER_IMG_SIZE,
                           TIMM_NAMES, InputStats, add_head_norm, build_classifier, file_id, imagenet_weights_available,
                           imagenet_weights_file, input_size, input_stats, mae_checkpoint_info, pick_device)
 from .datasets import Split, load_split
+from .parameters import parse_shard
+from .safety import claim
 from .metrics import bootstrap_intervals, classification_metrics
 from .pretrain import lr_factor  # one warmup-cosine for both trainings (the reference MAE's)
 from .store import N_AUG, AugmentConfig, augment_batch
@@ -284,34 +289,31 @@ def renormalise(x: torch.Tensor, stats: InputStats | nn.Module | None) -> torch.
 
 
 # ============================================================================ training
-def _autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
-def _in_batches(model, images: torch.Tensor, device, batch_size: int, fn) -> torch.Tensor:
-    """fn(model, normalised batch) over images in eval mode, under autocast; float32 on the CPU.
-    Batches are normalised with the model's own input statistics (input_stats(model))."""
+def _in_batches(model, images: torch.Tensor, device, batch_size: int, fn, precision: str = "auto") -> torch.Tensor:
+    """fn(model, normalised batch) over images in eval mode, under the autocast of `precision`
+    (amp.autocast_dtype: fp32 on a CPU). Batches are normalised with the model's own input statistics."""
     model.eval()
     stats = input_stats(model)
+    dtype = amp.autocast_dtype(precision, device)
     out = []
     for i in range(0, len(images), batch_size):
-        with _autocast(device):
+        with amp.autocast(device, dtype):
             out.append(fn(model, normalise(images[i:i + batch_size], device, stats)).float().cpu())
     return torch.cat(out)
 
 
-def predict(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
+def predict(model, images: torch.Tensor, device, batch_size: int = 128, precision: str = "auto") -> np.ndarray:
     """Class probabilities [N, C] (float64) of uint8 images, normalised with the model's input statistics."""
-    logits = _in_batches(model, images, device, batch_size, lambda m, x: m(x))
+    logits = _in_batches(model, images, device, batch_size, lambda m, x: m(x), precision)
     return F.softmax(logits, 1).double().numpy()
 
 
-def features(model, images: torch.Tensor, device, batch_size: int = 128) -> np.ndarray:
+def features(model, images: torch.Tensor, device, batch_size: int = 128, precision: str = "auto") -> np.ndarray:
     """Pooled features [N, D] of a classifier's trunk (its head bypassed), inputs normalised with the
     model's input statistics."""
     pooled = _in_batches(model, images, device, batch_size,
-                         lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True).flatten(1))
+                         lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True).flatten(1), precision)
     return pooled.numpy()
 
 
@@ -327,7 +329,7 @@ def make_optimiser(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, device="auto",
-          positive: int | None = None, log=print) -> dict:
+          positive: int | None = None, log=print, precision: str = "auto") -> dict:
     """Fine-tune `model` in place on data.images["train"][train_index]; keep the weights of the
     epoch with the best validation score (cfg.select_on; ties: lower validation loss). Returns the history.
 
@@ -342,6 +344,8 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
                           "finetune.fixed_schedule), or give the split a validation part (val_fraction > 0, "
                           "mmotu_selection = 'carve')")
     device = pick_device(device) if isinstance(device, str) else device
+    amp_dtype = amp.autocast_dtype(precision, device)
+    scaler = amp.grad_scaler(device, amp_dtype)  # fp16 only: scales the loss, skips steps whose gradients overflowed
     order_rng = torch.Generator().manual_seed(seed)  # data order
     aug_rng = torch.Generator().manual_seed(seed + 1_000_003)  # augmentation parameters
     model.to(device)
@@ -373,17 +377,18 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
             u = torch.rand(len(idx), N_AUG, generator=aug_rng).to(device)  # [B, N_AUG] uniforms
             x = renormalise(augment_batch(x_train[idx].permute(0, 2, 3, 1), u, augment, cfg.img_size),
                             model)  # [B, 3, S, S], ImageNet-normalised -> the model's input statistics
-            with _autocast(device):
+            with amp.autocast(device, amp_dtype):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg.label_smoothing)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)  # skipped when fp16 gradients overflowed
+            scaler.update()
             schedule.step()
             step += 1
             losses.append(loss.item())
         if validate:
-            prob = predict(model, data.images["val"], device)
+            prob = predict(model, data.images["val"], device, precision=precision)
             val = classification_metrics(y_val, prob, positive)
             val["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(prob).clamp_min(1e-12)), data.labels["val"]))
         else:  # no validation set: nothing to score, the last epoch is kept (below)
@@ -391,7 +396,8 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
         val_loss = val["loss"]
         history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_loss=val_loss, val_f1=val["f1"],
                             val_balanced_accuracy=val["balanced_accuracy"], val_roc_auc=val["roc_auc"],
-                            steps=step, seconds=time.time() - t0))
+                            steps=step, grad_scale=scaler.get_scale() if scaler.is_enabled() else 1.0,
+                            seconds=time.time() - t0))
         if validate:
             score = cfg.score(val)
             if score > best["score"] or (score == best["score"] and val_loss < best["loss"]):
@@ -411,7 +417,7 @@ def train(model, data: Data, cfg: TrainConfig, seed: int, train_index=None, devi
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return dict(history=history, best_epoch=best["epoch"], best_val=best["val"], epochs_run=len(history),
-                steps_run=step)
+                steps_run=step, computed_in=amp.precision_name(amp_dtype))
 
 
 # ============================================================================ runs on disk
@@ -441,10 +447,44 @@ def _finished(directory: Path, identity: dict) -> dict | None:
     return stored if stored.get("identity") == identity else None
 
 
+def run_claim(runs, directory: Path, wait: bool = True):
+    """The claim on one run folder (safety.claim): its lock lives in runs/.claims/, beside the run folders,
+    so that a claimed run that never finished leaves no folder of its own."""
+    name = directory.relative_to(runs).as_posix().replace("/", "__")
+    return claim(Path(runs) / ".claims" / f"{name}.lock", f"fine-tuning {directory.name}", wait)
+
+
+@contextlib.contextmanager
+def claimed_run(runs, directory: Path, identity: dict, wait: bool, log=print):
+    """Claim a run (run_claim) and yield (to_train, row): (False, its stored row) when it is finished,
+    here or by another process; (False, None) when another process holds it and wait is False; (True,
+    None) when this process is to train it, which it does under the claim."""
+    with run_claim(runs, directory, wait) as held:
+        if not held:
+            yield False, None
+            return
+        done = _finished(directory, identity)
+        if done and log and directory not in _trained_here:
+            log(f"already finished, reused: {directory}")
+        yield (False, done["row"]) if done else (True, None)
+
+
+TRAINED_LOG = "trained.jsonl"  # runs/trained.jsonl: one line per run this grid trained (which process, when)
+
+
+@functools.lru_cache(maxsize=None)
+def _provenance(device: str) -> dict:
+    return provenance.record(device=device)
+
+
 def _score_and_save(directory: Path, identity: dict, row: dict, data: Data, prob: np.ndarray,
-                    n_bootstrap: int, seed: int) -> dict:
-    """Test metrics with bootstrap intervals; predictions then metrics.json (last = finished)."""
+                    n_bootstrap: int, seed: int, runs=None, device="cpu") -> dict:
+    """Test metrics with bootstrap intervals; predictions then metrics.json (last = finished), with the
+    provenance of the process that made it (row["commit"]: the commit, +dirty when the tree was); a line
+    in runs/trained.jsonl says which process trained it."""
     split = data.split
+    made = _provenance(str(device))
+    row["commit"] = provenance.commit_label(made)
     y = data.labels["test"].numpy()
     ci = bootstrap_intervals(y, prob, split.positive, n_resamples=n_bootstrap, seed=seed)
     for metric, r in ci.iterrows():
@@ -454,66 +494,78 @@ def _score_and_save(directory: Path, identity: dict, row: dict, data: Data, prob
     for c, name in enumerate(split.classes):
         preds[f"prob_{name}"] = prob[:, c]
     atomic_write_text(directory / "test_predictions.csv", preds.to_csv(index=False))
-    atomic_write_text(directory / "metrics.json", json.dumps(dict(identity=identity, row=row), indent=1, default=float))
+    atomic_write_text(directory / "metrics.json", json.dumps(dict(identity=identity, row=row, provenance=made),
+                                                             indent=1, default=float))
     _trained_here.add(directory)
+    if runs is not None:  # O_APPEND: the shards' lines never interleave (each far below PIPE_BUF)
+        line = json.dumps(dict(run=directory.relative_to(runs).as_posix(), pid=os.getpid(), host=socket.gethostname(),
+                               finished=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n"
+        with open(Path(runs) / TRAINED_LOG, "a") as f:
+            f.write(line)
     return row
 
 
 def finetune_run(data: Data, model_name: str, cfg: TrainConfig, seed: int, runs, fraction: float = 1.0,
                  checkpoint=None, weights=None, mae_config=None, device="auto", n_bootstrap: int = 1000,
-                 log=print, run_name: str | None = None) -> dict:
+                 log=print, run_name: str | None = None, precision: str = "auto", wait: bool = True) -> dict | None:
     """One fine-tuning run (resumable): returns its results row (also in metrics.json). run_name: the
     run folder's model name when one model has several starts (USF-MAE from each pretraining run:
-    "usf-mae", "usf-mae-seed1", ...); the row's model stays model_name."""
+    "usf-mae", "usf-mae-seed1", ...); the row's model stays model_name. precision: see train.
+    The run is claimed before it trains (run_claim), so processes sharing `runs` (a grid's shards)
+    never train it twice: one that finds it claimed waits and reuses its result, or with wait=False
+    returns None at once (the caller comes back to it later: run_shared)."""
     split = data.split
     cfg = TrainConfig(**{**asdict(cfg), "img_size": data.img_size})
     directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "finetune", cfg.tag(), seed, fraction,
                         split.images, has_validation(data))
+    device = pick_device(device) if isinstance(device, str) else device
+    computes_in = amp.precision_name(amp.autocast_dtype(precision, device))
     ckpt = checkpoint if model_name in ("usf-mae", "ultrasam", "scratch") else None
     weights_id = (file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights))
     identity = dict(config=cfg.identity(), split=split.split, n=[len(df) for df in split.parts().values()],
                     tag=TIMM_NAMES.get(model_name),  # the weights' tag sets the input statistics
                     weights=weights_id, mae_config=mae_config if model_name == "scratch" else None,
                     n_bootstrap=n_bootstrap, schedule="lr_factor")  # runs of the old warmup ((step+1)/warmup) are redone
+    if computes_in != "fp32":  # runs finished in fp32 before precision was a knob keep their identity
+        identity["precision"] = computes_in
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as stored
-    done = _finished(directory, identity)
-    if done:
-        if log and directory not in _trained_here:
-            log(f"already finished, reused: {directory}")
-        return done["row"]
-    torch.manual_seed(seed)  # the head's (and scratch models') init
-    model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, cfg.pool, mae_config)
-    if cfg.head_norm:
-        add_head_norm(model)
-    index = subsample_labels(data.labels["train"], fraction, seed)
-    if log:
-        log(f"{split.dataset} {model_name} {cfg.tag()} seed {seed} fraction {fraction:g}: "
-            f"{len(index)} training images; init {init}")
-    t0 = time.time()
-    result = train(model, data, cfg, seed, index, device, split.positive, log)
-    device_ = next(model.parameters()).device
-    prob = predict(model, data.images["test"], device_)
-    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
-               mode="finetune", init=init,
-               seed=seed,
-               fraction=fraction, n_classes=len(split.classes), n_train=len(index), n_val=len(split.val),
-               n_test=len(split.test),
-               img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-               epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
-               max_steps=cfg.max_steps, min_steps=cfg.min_steps, steps_run=result["steps_run"],
-               select_on=cfg.select_on, **{f"val_{k}": result["best_val"][k] for k in SELECT_ON},  # select_config's
-               train_seconds=time.time() - t0, run=directory.relative_to(runs).as_posix())
-    directory.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(result["history"]).to_csv(directory / "history.csv", index=False)
-    return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
+    with claimed_run(runs, directory, identity, wait, log) as (to_train, row):
+        if not to_train:
+            return row  # finished (here or by another process), or None: another process holds it
+        torch.manual_seed(seed)  # the head's (and scratch models') init
+        model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, cfg.pool,
+                                          mae_config)
+        if cfg.head_norm:
+            add_head_norm(model)
+        index = subsample_labels(data.labels["train"], fraction, seed)
+        if log:
+            log(f"{split.dataset} {model_name} {cfg.tag()} seed {seed} fraction {fraction:g}: "
+                f"{len(index)} training images; init {init}; {computes_in}")
+        t0 = time.time()
+        result = train(model, data, cfg, seed, index, device, split.positive, log, precision)
+        prob = predict(model, data.images["test"], device, precision=precision)
+        row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
+                   mode="finetune", init=init,
+                   seed=seed,
+                   fraction=fraction, n_classes=len(split.classes), n_train=len(index), n_val=len(split.val),
+                   n_test=len(split.test),
+                   img_size=data.img_size, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+                   epochs=cfg.epochs, pool=cfg.pool, epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
+                   max_steps=cfg.max_steps, min_steps=cfg.min_steps, steps_run=result["steps_run"],
+                   select_on=cfg.select_on, **{f"val_{k}": result["best_val"][k] for k in SELECT_ON},  # select_config's
+                   computed_in=result["computed_in"], train_seconds=time.time() - t0,
+                   run=directory.relative_to(runs).as_posix())
+        directory.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(result["history"]).to_csv(directory / "history.csv", index=False)
+        return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed, runs, device)
 
 
 def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, weights=None, mae_config=None,
                  pool: str = "token", device="auto", n_bootstrap: int = 1000, cs=(0.01, 0.1, 1.0, 10.0),
-                 log=print, run_name: str | None = None) -> dict:
+                 log=print, run_name: str | None = None, wait: bool = True, precision: str = "auto") -> dict | None:
     """Frozen encoder -> features -> LogisticRegression (C picked on validation balanced accuracy, as
     fine-tuning selects; without a validation part, the first C of `cs`: fit_probe); resumable.
-    run_name: as finetune_run's."""
+    run_name, wait: as finetune_run's."""
     split = data.split
     tag = f"C{'-'.join(f'{c:g}' for c in cs)}_px{data.img_size}_{pool}"
     directory = run_dir(runs, split.dataset, split.fold, run_name or model_name, "probe", tag, seed, 1.0, split.images,
@@ -522,31 +574,29 @@ def linear_probe(data: Data, model_name: str, seed: int, runs, checkpoint=None, 
     identity = dict(split=split.split, n=[len(df) for df in split.parts().values()], n_bootstrap=n_bootstrap,
                     tag=TIMM_NAMES.get(model_name), select_on="balanced_accuracy",  # a probe chosen on F1 is redone
                     weights=(file_id(ckpt) if ckpt and Path(ckpt).exists() else None) or (weights and str(weights)))
-    done = _finished(directory, identity)
-    if done:
-        if log and directory not in _trained_here:
-            log(f"already finished, reused: {directory}")
-        return done["row"]
-    device = pick_device(device) if isinstance(device, str) else device
-    torch.manual_seed(seed)
-    model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, pool, mae_config)
-    model.to(device)
-    parts = ("train", "val", "test") if has_validation(data) else ("train", "test")
-    feats = {part: features(model, data.images[part], device) for part in parts}
-    y = {part: data.labels[part].numpy() for part in feats}
-    val_score, c, clf = fit_probe(feats["train"], y["train"], feats.get("val"), y.get("val"), len(split.classes),
-                                  split.positive, seed, cs)
-    prob = full_proba(clf, feats["test"], len(split.classes))
-    if log:
-        chosen = (f"val balanced accuracy {val_score:.3f}" if has_validation(data)
-                  else "the first of its grid: no validation set")
-        log(f"{split.dataset} {model_name} linear probe: C={c:g}, {chosen}; init {init}")
-    row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
-               mode="probe", init=init,
-               seed=seed,
-               fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
-               img_size=data.img_size, probe_C=c, pool=pool, val_balanced_accuracy=val_score, run=directory.relative_to(runs).as_posix())
-    return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed)
+    with claimed_run(runs, directory, identity, wait, log) as (to_train, row):
+        if not to_train:
+            return row  # finished (here or by another process), or None: another process holds it
+        device = pick_device(device) if isinstance(device, str) else device
+        torch.manual_seed(seed)
+        model, init, _ = build_classifier(model_name, len(split.classes), data.img_size, ckpt, weights, pool, mae_config)
+        model.to(device)
+        parts = ("train", "val", "test") if has_validation(data) else ("train", "test")
+        feats = {part: features(model, data.images[part], device, precision=precision) for part in parts}
+        y = {part: data.labels[part].numpy() for part in feats}
+        val_score, c, clf = fit_probe(feats["train"], y["train"], feats.get("val"), y.get("val"), len(split.classes),
+                                      split.positive, seed, cs)
+        prob = full_proba(clf, feats["test"], len(split.classes))
+        if log:
+            chosen = (f"val balanced accuracy {val_score:.3f}" if has_validation(data)
+                      else "the first of its grid: no validation set")
+            log(f"{split.dataset} {model_name} linear probe: C={c:g}, {chosen}; init {init}")
+        row = dict(dataset=split.dataset, fold=split.fold, split=split.split, images=split.images, model=model_name,
+                   mode="probe", init=init,
+                   seed=seed,
+                   fraction=1.0, n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+                   img_size=data.img_size, probe_C=c, pool=pool, val_balanced_accuracy=val_score, run=directory.relative_to(runs).as_posix())
+        return _score_and_save(directory, identity, row, data, prob, n_bootstrap, seed, runs, device)
 
 
 def fit_probe(train_x, train_y, val_x, val_y, n_classes: int, positive, seed: int,
@@ -674,6 +724,82 @@ def run_cell(data: Data, model_name: str, configs: list[TrainConfig], runs, n_se
     out["selected"] = TrainConfig(**{**asdict(cfg), "img_size": data.img_size}).tag()
     out["n_configs"] = len(configs)
     return out.assign(**selection(select_per, cfg.select_on, n_folds, len(configs), has_validation(data)))
+
+
+# ============================================================================ the grid, shared between processes
+def shard_order(n_tasks: int, shard: tuple[int, int] | None) -> list[int]:
+    """The order a process takes a list of tasks in: shard (I, N) first its own share (every N-th task
+    from the I-th), then the others' (so that a share whose process never starts, or dies, is still
+    done); None: in order."""
+    if shard is None:
+        return list(range(n_tasks))
+    i, n = shard
+    own = list(range(i - 1, n_tasks, n))
+    return own + [t for t in range(n_tasks) if (t - (i - 1)) % n]
+
+
+def run_shared(tasks: list, run, shard: tuple[int, int] | None = None, bar=None) -> list:
+    """[run(task, wait) for task in tasks], each task once among every process sharing the runs folder:
+    `run` claims its run (finetune_run, linear_probe) and returns None when another process holds it
+    and wait is False. One pass in shard_order without waiting, then a second that waits for the runs
+    others were training (and reuses their results, or trains one whose process died). Results in
+    task order; `bar` (tqdm) advances once per task."""
+    results, held = [None] * len(tasks), []
+    for t in shard_order(len(tasks), shard):
+        results[t] = run(tasks[t], wait=shard is None)
+        if results[t] is None:
+            held.append(t)
+        elif bar is not None:
+            bar.update()
+    for t in held:
+        results[t] = run(tasks[t], wait=True)
+        if bar is not None:
+            bar.update()
+    return results
+
+
+def run_grid(data: dict, model_starts: list, grids: dict, seeds: dict, runs, select_per: str, run_kw,
+             shard: tuple[int, int] | None = None, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+    """Notebook 05's grid: for every (dataset, fold) of `data` and every start (model, run_name,
+    checkpoint) of `model_starts` (starts()), the sweep (seed 0 of every config of grids[dataset]; none without a
+    validation part), the config chosen per fold or per dataset (choose_configs), then seeds[dataset]
+    seeds of it (seed 0 is the sweep's run, reused). run_kw(model, run_name, checkpoint): the keyword
+    arguments of that start's finetune_run calls. shard (I, N): this process's share first, the rest
+    after (run_shared); N processes so started fill one runs folder, each run trained once, and each
+    returns every row. Returns ({(dataset, fold, model, run_name): sweep table}, one row per seed run
+    with the columns selected, selected_per and selected_by)."""
+    from tqdm.auto import tqdm
+
+    grid = [(key, start) for key in data for start in model_starts]
+    sweep_tasks = [(key, start, cfg) for key, start in grid if has_validation(data[key]) for cfg in grids[key[0]]]
+    bar = tqdm(total=len(sweep_tasks) + sum(seeds[key[0]] for key, _ in grid), desc="grid", disable=not progress)
+
+    def sweep_run(task, wait):
+        key, (m, name, ckpt), cfg = task
+        return finetune_run(data[key], m, cfg, 0, runs, wait=wait, **run_kw(m, name, ckpt))
+
+    rows = run_shared(sweep_tasks, sweep_run, shard, bar)
+    sweeps = {(*key, m, name): [] for key, (m, name, _) in grid}
+    for (key, (m, name, _), _), row in zip(sweep_tasks, rows):
+        sweeps[(*key, m, name)].append(row)
+    sweeps = {key: pd.DataFrame(table) for key, table in sweeps.items()}  # grid order, as select_config's
+    chosen = choose_configs(sweeps, grids, select_per)
+    seed_tasks = [(key, start, s) for key, start in grid for s in range(seeds[key[0]])]
+
+    def seed_run(task, wait):
+        key, (m, name, ckpt), s = task
+        cfg = TrainConfig(**{**asdict(chosen[(*key, m, name)]), "img_size": data[key].img_size})
+        return finetune_run(data[key], m, cfg, s, runs, wait=wait, **run_kw(m, name, ckpt))
+
+    rows = pd.DataFrame(run_shared(seed_tasks, seed_run, shard, bar))
+    bar.close()
+    n_folds = {d: len({k for (dd, k) in data if dd == d}) for d in grids}
+    info = []
+    for (d, k), (m, name, _), _ in seed_tasks:
+        cfg = chosen[(d, k, m, name)]
+        info.append(dict(selected=TrainConfig(**{**asdict(cfg), "img_size": data[(d, k)].img_size}).tag(),
+                         **selection(select_per, cfg.select_on, n_folds[d], len(grids[d]), has_validation(data[(d, k)]))))
+    return sweeps, pd.concat([rows, pd.DataFrame(info)], axis=1)
 
 
 def mmotu_note(mmotu_selection: str, configs: list[TrainConfig], n_train: int | None = None) -> str:
@@ -834,9 +960,16 @@ def add_cli(subparsers):
     p.add_argument("--positive", default=None, help="folder dataset: name of the positive class")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation (and folder test) split")
     p.add_argument("--device", default="auto", help="auto = cuda when available, else cpu")
+    p.add_argument("--precision", choices=amp.PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on a GPU, fp16 with a GradScaler on a GPU without bf16, fp32 on a CPU "
+                        "(usfmae_lib/amp.py)")
     from . import runner
 
     runner.add_step_options(p, "05_finetuning")
+    p.add_argument("--shard", metavar="I/N", default=None,
+                   help="with --profile / -f / -p: run share I of N of the grid first, then what is left; N processes "
+                        "(one per GPU, or Slurm array tasks) into one --out fill one results folder, each run trained "
+                        "once (docs/gpu.md)")
     p.set_defaults(func=_run_cli)
     return p
 
@@ -848,7 +981,13 @@ def _run_cli(args) -> int:
     from .safety import check_output
 
     if runner.step_mode(args):
+        if args.shard:
+            parse_shard(args.shard)  # a malformed share stops here, before a kernel starts
+            args.step_params = [*args.step_params, f"shard={args.shard}"]
         return runner.run_step_cli(args, "05_finetuning")
+    if args.shard:
+        raise UsfmaeError("--shard spreads notebook 05's grid over processes: give it with --profile, -f or -p (the "
+                          "one-cell form runs one model on one dataset)")
     missing = [flag for flag in ("dataset", "root", "model") if not getattr(args, flag)]
     if missing:
         raise UsfmaeError(f"usfmae finetune: give --{', --'.join(missing)} for one cell (one model on one dataset), or "
@@ -860,7 +999,7 @@ def _run_cli(args) -> int:
     images = "annotations removed" if args.clean_eval else "as published"
     _check_one_image_policy(out / "results.csv", args.dataset, images)
     kw = dict(checkpoint=args.checkpoint, weights=args.weights, mae_config=args.mae_config, device=args.device,
-              n_bootstrap=args.bootstrap)
+              n_bootstrap=args.bootstrap, precision=args.precision)
     if args.missing_weights == "skip" and not imagenet_weights_available(args.model, args.weights):
         print(f"{args.model}: no ImageNet weights ({TIMM_NAMES[args.model]}) given or in the Hugging Face cache; "
               "skipped (--missing-weights skip)")

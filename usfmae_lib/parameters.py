@@ -267,3 +267,13 @@ def _fits(value, expected) -> tuple[bool, object]:
     if isinstance(expected, float) and isinstance(value, int):
         return True, float(value)
     return isinstance(value, type(expected)), value
+
+
+def parse_shard(value) -> tuple[int, int] | None:
+    """A grid's share, "I/N" (1 <= I <= N): (I, N); None or "" for the whole grid."""
+    if value in (None, ""):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise UsfmaeError(f"shard {value!r}: give I/N with 1 <= I <= N, e.g. --shard 1/4 for the first of four shares")
+    return int(match[1]), int(match[2])

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from . import UsfmaeError, atomic_write, checkpoints, mae
+from . import UsfmaeError, amp, atomic_write, checkpoints, mae
 from .safety import check_output, folder_lock
 from .store import AugmentConfig, EpochSampler, StoreDataset, augment_batch, make_loader, pack_store
 
@@ -72,7 +72,7 @@ DEFAULTS = dict(
     crop_ratio=[0.75, 4 / 3],  # crop aspect ratio range
     init_checkpoint=None,  # local MAE checkpoint to start from (official code: ImageNet MAE)
     seed=0,
-    precision="auto",  # auto (bf16 autocast on GPU) | fp32 | bf16 | fp16; a CPU always computes in fp32
+    precision="auto",  # auto | fp32 | bf16 | fp16: bf16 autocast on a GPU (fp16 + GradScaler without bf16), fp32 on a CPU (usfmae_lib/amp.py)
     compile=False,  # torch.compile the model
     checkpoint_every=0,  # steps between checkpoints; 0 = at the end of every epoch
     log_every=20,  # steps between host syncs (loss to CSV, NaN check); rows are per step
@@ -112,8 +112,7 @@ def resolve_params(**params) -> dict:
                           f"valid: {', '.join(sorted(allowed))} (YAML needs a space after ':')")
     if out["pos_embed"] not in mae.POS_EMBED:
         raise UsfmaeError(f"pos_embed must be one of {', '.join(mae.POS_EMBED)}, got {out['pos_embed']!r}")
-    if out["precision"] not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsfmaeError(f"precision must be auto, fp32, bf16 or fp16, got {out['precision']!r}")
+    amp.check_precision(out["precision"])
     if not 0 <= out["mask_ratio"] < 1:
         raise UsfmaeError(f"mask_ratio must be in [0, 1), got {out['mask_ratio']}")
     return out
@@ -293,22 +292,6 @@ def _auto_workers(device: torch.device, world: int) -> int:
     return min(8, per_process) if device.type == "cuda" else (1 if per_process >= 2 else 0)
 
 
-def _amp_dtype(precision: str, device: torch.device):
-    """The autocast dtype of a precision request, None for fp32. Autocast is for CUDA: on a CPU every
-    request computes in fp32, as the official code's torch.cuda.amp.autocast does there (CPU bf16
-    autocast ran a ViT-B step ~15x slower than fp32 on the development machine)."""
-    if device.type != "cuda":
-        return None
-    if precision == "auto":
-        return torch.bfloat16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def precision_run(amp_dtype) -> str:
-    """What a step computes in, in words: 'bf16 autocast', 'fp16 autocast' or 'fp32'."""
-    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp_dtype, "fp32")
-
-
 def batch_loss(model, batch: dict, p: dict, device: torch.device, augment: AugmentConfig | None,
                amp_dtype=None) -> torch.Tensor:
     """MAE loss of one loader batch: augment on the device unless the loader already did."""
@@ -316,7 +299,7 @@ def batch_loss(model, batch: dict, p: dict, device: torch.device, augment: Augme
     noise = batch["noise"].to(device, non_blocking=True)  # [B, L] per-sample mask noise
     if images.dtype == torch.uint8:  # [B, S, S, 3] -> normalised [B, 3, img, img]
         images = augment_batch(images, batch["aug"].to(device, non_blocking=True), augment, p["img_size"])
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with amp.autocast(device, amp_dtype):
         loss, _, _ = model(images, mask_ratio=p["mask_ratio"], noise=noise)
     return loss
 
@@ -380,10 +363,8 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
         raise UsfmaeError(f"{ckpt_file} exists: pass resume=True (--resume) to continue it, or use "
                           "another output folder (or delete it) to start over")
     check_init_checkpoint(p["init_checkpoint"], run_dir)  # before the model and the data are built
-    amp_dtype = _amp_dtype(p["precision"], device)
-    if amp_dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16  # pre-Ampere GPUs: fp16 with a grad scaler
-    if p["precision"] in ("bf16", "fp16") and device.type != "cuda" and rank == 0:
+    amp_dtype = amp.autocast_dtype(p["precision"], device)  # bf16; fp16 + GradScaler without bf16; fp32 on a CPU
+    if p["precision"] in ("bf16", "fp16") and amp_dtype is None and rank == 0:
         print(f"precision {p['precision']} requested: autocast is for a CUDA GPU (as the official code's "
               f"torch.cuda.amp.autocast); on this {device.type} the steps compute in fp32", flush=True)
 
@@ -408,7 +389,7 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
     min_factor = p["min_lr"] / base_lr if base_lr else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_factor))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    scaler = amp.grad_scaler(device, amp_dtype)  # fp16 only
     start_step = 0
     if ckpt_file.exists():
         start_step = _resume(ckpt_file, p, world, rank, model, optimizer, scheduler, scaler)
@@ -428,7 +409,7 @@ def _train(store_dir, run_dir, resume: bool, progress: bool, **params) -> dict:
     summary = {"checkpoint": str(ckpt_file), "steps": total_steps, "last_step": stop_step, "epochs": p["epochs"],
                "steps_per_epoch": steps_per_epoch, "images": len(dataset), "world_size": world,
                "global_batch": p["batch_size"] * world, "peak_lr": base_lr, "resumed_from": start_step or None,
-               "device": str(device), "precision_run": precision_run(amp_dtype)}
+               "device": str(device), "precision_run": amp.precision_name(amp_dtype)}
     if start_step >= stop_step:  # finished earlier (or at max_steps): nothing to do
         return {**summary, "final_loss": _last_logged_loss(log_file), "seconds": 0.0, "images_per_s": float("nan")}
     if rank == 0 and (start_step == 0 or not log_file.exists()):

@@ -6,6 +6,10 @@
   `<folder>/.usfmae.lock`: the kernel drops it when the process dies, so a run killed with
   kill -9 never leaves a stale lock behind, and the next run just resumes (forked workers drop
   their inherited copies in `end_with_parent`, so they cannot keep it alive).
+  With shared=True (the shards of one step, `usfmae finetune --shard I/N`) several runs hold it at
+  once, and a run that wants it alone still stops.
+* `claim(lock_file, what, wait)`: one process does one unit of work (a fine-tuning run) at a time,
+  whoever else shares the folder: the shards of a grid claim each run before training it.
 * `end_with_parent()`: called in every worker process, so that workers die with the run that
   started them instead of computing for nobody after a kill -9.
 """
@@ -61,11 +65,12 @@ def _holder(lock_file: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder, what: str):
+def folder_lock(folder, what: str, shared: bool = False):
     """Hold `<folder>/.usfmae.lock` for the duration; a second run into the same folder stops
     (after GRACE_S seconds, the time a killed run's workers take to go) with a message naming the
     run that holds it. `what` says who holds it (e.g. "usfmae clean"). Re-entrant within one
-    process (a notebook kernel may call a step twice)."""
+    process (a notebook kernel may call a step twice). shared=True: runs that all ask for it shared
+    (a grid's shards) hold it together; one that asks alone waits for none of them and stops."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder / LOCK_NAME
@@ -73,17 +78,19 @@ def folder_lock(folder, what: str):
     if key in _held:  # this process holds it already
         yield lock_file
         return
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | (os.O_APPEND if shared else 0), 0o644)
     try:
-        _take(fd, folder, lock_file)
-        os.ftruncate(fd, 0)
+        _take(fd, folder, lock_file, shared)
+        if not shared:  # shared holders append a line each; the last one out does not clean up (harmless)
+            os.ftruncate(fd, 0)
         os.write(fd, f"{what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         _held[key] = fd
         try:
             yield lock_file
         finally:
             _held.pop(key, None)
-            os.ftruncate(fd, 0)
+            if not shared:
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor releases the flock
 
@@ -92,13 +99,13 @@ _held: dict[str, int] = {}  # lock file -> descriptor, of the locks this process
 GRACE_S = 5.0  # a run killed a moment ago may still have workers exiting, each holding the lock
 
 
-def _take(fd: int, folder: Path, lock_file: Path) -> None:
+def _take(fd: int, folder: Path, lock_file: Path, shared: bool = False) -> None:
     import fcntl
 
     deadline = time.monotonic() + GRACE_S
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
@@ -107,14 +114,45 @@ def _take(fd: int, folder: Path, lock_file: Path) -> None:
             time.sleep(0.1)
 
 
+@contextlib.contextmanager
+def claim(lock_file, what: str, wait: bool = True):
+    """Hold an exclusive flock on `lock_file` for the duration and yield True; wait=False yields False
+    at once when another process holds it (the caller does something else first). The kernel drops
+    the lock when its holder dies, so a killed process never leaves a claim behind. On a shared
+    filesystem (a cluster's), flock must reach every machine: true of NFSv4 and of Lustre mounted
+    with `flock`, not of Lustre's `localflock`."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{what}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        yield True
+    finally:
+        os.close(fd)
+
+
 # ============================================================================ workers
 def end_with_parent() -> None:
     """Make this worker process exit when the process that started it dies, and drop the copies of
     its parent's folder locks that a forked worker inherits.
 
     Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG). Elsewhere,
-    and as a second guard, a daemon thread checks every half second that the parent is alive."""
-    parent = os.getppid()
+    and as a second guard, a daemon thread checks every half second that the parent is alive.
+    The parent is the process multiprocessing says started this one, not the current getppid(): a
+    spawned worker still importing when its parent was killed has been re-parented already, and
+    would otherwise watch its new parent (init) forever."""
+    import multiprocessing
+
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
     if sys.platform.startswith("linux"):
         try:
             import ctypes
