@@ -25,6 +25,7 @@ COMMANDS = {
     "finetune": ("usfmae_lib.finetune", "fine-tune and evaluate one model on one dataset (one cell of Table 2)"),
     "teaching-mae": ("usfmae_lib.teaching", "regenerate the small MAE that ships for teaching (notebooks 03, 04)"),
     "bench": ("usfmae_lib.bench", "measure images/s, TFLOP/s and MFU of a step on this machine"),
+    "check": ("usfmae_lib.gpu_check", "prove this machine runs the study: usfmae check gpu (--dry: the same paths, shrunk)"),
 }
 
 
