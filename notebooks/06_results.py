@@ -39,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Markdown
 
-from usfmae_lib import results as res, study
+from usfmae_lib import model_card, results as res, study
 
 STEP = "06_results"
 study.setup(globals(), STEP)  # profile file in a live kernel, paths from the repository root (README)
@@ -92,7 +92,11 @@ print(f"{len(results)} fine-tuning rows ({results.groupby('dataset')['fold'].nun
 # %%
 # the profile that made the numbers (notebook 05's, else this one); a dry run's numbers are judged as none
 judged_as = "dry-run" if setup.get("max_steps") or setup.get("max_images") else setup.get("profile", profile)
-paths = res.write_table2(results, step_dir, judged_as)
+paths = res.write_table2(results, step_dir, judged_as, made_by=res.runs_provenance(results, setup))
+encoder_dir = Path(out_dir) / "03_mae_pretraining" / model_card.FOLDER
+if encoder_dir.is_dir():  # notebook 03's exported encoder: its model card gets these results and their intervals
+    model_card.add_finetuning_results(encoder_dir, pd.read_csv(paths["csv"]), note=res.unjudged(judged_as),
+                                      source=str(paths["csv"].relative_to(out_dir)))
 Markdown(paths["md"].read_text())  # table2.md as it is, rendered
 
 # %% [markdown]

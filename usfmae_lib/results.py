@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import atomic_write_text, stats
+from . import atomic_write_text, provenance, stats
 
 # Table 2 of the paper (STUDY.md section 5): model -> dataset -> (precision, recall, F1), in %
 PAPER_TABLE2 = {
@@ -314,7 +314,23 @@ def _runs_text(g: pd.DataFrame) -> str:
                      for key, datasets in kinds.items())
 
 
-def to_markdown(long: pd.DataFrame) -> str:
+def runs_provenance(results: pd.DataFrame, setup: dict) -> str:
+    """Table 2's provenance note: the commit of every run behind it (results.csv's `commit` column;
+    several when runs were made by different code) and notebook 05's environment (setup.json)."""
+    commits = sorted(set(results["commit"].dropna())) if "commit" in results else []
+    if not commits:
+        line = "Commit of the runs: not recorded (runs made before the results carried it)."
+    elif len(commits) == 1:
+        line = f"Commit of every run: {commits[0]}."
+    else:
+        counts = results["commit"].value_counts()
+        line = ("The runs were made by different code: " + ", ".join(f"{c} ({counts[c]} runs)" for c in commits)
+                + "; a table from one commit needs the others' runs redone.")
+    made = setup.get("provenance")
+    return line + ("\n\n" + provenance.markdown_block(made, "Environment of notebook 05 (fine-tuning)", bold=False) if made else "")
+
+
+def to_markdown(long: pd.DataFrame, made_by: str | None = None) -> str:
     header, rows = _layout(long, lambda s: f"**{s}**", " ± ")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -335,6 +351,8 @@ def to_markdown(long: pd.DataFrame) -> str:
     for d in datasets:
         for method, g in f1[f1["dataset"] == d].groupby("method", sort=False):
             lines.append(f"- {DATASET_TITLES[d]}, {', '.join(MODEL_TITLES.get(m, m) for m in g['model'])}: {method}")
+    if made_by:
+        lines += ["", made_by]
     return "\n".join(lines) + "\n"
 
 
@@ -350,15 +368,16 @@ def to_latex(long: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table2(results: pd.DataFrame, out_dir, profile: str | None = None) -> dict[str, Path]:
+def write_table2(results: pd.DataFrame, out_dir, profile: str | None = None, made_by: str | None = None) -> dict[str, Path]:
     """table2.csv (long: ours and paper per model, dataset, metric), table2.md, table2.tex; profile
-    as table2_long's (smoke or dry-run: nothing bold)."""
+    as table2_long's (smoke or dry-run: nothing bold); made_by: a provenance note under table2.md
+    (runs_provenance)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     long = table2_long(results, profile)
     paths = {"csv": out_dir / "table2.csv", "md": out_dir / "table2.md", "tex": out_dir / "table2.tex"}
     atomic_write_text(paths["csv"], long.to_csv(index=False, float_format="%.2f"))
-    atomic_write_text(paths["md"], to_markdown(long))
+    atomic_write_text(paths["md"], to_markdown(long, made_by))
     atomic_write_text(paths["tex"], to_latex(long))
     return paths
 
@@ -678,6 +697,8 @@ def plot_confusion_grid(matrices: dict, title: str | None = None):
     4 classes they are numbered and the columns carry the numbers (long names would not fit)."""
     import textwrap
 
+    import seaborn as sns
+
     plt = _plt()
     datasets = list(dict.fromkeys(d for d, _ in matrices))
     models = list(dict.fromkeys(m for _, m in matrices))
@@ -699,22 +720,22 @@ def plot_confusion_grid(matrices: dict, title: str | None = None):
             cm = matrices[(d, m)]
             counts = cm.to_numpy()
             share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-            image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
             k = len(cm)
-            for i in range(k):
-                for j in range(k):
-                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7 if k > 4 else 8,
-                            color="white" if share[i, j] > 0.6 else "black")
+            # seaborn's heatmap: colour = share of the true class, text = the count
+            sns.heatmap(share, ax=ax, cmap="Blues", vmin=0, vmax=1, cbar=False, square=True, annot=counts, fmt="d",
+                        annot_kws=dict(fontsize=7 if k > 4 else 8))
+            image = ax.collections[0]
             numbered = k > 4
             names = [textwrap.fill(str(n), 18) for n in cm.index]
-            ax.set_xticks(range(k), [str(i + 1) for i in range(k)] if numbered else names, fontsize=7)
+            ax.set_xticks(np.arange(k) + 0.5, [str(i + 1) for i in range(k)] if numbered else names, fontsize=7,
+                          rotation=0)
             ax.set_xlabel("predicted", fontsize=7)
             if c == present[0]:
                 rows = [f"{i + 1}. {n}" for i, n in enumerate(names)] if numbered else names
-                ax.set_yticks(range(k), rows, fontsize=7)
+                ax.set_yticks(np.arange(k) + 0.5, rows, fontsize=7, rotation=0)
                 ax.set_ylabel(f"{DATASET_TITLES.get(d, d)}\ntrue class", fontsize=9)
             else:
-                ax.set_yticks(range(k), [""] * k)
+                ax.set_yticks(np.arange(k) + 0.5, [""] * k)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.5, label="share of the true class")
     fig.suptitle(title or "Confusion matrices (test set)", fontsize=10)
