@@ -134,7 +134,8 @@ def test_card_names_the_run_and_says_synthetic(tmp_path):
     assert "library_name: timm" in front and "license: mit" in front and "- synthetic-data" in front
     from usfmae_lib import provenance
     commit = provenance.commit_label(card["provenance"])
-    assert f"profile `smoke`, run folder `{step}`, seed 3, commit `{commit}`" in text
+    assert f"profile `smoke`, run folder `{step.parent.name}/{step.name}`, seed 3, commit `{commit}`" in text
+    assert str(tmp_path) not in text  # no folder of this machine in a card that travels
     assert "**Synthetic data only.**" in text and "not the paper's USF-MAE" in text and "not for clinical use" in text
     assert "**Provenance**" in text and "parameters hash" in text
     assert 'timm.create_model("local-dir:' in text and "pretrained=True" in text

@@ -202,7 +202,9 @@ def run_facts(step_dir, params: dict, profile: str | None, summary: dict | None 
             loss = dict(first=float(log.loss.head(k).mean()), last=float(log.loss.tail(k).mean()), window=k,
                         last_logged=float(log.loss.iloc[-1]), logged_steps=int(log.step.iloc[-1]))
     device = summary.get("device")
-    return dict(profile=profile, run_dir=str(step_dir), checkpoint=str(step_dir / "checkpoints" / CHECKPOINT),
+    # named within its output folder (<out>/03_mae_pretraining): the card travels, the machine's folders do not
+    return dict(profile=profile, run_dir=f"{step_dir.parent.name}/{step_dir.name}",
+                checkpoint=f"{step_dir.parent.name}/{step_dir.name}/checkpoints/{CHECKPOINT}",
                 params=recipe, summary=summary, data=data, loss=loss,
                 n_pretraining_runs=max(1, len(pretraining_runs(step_dir))),
                 provenance=provenance.record(params, profile, device=device if device else None))
@@ -300,9 +302,9 @@ def render_card(card: dict, args: dict, n_params: int, weights_sha256: str, fold
     roots = data.get("roots") or []
     if synthetic == "all":
         lines.append(f"- **Synthetic**: the tree `usfmae_lib.synthetic` generated (root{'s' if len(roots) > 1 else ''} "
-                     f"{', '.join(f'`{r}`' for r in roots) or 'not recorded'}); no real scan.")
+                     f"{', '.join(f'`{Path(r).name}`' for r in roots) or 'not recorded'}); no real scan.")
     else:
-        lines.append(f"- Roots: {', '.join(f'`{r}`' for r in roots) or 'not recorded'}"
+        lines.append(f"- Roots: {', '.join(f'`{Path(r).name}`' for r in roots) or 'not recorded'}"
                      + (" (some synthetic)" if synthetic == "some" else "") + ".")
     if data.get("n_images") is not None:
         ds = data.get("datasets") or []
