@@ -41,7 +41,10 @@
 # prints one line when it ends (runs trained, runs reused), nothing per run or epoch.
 #
 # Run headless: `usfmae run notebooks/05_finetuning.ipynb -f params/smoke/05_finetuning.yaml`.
-# Outputs land in `<out_dir>/05_finetuning/`.
+# Outputs land in `<out_dir>/05_finetuning/`. On several GPUs or machines, N processes share the grid:
+# `usfmae finetune --profile paper --shard I/N`, each run trained once (docs/gpu.md). On a GPU every
+# run computes in bf16 autocast (fp16 with a GradScaler where bf16 is missing), on a CPU in fp32
+# (`precision`); the `computed_in` column says which.
 
 # %% tags=["parameters"]
 profile = "quick"
