@@ -189,9 +189,9 @@ def run_kw(m, name, ckpt):  # one start's arguments of every run
 
 
 with classifiers.warnings_once():  # one warning per baseline without ImageNet weights
-    sweeps, results = ft.run_grid(data, ft.starts(models, checkpoints, mae_checkpoints), grids, seeds, runs,
-                                  select_per, run_kw, shard_, progress=not headless)
-chosen = ft.choose_configs(sweeps, grids, select_per)  # as run_grid chose: per fold, or one per (dataset, model)
+    # chosen: the config of every (dataset, fold, model, run): per fold, or one per (dataset, model)
+    sweeps, chosen, results = ft.run_grid(data, ft.starts(models, checkpoints, mae_checkpoints), grids, seeds, runs,
+                                          select_per, run_kw, shard_, progress=not headless)
 print(f"grid, {time.time() - t0:.0f} s: {ft.run_tally(pd.concat([*sweeps.values(), results]), runs, t0)}")
 relative_init(results, out_dir)[["dataset", "fold", "model", "seed", "init", "selected", "selected_per",
                                  "val_balanced_accuracy", "val_f1", "precision", "recall", "f1", "f1_low", "f1_high",

@@ -759,15 +759,15 @@ def run_shared(tasks: list, run, shard: tuple[int, int] | None = None, bar=None)
 
 
 def run_grid(data: dict, model_starts: list, grids: dict, seeds: dict, runs, select_per: str, run_kw,
-             shard: tuple[int, int] | None = None, progress: bool = True) -> tuple[dict, pd.DataFrame]:
+             shard: tuple[int, int] | None = None, progress: bool = True) -> tuple[dict, dict, pd.DataFrame]:
     """Notebook 05's grid: for every (dataset, fold) of `data` and every start (model, run_name,
     checkpoint) of `model_starts` (starts()), the sweep (seed 0 of every config of grids[dataset]; none without a
     validation part), the config chosen per fold or per dataset (choose_configs), then seeds[dataset]
     seeds of it (seed 0 is the sweep's run, reused). run_kw(model, run_name, checkpoint): the keyword
     arguments of that start's finetune_run calls. shard (I, N): this process's share first, the rest
     after (run_shared); N processes so started fill one runs folder, each run trained once, and each
-    returns every row. Returns ({(dataset, fold, model, run_name): sweep table}, one row per seed run
-    with the columns selected, selected_per and selected_by)."""
+    returns every row. Returns ({(dataset, fold, model, run_name): sweep table}, {the same keys: the
+    config chosen}, one row per seed run with the columns selected, selected_per and selected_by)."""
     from tqdm.auto import tqdm
 
     grid = [(key, start) for key in data for start in model_starts]
@@ -788,8 +788,7 @@ def run_grid(data: dict, model_starts: list, grids: dict, seeds: dict, runs, sel
 
     def seed_run(task, wait):
         key, (m, name, ckpt), s = task
-        cfg = TrainConfig(**{**asdict(chosen[(*key, m, name)]), "img_size": data[key].img_size})
-        return finetune_run(data[key], m, cfg, s, runs, wait=wait, **run_kw(m, name, ckpt))
+        return finetune_run(data[key], m, chosen[(*key, m, name)], s, runs, wait=wait, **run_kw(m, name, ckpt))
 
     rows = pd.DataFrame(run_shared(seed_tasks, seed_run, shard, bar))
     bar.close()
@@ -799,7 +798,7 @@ def run_grid(data: dict, model_starts: list, grids: dict, seeds: dict, runs, sel
         cfg = chosen[(d, k, m, name)]
         info.append(dict(selected=TrainConfig(**{**asdict(cfg), "img_size": data[(d, k)].img_size}).tag(),
                          **selection(select_per, cfg.select_on, n_folds[d], len(grids[d]), has_validation(data[(d, k)]))))
-    return sweeps, pd.concat([rows, pd.DataFrame(info)], axis=1)
+    return sweeps, chosen, pd.concat([rows, pd.DataFrame(info)], axis=1)
 
 
 def mmotu_note(mmotu_selection: str, configs: list[TrainConfig], n_train: int | None = None) -> str:

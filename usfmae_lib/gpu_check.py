@@ -22,6 +22,7 @@ CI runs it (tests/test_gpu_check.py); a failing step fails the check, its error 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -231,7 +232,7 @@ def run_check(out_dir, dry: bool = False, keep: bool = False) -> dict:
     parts = [("bench", lambda: bench_part(s)), ("pretrain", lambda: pretrain_part(s, work / "pretrain")),
              ("finetune", lambda: finetune_part(s, work / "finetune"))]
     t_all = time.perf_counter()
-    context = amp.cpu_as_gpu() if not _cuda() else _nothing()
+    context = amp.cpu_as_gpu() if not _cuda() else contextlib.nullcontext()
     with context:
         for name, part in parts:
             t0 = time.perf_counter()
@@ -250,14 +251,6 @@ def run_check(out_dir, dry: bool = False, keep: bool = False) -> dict:
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     return record
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _f(x, fmt=".1f") -> str:

@@ -32,6 +32,7 @@ import torch
 
 from . import UsfmaeError, atomic_write_text, checkpoints, mae, provenance
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .results import DATASET_TITLES, unjudged
 
 FOLDER = "encoder"  # under notebook 03's step folder
 WEIGHTS = "model.safetensors"  # the names timm's local-dir (and the Hugging Face hub) look for
@@ -364,7 +365,7 @@ def render_card(card: dict, args: dict, n_params: int, weights_sha256: str, fold
     if synthetic in ("all", "some"):
         lines.append("- Synthetic images are a model of ultrasound (speckle, sector, shadows), not scans: "
                      "features that help on them may not transfer to real images.")
-    if _unjudged(profile):
+    if unjudged(profile):  # smoke or dry-run: the weights measure nothing
         lines.append(f"- Profile `{profile}` checks that the code runs (a small model, a few steps): these weights "
                      "measure nothing.")
     if s.get("last_step") is not None and s.get("steps") and int(s["last_step"]) < int(s["steps"]):
@@ -386,15 +387,8 @@ def render_card(card: dict, args: dict, n_params: int, weights_sha256: str, fold
     return "\n".join(lines)
 
 
-def _unjudged(profile: str | None) -> str | None:
-    """Why a profile's numbers measure nothing (results.UNJUDGED's smoke / dry-run), else None."""
-    from .results import unjudged
-    return unjudged(profile)
-
-
 # ============================================================================ fine-tuning results
-TITLES = {"bus-bra": "BUS-BRA", "mmotu-2d": "MMOTU-2D", "gist514": "GIST514-DB", "usf-mae": "this recipe (USF-MAE)",
-          "scratch": "same architecture, from scratch"}
+TITLES = {**DATASET_TITLES, "usf-mae": "this recipe (USF-MAE)", "scratch": "same architecture, from scratch"}
 METRIC_TITLES = {"f1": "F1", "precision": "precision", "recall": "recall"}
 
 
